@@ -1,0 +1,66 @@
+"""One preallocated KV cache shared by draft and verify passes.
+
+Sequence ``b`` occupies slots ``pad[b] .. lengths[b] - 1`` of its row (left padding first). A pass
+of T new tokens writes slots ``lengths[b] .. lengths[b] + T - 1`` and advances ``lengths``; rolling
+back rejected draft tokens is :meth:`rewind`, a pointer move. Stale entries past ``lengths`` are
+never read: every query only sees slots at or before its own.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class StaticKVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        batch: int,
+        kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
+        shape = (num_layers, batch, kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, kv_heads, max_len, hd)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # next write slot
+        self.pad = torch.zeros(batch, dtype=torch.long, device=device)  # left-padding slots
+        self.max_len = max_len
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    def reset(self, pad: torch.Tensor | None = None) -> None:
+        """Empty the cache; ``pad`` (B,) is the left padding of the prompt about to be written."""
+        self.lengths.zero_()
+        self.pad.zero_()
+        if pad is not None:
+            self.pad.copy_(pad)
+
+    def rewind(self, lengths: torch.Tensor) -> None:
+        """Move the write positions back to ``lengths`` (B,): drops everything after them."""
+        self.lengths.copy_(lengths)
+
+    def slots(self, T: int) -> torch.Tensor:
+        """(B, T) cache slots of the next T tokens."""
+        return self.lengths[:, None] + torch.arange(T, device=self.lengths.device)
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, uniform: int | None) -> None:
+        """Store k, v (B, kv_heads, T, hd) at slots (B, T); ``uniform`` is the shared first slot
+        when all rows write the same contiguous slots (a plain slice then suffices)."""
+        if uniform is not None:
+            T = k.shape[2]
+            self.k[layer, :, :, uniform : uniform + T] = k
+            self.v[layer, :, :, uniform : uniform + T] = v
+            return
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        self.k[layer][rows, :, slots] = k.transpose(1, 2)  # advanced indices first: (B, T, kv_heads, hd)
+        self.v[layer][rows, :, slots] = v.transpose(1, 2)
+
+    def copy_from_below(self, layer: int, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        """Copy layer-1's entries at (rows[i], slots[i]) into ``layer`` (the paper's K/V fill)."""
+        self.k[layer][rows, :, slots] = self.k[layer - 1][rows, :, slots]
+        self.v[layer][rows, :, slots] = self.v[layer - 1][rows, :, slots]

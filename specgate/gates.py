@@ -1,0 +1,184 @@
+"""GateSkip residual gates, the skip policy, and gate files.
+
+Every attention and every MLP branch of every decoder layer gets a gate ``g = sigmoid(W x + b)``
+that reads the branch's normed input ``x`` (detached) and scales the branch's output before the
+residual add: ``h <- h + g * branch(x)``. A token's importance for the branch is ``mean_j g_j``;
+low-importance tokens skip the branch (see ../shared/reference/GATESKIP.md).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+GateKind = Literal["full", "lowrank", "scalar"]
+KVFill = Literal["project", "copy_below"]
+BRANCHES = ("attn", "mlp")
+WEIGHTS_NAME, CONFIG_NAME = "gates.safetensors", "gate_config.json"
+
+
+class Gate(nn.Module):
+    """One branch's gate: (..., d) -> (..., d) values in (0, 1), or (..., 1) for ``scalar``."""
+
+    def __init__(self, hidden: int, kind: GateKind = "lowrank", rank: int = 64, bias_init: float = 5.0):
+        super().__init__()
+        if kind == "full":
+            self.proj = nn.Linear(hidden, hidden)
+        elif kind == "lowrank":
+            self.proj = nn.Sequential(nn.Linear(hidden, rank, bias=False), nn.Linear(rank, hidden))
+        elif kind == "scalar":
+            self.proj = nn.Linear(hidden, 1)
+        else:
+            raise ValueError(f"unknown gate kind {kind!r}: use 'full', 'lowrank' or 'scalar'")
+        for p in self.parameters():
+            nn.init.normal_(p, std=0.01)
+        out = self.proj[-1] if kind == "lowrank" else self.proj
+        nn.init.constant_(out.bias, bias_init)  # sigmoid(5) ~ 0.993: starts as the original model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.proj(x.detach()))
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    hidden_size: int
+    num_layers: int
+    kind: GateKind = "lowrank"
+    rank: int = 64
+    bias_init: float = 5.0
+    model_type: str = ""
+    model_name: str = ""
+
+
+class GateSet(nn.Module):
+    """The gates of a whole model: ``attn[i]`` and ``mlp[i]`` for decoder layer ``i``.
+
+    ``thresholds`` maps a budget (share of single-token branch evaluations to skip) to a
+    (2, num_layers) tensor of importance thresholds, row 0 attention, row 1 MLP, measured by
+    calibration; a branch with importance at or below its threshold is skipped.
+    """
+
+    def __init__(self, config: GateConfig):
+        super().__init__()
+        self.config = config
+        make = lambda: Gate(config.hidden_size, config.kind, config.rank, config.bias_init)  # noqa: E731
+        self.attn = nn.ModuleList(make() for _ in range(config.num_layers))
+        self.mlp = nn.ModuleList(make() for _ in range(config.num_layers))
+        self.thresholds: dict[float, torch.Tensor] = {}
+
+    def gate(self, layer: int, branch: int) -> Gate:
+        return (self.attn if branch == 0 else self.mlp)[layer]
+
+    def policy(self, budget: float, kv_fill: KVFill = "project") -> "SkipPolicy":
+        """The skip policy at ``budget``, with calibrated single-token thresholds if there are any."""
+        thresholds = None
+        if self.thresholds:
+            nearest = min(self.thresholds, key=lambda b: abs(b - budget))
+            if abs(nearest - budget) > 1e-6:
+                raise ValueError(
+                    f"gates are calibrated for budgets {sorted(self.thresholds)}, not {budget}: "
+                    "run `specgate calibrate --budgets ...` or pick a calibrated budget"
+                )
+            thresholds = self.thresholds[nearest]
+        return SkipPolicy(budget=budget, thresholds=thresholds, kv_fill=kv_fill)
+
+
+@dataclass(frozen=True, eq=False)
+class SkipPolicy:
+    """What the draft skips, passed explicitly to every engine forward.
+
+    budget: share of (token, branch) evaluations to skip. Multi-token passes skip, per branch, the
+        ``floor(budget * n_valid)`` lowest-importance valid tokens (padding never counts).
+    thresholds: (2, num_layers) importance thresholds for single-token steps (one value has no
+        quantile); without them single-token steps skip nothing.
+    kv_fill: K/V of a token that skips attention: ``"project"`` runs the k/v projections on its
+        passed-through hidden state; ``"copy_below"`` copies the layer below's cache entry.
+    never_skip: branches (layer, branch) that always run; branch 0 is attention, 1 the MLP.
+    """
+
+    budget: float = 0.0
+    thresholds: torch.Tensor | None = None
+    kv_fill: KVFill = "project"
+    never_skip: frozenset[tuple[int, int]] = field(default_factory=frozenset)
+
+    def __post_init__(self):
+        if not 0.0 <= self.budget <= 1.0:
+            raise ValueError(f"skip budget must be in [0, 1], got {self.budget}")
+        if self.kv_fill not in ("project", "copy_below"):
+            raise ValueError(f"kv_fill must be 'project' or 'copy_below', got {self.kv_fill!r}")
+
+    def active(self, importance: torch.Tensor, valid: torch.Tensor, layer: int, branch: int) -> torch.Tensor | None:
+        """Which tokens run the branch. importance, valid: (B, T). Returns (B, T) bool, or None for all."""
+        if (layer, branch) in self.never_skip:
+            return None
+        if importance.shape[1] == 1 and self.thresholds is not None:
+            return importance > self.thresholds[branch, layer].to(importance.dtype)
+        n_skip = int(self.budget * int(valid.sum()))
+        if n_skip == 0:
+            return None
+        # Rank valid tokens by importance (padding last-ranked as +inf) and skip the n_skip lowest.
+        ranked = importance.masked_fill(~valid, float("inf")).flatten().argsort(stable=True)
+        keep = torch.ones(importance.numel(), dtype=torch.bool, device=importance.device)
+        keep[ranked[:n_skip]] = False
+        return keep.view_as(importance)
+
+
+def save_gates(gates: GateSet, path: str | Path) -> Path:
+    """Write ``gates.safetensors`` and ``gate_config.json`` into the directory ``path``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous() for k, v in gates.state_dict().items()}
+    for budget, t in gates.thresholds.items():
+        tensors[f"thresholds.{budget:.4f}"] = t.detach().float().contiguous()
+    save_file(tensors, str(path / WEIGHTS_NAME))
+    (path / CONFIG_NAME).write_text(json.dumps(gates.config.__dict__, indent=2) + "\n")
+    return path
+
+
+def load_gates(path: str | Path, model_config=None, dtype: torch.dtype | None = None) -> GateSet:
+    """Load gates saved by :func:`save_gates`; refuse them if they do not fit ``model_config``."""
+    path = Path(path)
+    if path.is_file():
+        path = path.parent
+    if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(
+            f"{path} is not a gate directory: expected {CONFIG_NAME} and {WEIGHTS_NAME} (written by save_gates)"
+        )
+    try:
+        config = GateConfig(**json.loads((path / CONFIG_NAME).read_text()))
+    except (TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path / CONFIG_NAME} is not a valid gate config: {e}") from e
+    if model_config is not None:
+        _check_fits(config, model_config, path)
+    gates = GateSet(config)
+    tensors = load_file(str(path / WEIGHTS_NAME))
+    for key in [k for k in tensors if k.startswith("thresholds.")]:
+        gates.thresholds[float(key.split(".", 1)[1])] = tensors.pop(key)
+    expected = {k: v.shape for k, v in gates.state_dict().items()}
+    found = {k: v.shape for k, v in tensors.items()}
+    if expected != found:
+        bad = sorted(set(expected.items()) ^ set(found.items()))[:4]
+        raise ValueError(f"gate file {path / WEIGHTS_NAME} does not match its config: {bad} ...")
+    gates.load_state_dict(tensors)
+    return gates.to(dtype) if dtype is not None else gates
+
+
+def _check_fits(config: GateConfig, model_config, path: Path) -> None:
+    hidden, layers = model_config.hidden_size, model_config.num_hidden_layers
+    if (config.hidden_size, config.num_layers) != (hidden, layers):
+        raise ValueError(
+            f"gates in {path} were trained for a model with hidden size {config.hidden_size} and "
+            f"{config.num_layers} layers (model_type {config.model_type!r}), but this model has "
+            f"hidden size {hidden} and {layers} layers: train gates for it with `specgate train`"
+        )
+    if config.model_type and config.model_type != model_config.model_type:
+        raise ValueError(
+            f"gates in {path} are for model_type {config.model_type!r}, this model is "
+            f"{model_config.model_type!r}: train gates for it with `specgate train`"
+        )

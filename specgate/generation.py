@@ -1,0 +1,122 @@
+"""Plain autoregressive decoding on the engine, and the sampling pieces speculation shares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .engine import Engine, SkipCounter
+from .gates import GateSet, SkipPolicy
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen; the same settings shape the draft's and the verifier's
+    distributions in speculative sampling."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+def probabilities(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """Next-token distribution (..., V) after temperature, top-k and top-p, in float32."""
+    logits = logits.float() / sampling.temperature
+    if sampling.top_k and sampling.top_k < logits.shape[-1]:
+        kth = logits.topk(sampling.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        sorted_logits, idx = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= sampling.top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    return logits.softmax(-1)
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row of probs (N, V) -> (N,)."""
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+    """logits (B, V) -> tokens (B,)."""
+    if not sampling.do_sample:
+        return logits.argmax(-1)
+    return sample(probabilities(logits, sampling), generator)
+
+
+def left_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """(B,) number of left-padding tokens; right padding is refused (it would be silently wrong)."""
+    if attention_mask is None:
+        return torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+    mask = attention_mask.to(torch.long)
+    pad = mask.shape[1] - mask.sum(1)
+    T = mask.shape[1]
+    expected = torch.arange(T, device=mask.device)[None] >= pad[:, None]
+    if not torch.equal(mask.bool(), expected):
+        raise ValueError(
+            "attention_mask must be left padding (zeros, then ones): set tokenizer.padding_side = 'left'"
+        )
+    if bool((pad == T).any()):
+        raise ValueError("a prompt in the batch is empty (its attention_mask is all zeros)")
+    return pad
+
+
+def prefill(
+    engine: Engine,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    max_len: int,
+    gates: GateSet | None = None,
+    policy: SkipPolicy | None = None,
+):
+    """A fresh cache holding the prompt, and the logits (B, V) of its last position."""
+    cache = engine.new_cache(input_ids.shape[0], max_len)
+    cache.reset(left_padding(input_ids, attention_mask))
+    logits = engine(input_ids, cache, gates, policy, logits_to_keep=1)[:, -1]
+    return cache, logits
+
+
+@torch.inference_mode()
+def plain_generate(
+    engine: Engine,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    eos_token_ids: tuple[int, ...] = (),
+    pad_token_id: int = 0,
+    generator: torch.Generator | None = None,
+    streamer=None,
+    gates: GateSet | None = None,
+    policy: SkipPolicy | None = None,
+    counter: SkipCounter | None = None,
+) -> torch.Tensor:
+    """Token-by-token decoding; returns (B, prompt + new) like ``transformers`` ``generate()``."""
+    cache, logits = prefill(engine, input_ids, attention_mask, input_ids.shape[1] + max_new_tokens, gates, policy)
+    eos = torch.tensor(eos_token_ids, dtype=torch.long, device=input_ids.device)
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    new = []
+    for step in range(max_new_tokens):
+        token = next_token(logits, sampling, generator).masked_fill(finished, pad_token_id)
+        new.append(token)
+        if streamer is not None:
+            streamer.put(token.cpu())
+        finished |= torch.isin(token, eos)
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        logits = engine(token[:, None], cache, gates, policy, counter=counter)[:, -1]
+    if streamer is not None:
+        streamer.end()
+    return torch.cat([input_ids, torch.stack(new, 1)], dim=1) if new else input_ids

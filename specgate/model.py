@@ -1,0 +1,132 @@
+"""``SpecGateModel``: a Hugging Face model, its tokenizer, our engine and the gates, together."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .engine import Engine
+from .gates import GateConfig, GateSet, load_gates
+from .generation import Sampling, plain_generate
+from .loading import DEFAULT_MODEL, default_gates, load_hf
+
+# GenerationConfig features we do not implement, with the value that means "off". A call that
+# turns one on is refused rather than silently decoded without it.
+_UNSUPPORTED = {
+    "num_beams": 1, "num_beam_groups": 1, "penalty_alpha": None, "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None,
+    "force_words_ids": None, "min_length": 0, "min_new_tokens": None, "typical_p": 1.0,
+    "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "min_p": None, "top_h": None, "diversity_penalty": 0.0,
+    "suppress_tokens": None, "begin_suppress_tokens": None, "sequence_bias": None,
+    "forced_bos_token_id": None, "forced_eos_token_id": None, "guidance_scale": None,
+    "exponential_decay_length_penalty": None, "watermarking_config": None,
+    "prompt_lookup_num_tokens": None, "output_attentions": False, "output_hidden_states": False,
+    "renormalize_logits": False, "num_return_sequences": 1, "constraints": None,
+}  # fmt: skip
+
+
+class SpecGateModel:
+    """What :func:`load` returns. ``hf_model`` shares its weights with ``engine`` (never copied)."""
+
+    def __init__(self, hf_model: nn.Module, tokenizer=None, gates: GateSet | None = None, name: str = ""):
+        self.hf_model = hf_model
+        self.tokenizer = tokenizer
+        self.engine = Engine(hf_model)
+        self.name = name
+        self.gates = gates.to(self.engine.dtype).to(self.engine.device) if gates is not None else None
+
+    @property
+    def config(self):
+        return self.hf_model.config
+
+    def new_gates(self, kind: str = "lowrank", rank: int = 64) -> GateSet:
+        """Fresh (untrained) gates that fit this model, not attached."""
+        c = self.config
+        config = GateConfig(c.hidden_size, c.num_hidden_layers, kind, rank, model_type=c.model_type, model_name=self.name)
+        return GateSet(config).to(self.engine.dtype).to(self.engine.device)
+
+    def encode_chat(self, prompt: str) -> torch.Tensor:
+        """(1, T) ids of one user turn, through the chat template when the tokenizer has one."""
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        else:
+            text = prompt
+        return tok(text, return_tensors="pt", add_special_tokens=not tok.chat_template).input_ids.to(self.engine.device)
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        generation_config=None,
+        *,
+        speculative: bool = False,
+        generator: torch.Generator | None = None,
+        streamer=None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Like ``transformers`` ``generate()``: returns (B, prompt + new) token ids."""
+        config = _merge_config(self.hf_model.generation_config, generation_config, kwargs)
+        if speculative:
+            raise NotImplementedError("speculative decoding is not implemented yet")
+        sampling = Sampling(bool(config.do_sample), config.temperature or 1.0, config.top_k or 0, config.top_p or 1.0)
+        eos = config.eos_token_id
+        eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+        pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
+        return plain_generate(
+            self.engine,
+            input_ids,
+            attention_mask,
+            max_new_tokens=_max_new_tokens(config, input_ids.shape[1]),
+            sampling=sampling,
+            eos_token_ids=eos,
+            pad_token_id=pad,
+            generator=generator,
+            streamer=streamer,
+        )
+
+
+def _merge_config(base, given, kwargs):
+    """The generation config of one call: the model's, then ``generation_config``, then kwargs.
+    Anything we cannot honour raises instead of being ignored."""
+    config = copy.deepcopy(given if given is not None else base)
+    unused = config.update(**kwargs)
+    if unused:
+        raise TypeError(f"generate() got arguments it does not know: {sorted(unused)}")
+    for key, off in _UNSUPPORTED.items():
+        value = getattr(config, key, None)
+        if value is not None and value != off and value != []:
+            raise NotImplementedError(f"generate(): {key}={value!r} is not supported by specgate")
+    return config
+
+
+def _max_new_tokens(config, prompt_len: int) -> int:
+    if config.max_new_tokens is not None:
+        return int(config.max_new_tokens)
+    return max(0, int(config.max_length) - prompt_len)
+
+
+def load(
+    name_or_path: str = DEFAULT_MODEL,
+    gates: str | Path | GateSet | None = "default",
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+) -> SpecGateModel:
+    """Load a model for speculative decoding.
+
+    name_or_path: a Hugging Face model id or directory, a ``.gguf`` file, or an alias
+        (``smollm2-135m-instruct``, ``gemma-3-270m``).
+    gates: ``"default"`` (the gates shipped for an alias, if any), a gate directory, a
+        :class:`GateSet`, or None.
+    """
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    hf_model, tokenizer = load_hf(name_or_path, dtype, device)
+    if isinstance(gates, str) and gates == "default":
+        gates = default_gates(name_or_path)
+    if isinstance(gates, (str, Path)):
+        gates = load_gates(gates, hf_model.config)
+    return SpecGateModel(hf_model, tokenizer, gates, name=name_or_path)
