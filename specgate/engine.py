@@ -142,14 +142,18 @@ class Engine:
         g = gates.gate(i, branch)(x)
         if policy is None:
             return g, None
+        if not policy.scale_output:  # decide with g, but keep the branch output as it is
+            g_out = g - g.detach() + 1.0 if g.requires_grad else None  # straight-through in training
+        else:
+            g_out = g
         active = policy.active(g.mean(-1), p.valid, i, branch)
         if counter is not None:
             n_valid = int(p.valid.sum())
             counter.total += n_valid
             counter.skipped += n_valid - (int((active & p.valid).sum()) if active is not None else n_valid)
         if active is None or bool(active.all()):
-            return g, None
-        return g, _Selection.of(active)
+            return g_out, None
+        return g_out, _Selection.of(active)
 
     def _attention(self, h, i, lw: LayerWeights, p: _Pass, cache, gates, policy, counter) -> torch.Tensor:
         s = self.spec
@@ -220,7 +224,7 @@ class Engine:
             o = rms_norm(o, post_norm, self.spec.eps)
         if sel is None:
             return h + (o if g is None else g * o)
-        o = o * gather_tokens(g, sel.order) * sel.keep[..., None]
+        o = o * sel.keep[..., None] if g is None else o * gather_tokens(g, sel.order) * sel.keep[..., None]
         return scatter_add_tokens(h, sel.order, o)
 
 

@@ -54,6 +54,7 @@ class GateConfig:
     bias_init: float = 5.0
     model_type: str = ""
     model_name: str = ""
+    scale_output: bool = True  # drafts multiply branch outputs by the gate (False: gates only pick skips)
 
 
 class GateSet(nn.Module):
@@ -75,7 +76,7 @@ class GateSet(nn.Module):
     def gate(self, layer: int, branch: int) -> Gate:
         return (self.attn if branch == 0 else self.mlp)[layer]
 
-    def policy(self, budget: float, kv_fill: KVFill = "project") -> "SkipPolicy":
+    def policy(self, budget: float, kv_fill: KVFill = "project", scale_output: bool = True) -> "SkipPolicy":
         """The skip policy at ``budget``, with calibrated single-token thresholds if there are any."""
         thresholds = None
         if self.thresholds:
@@ -86,7 +87,7 @@ class GateSet(nn.Module):
                     "run `specgate calibrate --budgets ...` or pick a calibrated budget"
                 )
             thresholds = self.thresholds[nearest]
-        return SkipPolicy(budget=budget, thresholds=thresholds, kv_fill=kv_fill)
+        return SkipPolicy(budget=budget, thresholds=thresholds, kv_fill=kv_fill, scale_output=scale_output)
 
 
 @dataclass(frozen=True, eq=False)
@@ -100,12 +101,16 @@ class SkipPolicy:
     kv_fill: K/V of a token that skips attention: ``"project"`` runs the k/v projections on its
         passed-through hidden state; ``"copy_below"`` copies the layer below's cache entry.
     never_skip: branches (layer, branch) that always run; branch 0 is attention, 1 the MLP.
+    scale_output: multiply branch outputs by the gate (the GateSkip model). False uses the gates only
+        to decide what to skip, so the draft stays the original model where it computes; in training
+        the gate then gets a straight-through gradient (forward value 1, backward as if scaling).
     """
 
     budget: float = 0.0
     thresholds: torch.Tensor | None = None
     kv_fill: KVFill = "project"
     never_skip: frozenset[tuple[int, int]] = field(default_factory=frozenset)
+    scale_output: bool = True
 
     def __post_init__(self):
         if not 0.0 <= self.budget <= 1.0:

@@ -8,6 +8,7 @@ import torch
 
 from .engine import Engine, SkipCounter
 from .gates import GateSet, SkipPolicy
+from .output import Emitter
 
 
 @dataclass(frozen=True)
@@ -29,18 +30,27 @@ class Sampling:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
 
 
-def probabilities(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
-    """Next-token distribution (..., V) after temperature, top-k and top-p, in float32."""
-    logits = logits.float() / sampling.temperature
+def warp(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """Logits (..., V) after temperature, top-k and top-p (filtered entries -inf), in float32;
+    what ``transformers`` reports as ``scores`` when sampling. Greedy decoding leaves them as they are."""
+    logits = logits.float()
+    if not sampling.do_sample:
+        return logits
+    logits = logits / sampling.temperature
     if sampling.top_k and sampling.top_k < logits.shape[-1]:
         kth = logits.topk(sampling.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if sampling.top_p < 1.0:
         sorted_logits, idx = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= sampling.top_p  # keep the smallest set reaching top_p
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= sampling.top_p  # keep the smallest set reaching top_p
         logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
-    return logits.softmax(-1)
+    return logits
+
+
+def probabilities(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """Next-token distribution (..., V) of the warped logits."""
+    return warp(logits, sampling).softmax(-1)
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -91,32 +101,21 @@ def prefill(
 def plain_generate(
     engine: Engine,
     input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    *,
-    max_new_tokens: int,
+    attention_mask: torch.Tensor | None,
+    out: Emitter,
     sampling: Sampling = Sampling(),
-    eos_token_ids: tuple[int, ...] = (),
-    pad_token_id: int = 0,
     generator: torch.Generator | None = None,
-    streamer=None,
     gates: GateSet | None = None,
     policy: SkipPolicy | None = None,
     counter: SkipCounter | None = None,
-) -> torch.Tensor:
-    """Token-by-token decoding; returns (B, prompt + new) like ``transformers`` ``generate()``."""
-    cache, logits = prefill(engine, input_ids, attention_mask, input_ids.shape[1] + max_new_tokens, gates, policy)
-    eos = torch.tensor(eos_token_ids, dtype=torch.long, device=input_ids.device)
-    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    new = []
-    for step in range(max_new_tokens):
-        token = next_token(logits, sampling, generator).masked_fill(finished, pad_token_id)
-        new.append(token)
-        if streamer is not None:
-            streamer.put(token.cpu())
-        finished |= torch.isin(token, eos)
-        if step == max_new_tokens - 1 or bool(finished.all()):
+) -> None:
+    """Token-by-token decoding into ``out``."""
+    max_len = input_ids.shape[1] + out.max_new
+    cache, logits = prefill(engine, input_ids, attention_mask, max_len, gates, policy)
+    while not out.done:
+        token = next_token(logits, sampling, generator)  # (B,)
+        for b, t in enumerate(token.tolist()):
+            out.emit(b, [t], logits[b : b + 1])
+        if out.done:
             break
         logits = engine(token[:, None], cache, gates, policy, counter=counter)[:, -1]
-    if streamer is not None:
-        streamer.end()
-    return torch.cat([input_ids, torch.stack(new, 1)], dim=1) if new else input_ids

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .engine import Engine
 from .gates import GateConfig, GateSet, load_gates
-from .generation import Sampling, plain_generate
+from .generation import Sampling, plain_generate, warp
+from .output import Emitter
+from .speculative import SpecConfig, SpecStats, speculative_generate
 from .loading import DEFAULT_MODEL, default_gates, load_hf
 
 # GenerationConfig features we do not implement, with the value that means "off". A call that
@@ -64,29 +68,80 @@ class SpecGateModel:
         generation_config=None,
         *,
         speculative: bool = False,
+        draft_budget: float | None = None,
+        max_draft: int | None = None,
+        spec_config: SpecConfig | None = None,
         generator: torch.Generator | None = None,
         streamer=None,
+        tokenizer=None,
         **kwargs,
-    ) -> torch.Tensor:
-        """Like ``transformers`` ``generate()``: returns (B, prompt + new) token ids."""
+    ) -> torch.Tensor | SpecGenerateOutput:
+        """A drop-in for ``transformers`` ``generate()`` on the engine.
+
+        input_ids (B, T), left-padded with ``attention_mask`` when B > 1. Returns (B, T + new)
+        token ids, or with ``return_dict_in_generate=True`` a ``GenerateDecoderOnlyOutput``
+        whose ``spec_stats`` holds :class:`SpecStats` for speculative calls.
+        speculative: draft with the gates at ``draft_budget``, verify with the full model.
+        ``spec_config`` holds every speculation setting; ``draft_budget`` and ``max_draft``
+        override it for this call. generator: a seeded ``torch.Generator`` for reproducible sampling.
+        """
         config = _merge_config(self.hf_model.generation_config, generation_config, kwargs)
-        if speculative:
-            raise NotImplementedError("speculative decoding is not implemented yet")
+        if streamer is not None and input_ids.shape[0] > 1:
+            raise ValueError("streamers take one sequence: pass a batch of 1 with streamer=")
         sampling = Sampling(bool(config.do_sample), config.temperature or 1.0, config.top_k or 0, config.top_p or 1.0)
         eos = config.eos_token_id
         eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
         pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
-        return plain_generate(
-            self.engine,
+        out = Emitter(
             input_ids,
-            attention_mask,
-            max_new_tokens=_max_new_tokens(config, input_ids.shape[1]),
-            sampling=sampling,
-            eos_token_ids=eos,
-            pad_token_id=pad,
-            generator=generator,
+            _max_new_tokens(config, input_ids.shape[1]),
+            eos,
+            pad,
+            stop=self._stop_criteria(config.stop_strings, tokenizer),
             streamer=streamer,
+            keep_scores=bool(config.output_scores or config.output_logits),
         )
+        stats = None
+        if speculative:
+            if self.gates is None:
+                raise ValueError("speculative decoding needs gates: load trained gates (gates=PATH) or `specgate train`")
+            spec = spec_config or SpecConfig()
+            overrides = {"draft_budget": draft_budget, "max_draft": max_draft}
+            spec = replace(spec, **{k: v for k, v in overrides.items() if v is not None})
+            if spec.init_draft > spec.max_draft:
+                spec = replace(spec, init_draft=spec.max_draft)
+            stats = speculative_generate(
+                self.engine, self.gates, input_ids, attention_mask, out, sampling, spec, generator
+            )
+        else:
+            plain_generate(self.engine, input_ids, attention_mask, out, sampling, generator)
+        out.close()
+        if not config.return_dict_in_generate:
+            return out.sequences()
+        raw = out.step_scores()
+        return SpecGenerateOutput(
+            sequences=out.sequences(),
+            scores=tuple(warp(s, sampling) for s in raw) if config.output_scores else None,
+            logits=raw if config.output_logits else None,
+            spec_stats=stats,
+        )
+
+    def _stop_criteria(self, stop_strings, tokenizer):
+        if not stop_strings:
+            return None
+        from transformers import StopStringCriteria
+
+        tokenizer = tokenizer or self.tokenizer
+        if tokenizer is None:
+            raise ValueError("stop_strings need a tokenizer: pass tokenizer= to generate()")
+        return StopStringCriteria(tokenizer, stop_strings)
+
+
+@dataclass
+class SpecGenerateOutput(GenerateDecoderOnlyOutput):
+    """``transformers``' output of decoder-only ``generate()``, plus what speculation bought."""
+
+    spec_stats: SpecStats | None = None
 
 
 def _merge_config(base, given, kwargs):

@@ -1,0 +1,255 @@
+"""How good are the shipped gates as a draft? SmolLM2-135M-Instruct, held-out prompts.
+
+For each budget (share of (token, branch) evaluations skipped) and three ways of choosing what to
+skip at that budget:
+
+- ``gateskip``: the shipped gates with their calibrated single-token thresholds;
+- ``random``: every (token, branch) skipped with probability ``budget``;
+- ``static``: whole branches skipped for every token (Draft & Verify style): the
+  ``round(budget * 2L)`` branches whose removal alone costs least top-1 agreement on calibration
+  text (the train-split answers, not the held-out ones).
+
+we measure, teacher-forced over the full model's own greedy answers to the held-out prompts of
+:mod:`specgate.prompts` (never in the training corpus): the mean per-token log-likelihood of the
+text and the top-1 agreement with the full model, for the *first draft token of a round*: each
+position runs as one single-token skipping step against a cache holding the full model's K/V of
+everything before it, as in the acceptance loop after a verify pass. The skip share each method
+really reached is counted too. At the end, if ``SpecGateModel.generate(speculative=True)`` exists,
+the acceptance loop's alpha and tau at budgets 0.3, 0.5, 0.7.
+
+    .venv/bin/python eval/gate_quality.py [--gates DIR] [--prompts 34] [--answer-tokens 128]
+
+Writes results/gate_quality.json and results/gate_quality.png (with matplotlib installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import specgate
+from specgate.engine import SkipCounter
+from specgate.gates import SkipPolicy
+from specgate.prompts import split
+from specgate.train import chat_ids, gated_forward, self_answers
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True, eq=False)
+class RandomPolicy(SkipPolicy):
+    """Skips each (token, branch) with probability ``budget``, independently."""
+
+    generator: torch.Generator = field(default_factory=torch.Generator)
+
+    def active(self, importance, valid, layer, branch):
+        return torch.rand(importance.shape, generator=self.generator) >= self.budget
+
+
+@dataclass(frozen=True, eq=False)
+class StaticPolicy(SkipPolicy):
+    """Skips the branches in ``skipped`` ((layer, branch) pairs) for every token."""
+
+    skipped: frozenset = frozenset()
+
+    def active(self, importance, valid, layer, branch):
+        if (layer, branch) in self.skipped:
+            return torch.zeros_like(importance, dtype=torch.bool)
+        return None
+
+
+def samples(m, prompts: list[str], answer_tokens: int) -> list[tuple[list[int], int]]:
+    """(ids, answer start) of the full model's greedy answers, through the chat template."""
+    answers = self_answers(m, prompts, max_new_tokens=answer_tokens, batch_size=len(prompts))
+    out = []
+    for p, a in zip(prompts, answers):
+        prompt_len = m.encode_chat(p).shape[1]
+        out.append((chat_ids(m.tokenizer, p, a)[: prompt_len + answer_tokens], prompt_len))
+    return out
+
+
+def left_pad(batch: list[tuple[list[int], int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ids (B, N) left-padded, pad (B,), and target mask (B, N): position t predicts an answer token."""
+    N = max(len(ids) for ids, _ in batch)
+    ids = torch.zeros(len(batch), N, dtype=torch.long)
+    pad = torch.zeros(len(batch), dtype=torch.long)
+    target = torch.zeros(len(batch), N, dtype=torch.bool)
+    for b, (seq, start) in enumerate(batch):
+        pad[b] = N - len(seq)
+        ids[b, pad[b] :] = torch.tensor(seq)
+        target[b, pad[b] + start - 1 : N - 1] = True
+    return ids, pad, target
+
+
+@torch.inference_mode()
+def first_draft_scores(m, batch, gates, policy) -> dict:
+    """Teacher-forced first-draft-token scores of one policy (None: the full model) over a batch."""
+    eng = m.engine
+    ids, pad, target = left_pad(batch)
+    B, N = ids.shape
+    cache = eng.new_cache(B, N)
+    cache.reset(pad)
+    full = eng(ids, cache).float().log_softmax(-1)  # (B, N, V)
+    nxt = torch.cat([ids[:, 1:], ids[:, :1]], 1)
+    full_ll = full.gather(-1, nxt[..., None])[..., 0]
+    full_top = full.argmax(-1)
+    if policy is None:
+        return {"ll": full_ll[target].tolist(), "agree": [1.0] * int(target.sum()), "skipped": 0.0}
+    k, v = cache.k.clone(), cache.v.clone()  # the full model's K/V of every position
+    counter, ll, agree = SkipCounter(), [], []
+    first = int(target.float().argmax(1).min())
+    for t in range(first, N - 1):
+        rows = target[:, t]
+        if not rows.any():
+            continue
+        cache.rewind(torch.full((B,), t))
+        logp = eng(ids[:, t : t + 1], cache, gates, policy, counter=counter)[:, 0].float().log_softmax(-1)
+        cache.k[:, :, :, t], cache.v[:, :, :, t] = k[:, :, :, t], v[:, :, :, t]  # restore the full K/V
+        ll += logp.gather(-1, nxt[:, t, None])[rows, 0].tolist()
+        agree += (logp.argmax(-1) == full_top[:, t])[rows].float().tolist()
+    # the counter also counts rows outside the answer (left-padded prompts): all rows are real tokens
+    return {"ll": ll, "agree": agree, "skipped": counter.fraction, "full_ll": full_ll[target].tolist()}
+
+
+@torch.no_grad()
+def static_order(m, calib: list[tuple[list[int], int]]) -> list[tuple[int, int]]:
+    """Branches from least to most harmful to remove alone (top-1 agreement on calibration text)."""
+    eng = m.engine
+    n = min(len(s) for s, _ in calib)
+    ids = torch.tensor([s[:n] for s, _ in calib])
+    full_top = gated_forward(eng, ids).argmax(-1)
+    harm = {}
+    for i in range(eng.num_layers):
+        for b in (0, 1):
+            decide = lambda imp, layer, br, i=i, b=b: torch.zeros_like(imp, dtype=torch.bool) if (layer, br) == (i, b) else None  # noqa: E731
+            dummy = _dummy_gates(m)
+            top = gated_forward(eng, ids, dummy, decide, scale_output=False).argmax(-1)
+            harm[(i, b)] = 1.0 - float((top == full_top).float().mean())
+    return sorted(harm, key=lambda k: (harm[k], k))
+
+
+def _dummy_gates(m):
+    """Gates that only carry skip decisions (their values do not scale: scale_output=False)."""
+    if not hasattr(_dummy_gates, "g"):
+        _dummy_gates.g = m.new_gates(kind="scalar")
+    return _dummy_gates.g
+
+
+def acceptance(m, prompts: list[str], budgets: list[float], max_new_tokens: int) -> dict | None:
+    """alpha, tau of the speculative loop per budget, if the loop exists (else None)."""
+    out = {}
+    for budget in budgets:
+        stats = []
+        for p in prompts:
+            ids = m.encode_chat(p)
+            try:
+                res = m.generate(ids, max_new_tokens=max_new_tokens, speculative=True, draft_budget=budget,
+                                 return_dict_in_generate=True)  # fmt: skip
+            except (NotImplementedError, TypeError, ValueError) as e:
+                print(f"acceptance loop not available ({type(e).__name__}: {e}); skipped", file=sys.stderr)
+                return None
+            s = getattr(res, "spec_stats", None)
+            if s is None:
+                print("generate() returned no spec_stats; acceptance skipped", file=sys.stderr)
+                return None
+            stats.append(s)
+        out[budget] = {
+            "alpha": sum(float(s.alpha) for s in stats) / len(stats),
+            "tau": sum(float(s.tau) for s in stats) / len(stats),
+        }
+        print(f"budget {budget:.1f}: alpha {out[budget]['alpha']:.3f}  tau {out[budget]['tau']:.2f}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gates", default="default", help="gate directory (default: the shipped gates)")
+    ap.add_argument("--prompts", type=int, default=34, help="held-out prompts (at most 34)")
+    ap.add_argument("--answer-tokens", type=int, default=128)
+    ap.add_argument("--budgets", default="0,0.1,0.2,0.3,0.4,0.5,0.6")
+    ap.add_argument("--batch", type=int, default=17)
+    ap.add_argument("--accept-prompts", type=int, default=8)
+    ap.add_argument("--out", default=str(ROOT / "results" / "gate_quality"))
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    budgets = [float(b) for b in args.budgets.split(",")]
+
+    m = specgate.load("smollm2-135m-instruct", gates=args.gates)
+    if m.gates is None:
+        print("no gates: pass --gates DIR or ship gates in specgate/gates/smollm2-135m-instruct", file=sys.stderr)
+        return 2
+    train_prompts, heldout = split()
+    t0 = time.perf_counter()
+    held = samples(m, heldout[: args.prompts], args.answer_tokens)
+    calib = samples(m, train_prompts[::9][:16], 64)
+    order = static_order(m, calib)
+    print(f"[answers and static ranking: {time.perf_counter() - t0:.0f} s]", file=sys.stderr)
+    batches = [held[i : i + args.batch] for i in range(0, len(held), args.batch)]
+    n_branches = 2 * m.engine.num_layers
+
+    def run(policy) -> dict:
+        parts = [first_draft_scores(m, b, m.gates, policy) for b in batches]
+        ll = [x for p in parts for x in p["ll"]]
+        agree = [x for p in parts for x in p["agree"]]
+        return {"ll": sum(ll) / len(ll), "agree": sum(agree) / len(agree),
+                "skipped": sum(p["skipped"] * len(p["ll"]) for p in parts) / len(ll), "tokens": len(ll)}  # fmt: skip
+
+    full = run(None)
+    results = {"full_model": full, "methods": {"gateskip": {}, "random": {}, "static": {}}, "static_order": order}
+    header = f"{'budget':>6} | {'method':>8} | {'skipped':>7} | {'log-lik':>8} | {'d vs full':>9} | {'top-1 agree':>11}"
+    print(f"full model: mean log-lik {full['ll']:.3f} over {full['tokens']} held-out answer tokens\n{header}")
+    for budget in budgets:
+        policies = {
+            "gateskip": m.gates.policy(budget, scale_output=False) if budget > 0 else None,
+            "random": RandomPolicy(budget=budget, generator=torch.Generator().manual_seed(0)) if budget > 0 else None,
+            "static": StaticPolicy(skipped=frozenset(order[: round(budget * n_branches)])) if budget > 0 else None,
+        }
+        for name, policy in policies.items():
+            r = full if policy is None else run(policy)
+            results["methods"][name][budget] = {k: r[k] for k in ("ll", "agree", "skipped")}
+            print(f"{budget:6.2f} | {name:>8} | {r['skipped']:7.3f} | {r['ll']:8.3f} | {r['ll'] - full['ll']:9.3f} | {r['agree']:11.3f}")
+    print(f"[quality table: {time.perf_counter() - t0:.0f} s]", file=sys.stderr)
+
+    results["acceptance"] = acceptance(m, heldout[: args.accept_prompts], [0.3, 0.5, 0.7], 64)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    _plot(results, budgets, out.with_suffix(".png"))
+    return 0
+
+
+def _plot(results: dict, budgets: list[float], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ModuleNotFoundError:
+        print("matplotlib is not installed (pip install matplotlib): no plot, the JSON has the numbers", file=sys.stderr)
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, rows in results["methods"].items():
+        xs = [rows[b]["skipped"] if b > 0 else 0.0 for b in budgets]
+        axes[0].plot(xs, [rows[b]["ll"] for b in budgets], marker="o", label=name)
+        axes[1].plot(xs, [rows[b]["agree"] for b in budgets], marker="o", label=name)
+    axes[0].set(xlabel="share of (token, branch) evaluations skipped", ylabel="mean log-likelihood of held-out answers")
+    axes[1].set(xlabel="share of (token, branch) evaluations skipped", ylabel="top-1 agreement with the full model")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("SmolLM2-135M-Instruct: first draft token vs. the full model")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

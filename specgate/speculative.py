@@ -1,0 +1,241 @@
+"""Self-speculative decoding: the gated model at a high skip budget drafts, the full model verifies.
+
+Both share the weights and one :class:`StaticKVCache`. A round:
+
+1. draft up to ``k`` tokens, one single-token pass each, with the skip policy (cheap, approximate
+   K/V written into the cache);
+2. verify the last emitted token and the drafts in one full-compute pass, which overwrites those
+   cache slots with exact K/V;
+3. accept the agreed prefix plus one token from the verifier (the bonus token);
+4. rewind each sequence's write position to just after its accepted tokens: a pointer move.
+
+Greedy output equals plain greedy decoding token for token; sampled output follows the verifier's
+distribution (standard speculative sampling).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .engine import Engine, SkipCounter
+from .gates import GateSet, KVFill, SkipPolicy
+from .generation import Sampling, next_token, prefill, probabilities, sample
+from .output import Emitter
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """Speculation settings; the one source of defaults (the CLI reads them too)."""
+
+    draft_budget: float = 0.5  # share of the draft's branch evaluations to skip
+    max_draft: int = 8  # most tokens drafted per round
+    init_draft: int = 4  # tokens drafted in the first round
+    adaptive: bool = True  # after a fully accepted round draft one more, after a rejection one fewer
+    min_draft_prob: float = 0.0  # stop drafting once the draft's top-1 probability is below this
+    verifier: Literal["original", "gated"] = "original"
+    kv_fill: KVFill = "project"
+
+    def __post_init__(self):
+        if self.verifier not in ("original", "gated"):
+            raise ValueError(f"verifier must be 'original' or 'gated', got {self.verifier!r}")
+        if not 1 <= self.init_draft <= self.max_draft:
+            raise ValueError(f"need 1 <= init_draft <= max_draft, got {self.init_draft}, {self.max_draft}")
+        if not 0.0 <= self.min_draft_prob < 1.0:
+            raise ValueError(f"min_draft_prob must be in [0, 1), got {self.min_draft_prob}")
+
+
+@dataclass(frozen=True)
+class SpecStats:
+    """What speculation bought in one ``generate`` call (all sequences of the batch together).
+
+    tau: tokens emitted per verify pass and sequence, bonus token included. alpha: accepted /
+    drafted. skip_fraction: share of the draft's (token, branch) evaluations skipped.
+    verifier_logprob / draft_logprob: mean log-likelihood per emitted token under the verifier, and
+    under the draft where it proposed a distribution (not for bonus tokens after a full accept).
+    """
+
+    rounds: int
+    drafted: int
+    accepted: int
+    new_tokens: int
+    tau: float
+    alpha: float
+    skip_fraction: float
+    draft_s: float
+    verify_s: float
+    other_s: float
+    tokens_per_s: float
+    verifier_logprob: float
+    draft_logprob: float
+
+
+def greedy_accept(draft_tokens: torch.Tensor, target_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """draft_tokens (B, k), target_logits (B, k+1, V) -> accepted count (B,), next token (B,).
+
+    Accepted: the longest prefix where the verifier's argmax equals the draft. Next: the verifier's
+    argmax right after it (a correction if a draft was rejected, the bonus token if none was)."""
+    target = target_logits.argmax(-1)  # (B, k+1)
+    n = (target[:, :-1] == draft_tokens).to(torch.long).cumprod(1).sum(1)
+    return n, target.gather(1, n[:, None]).squeeze(1)
+
+
+def rejection_sample(
+    draft_tokens: torch.Tensor,
+    draft_probs: torch.Tensor,
+    target_probs: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative sampling. draft_tokens (B, k) sampled from draft_probs q (B, k, V); target_probs
+    p (B, k+1, V). Returns accepted count (B,) and next token (B,).
+
+    Draft token i is accepted with probability min(1, p_i(x) / q_i(x)), in order, until the first
+    rejection. At a rejection at i the next token is recovered from normalised max(p_i - q_i, 0);
+    if all k are accepted it is a bonus token from p_k. The emitted tokens are distributed exactly
+    as samples from p."""
+    B, k = draft_tokens.shape
+    p_x = target_probs[:, :k].gather(2, draft_tokens[..., None]).squeeze(2)  # (B, k)
+    q_x = draft_probs.gather(2, draft_tokens[..., None]).squeeze(2)
+    u = torch.rand(B, k, generator=generator, device=draft_tokens.device)
+    n = (u * q_x <= p_x).to(torch.long).cumprod(1).sum(1)  # u < p/q without dividing by q
+    p_n = target_probs.gather(1, n[:, None, None].expand(-1, 1, target_probs.shape[2])).squeeze(1)
+    q_n = torch.cat([draft_probs, torch.zeros_like(draft_probs[:, :1])], 1)  # q = 0 after the last draft
+    q_n = q_n.gather(1, n[:, None, None].expand(-1, 1, q_n.shape[2])).squeeze(1)
+    residual = (p_n - q_n).clamp(min=0)
+    empty = residual.sum(-1, keepdim=True) <= 0  # p == q there: sampling from p is the same law
+    residual = torch.where(empty, p_n, residual)
+    return n, sample(residual / residual.sum(-1, keepdim=True), generator)
+
+
+class _Totals:
+    def __init__(self):
+        self.rounds = self.seq_rounds = self.drafted = self.accepted = self.round_tokens = 0
+        self.draft_s = self.verify_s = 0.0
+        self.verifier_lp: list[float] = []
+        self.draft_lp: list[float] = []
+
+
+@torch.inference_mode()
+def speculative_generate(
+    engine: Engine,
+    gates: GateSet,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    out: Emitter,
+    sampling: Sampling,
+    config: SpecConfig = SpecConfig(),
+    generator: torch.Generator | None = None,
+) -> SpecStats:
+    """Decode into ``out`` by drafting and verifying; returns the statistics of the call."""
+    start_time = time.perf_counter()
+    policy = draft_policy(gates, config)
+    verifier = gates if config.verifier == "gated" else None
+    max_len = input_ids.shape[1] + out.max_new + config.max_draft + 2
+    cache, logits = prefill(engine, input_ids, attention_mask, max_len, verifier)
+    last = next_token(logits, sampling, generator)  # (B,) the first new token comes from the verifier
+    tot, counter, k = _Totals(), SkipCounter(), config.init_draft
+    for b, t in enumerate(last.tolist()):
+        out.emit(b, [t], logits[b : b + 1])
+        tot.verifier_lp.append(float(logits[b].float().log_softmax(-1)[t]))
+    while not out.done:
+        active = [not f for f in out.finished]
+        start = cache.lengths.clone()
+        # 1. Draft up to k tokens with the skipping model.
+        t0 = time.perf_counter()
+        drafts, draft_logits = _draft(engine, gates, policy, cache, last, k, sampling, config, generator, counter)
+        # 2. Verify the last token and the drafts in one full-compute pass.
+        t1 = time.perf_counter()
+        cache.rewind(start)
+        target_logits = engine(torch.cat([last[:, None], drafts], 1), cache, verifier)  # (B, n+1, V)
+        t2 = time.perf_counter()
+        # 3. Accept the agreed prefix and one more token from the verifier.
+        if sampling.do_sample:
+            q, p = probabilities(draft_logits, sampling), probabilities(target_logits, sampling)
+            n_acc, last = rejection_sample(drafts, q, p, generator)
+        else:
+            n_acc, last = greedy_accept(drafts, target_logits)
+        # 4. Keep the accepted tokens: the cache already holds their exact K/V; rewind past them.
+        _emit_round(out, tot, active, drafts, n_acc, last, draft_logits, target_logits)
+        running = torch.tensor(active, device=start.device)
+        cache.rewind(torch.where(running, start + 1 + n_acc, start))  # ended rows stay where they are
+        tot.rounds += 1
+        tot.draft_s += t1 - t0
+        tot.verify_s += t2 - t1
+        if config.adaptive:
+            full = all(int(n_acc[b]) == drafts.shape[1] for b in range(len(active)) if active[b])
+            k = min(config.max_draft, k + 1) if full else max(1, k - 1)
+    return _stats(tot, out, counter, time.perf_counter() - start_time)
+
+
+def draft_policy(gates: GateSet, config: SpecConfig) -> SkipPolicy:
+    """The draft's skip policy: calibrated single-token thresholds at the draft budget."""
+    policy = gates.policy(config.draft_budget, kv_fill=config.kv_fill, scale_output=_scales(gates, config))
+    if policy.thresholds is None and config.draft_budget > 0:
+        raise ValueError(
+            "the gates have no calibrated thresholds, so single-token draft steps would skip nothing: "
+            "run `specgate calibrate`, or use draft_budget=0"
+        )
+    return policy
+
+
+def _scales(gates: GateSet, config: SpecConfig) -> bool:
+    """Whether the draft multiplies branch outputs by the gates (the GateSkip model), or uses the
+    gates only to decide what to skip (how the gates were trained says which drafts better)."""
+    return config.verifier == "gated" or gates.config.scale_output
+
+
+def _draft(engine, gates, policy, cache, last, k, sampling, config, generator, counter):
+    """Up to k single-token passes of the skipping model: tokens (B, n) and their logits (B, n, V)."""
+    tokens, logits = [], []
+    token = last
+    for _ in range(k):
+        step = engine(token[:, None], cache, gates, policy, counter=counter)[:, -1]  # (B, V)
+        probs = probabilities(step, sampling)
+        token = sample(probs, generator) if sampling.do_sample else step.argmax(-1)
+        tokens.append(token)
+        logits.append(step)
+        if config.min_draft_prob and bool((probs.max(-1).values < config.min_draft_prob).all()):
+            break
+    return torch.stack(tokens, 1), torch.stack(logits, 1)
+
+
+def _emit_round(out: Emitter, tot: _Totals, active, drafts, n_acc, last, draft_logits, target_logits) -> None:
+    """Hand each sequence's accepted drafts and next token to the emitter; count what happened."""
+    n_drafted = drafts.shape[1]
+    v_lp = target_logits.float().log_softmax(-1)
+    d_lp = draft_logits.float().log_softmax(-1)
+    for b, running in enumerate(active):
+        if not running:
+            continue
+        m = int(n_acc[b])
+        tokens = drafts[b, :m].tolist() + [int(last[b])]
+        taken = out.emit(b, tokens, target_logits[b, : m + 1])
+        tot.seq_rounds += 1
+        tot.drafted += n_drafted
+        tot.accepted += m
+        tot.round_tokens += taken
+        tot.verifier_lp += [float(v_lp[b, j, t]) for j, t in enumerate(tokens[:taken])]
+        tot.draft_lp += [float(d_lp[b, j, t]) for j, t in enumerate(tokens[: min(taken, n_drafted)])]
+
+
+def _stats(tot: _Totals, out: Emitter, counter: SkipCounter, seconds: float) -> SpecStats:
+    new = sum(map(len, out.tokens))
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    return SpecStats(
+        rounds=tot.rounds,
+        drafted=tot.drafted,
+        accepted=tot.accepted,
+        new_tokens=new,
+        tau=tot.round_tokens / tot.seq_rounds if tot.seq_rounds else 0.0,
+        alpha=tot.accepted / tot.drafted if tot.drafted else 0.0,
+        skip_fraction=counter.fraction,
+        draft_s=tot.draft_s,
+        verify_s=tot.verify_s,
+        other_s=seconds - tot.draft_s - tot.verify_s,
+        tokens_per_s=new / seconds if seconds else 0.0,
+        verifier_logprob=mean(tot.verifier_lp),
+        draft_logprob=mean(tot.draft_lp),
+    )

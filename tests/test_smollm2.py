@@ -1,0 +1,73 @@
+"""The parity checks again, on the real SmolLM2-135M-Instruct (the slower integration set)."""
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = [
+    "Explain photosynthesis in one sentence.",
+    "Write a haiku about the sea.",
+    "What is 17 times 23?",
+    "List three uses of a paperclip.",
+]
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+def test_logits_and_cached_decode_equal_hf_forward(smollm2):
+    ids = smollm2.encode_chat(PROMPTS[0])
+    T = ids.shape[1]
+    full = smollm2.hf_model(ids).logits
+    cache = smollm2.engine.new_cache(1, T + 1)
+    # oneDNN and the BLAS behind F.linear sum in different orders: fp32 rounding, not a bug
+    tol = dict(atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(smollm2.engine(ids, cache), full, **tol)
+    cache = smollm2.engine.new_cache(1, T + 1)
+    parts = [smollm2.engine(ids[:, : T - 6], cache)] + [smollm2.engine(ids[:, t : t + 1], cache) for t in range(T - 6, T)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, **tol)
+
+
+def test_greedy_equals_transformers_generate(smollm2):
+    for prompt in PROMPTS:
+        ids = smollm2.encode_chat(prompt)
+        ref = smollm2.hf_model.generate(ids, max_new_tokens=40, do_sample=False)
+        assert torch.equal(smollm2.generate(ids, max_new_tokens=40), ref), prompt
+
+
+def test_left_padded_batch_equals_transformers_generate(smollm2):
+    tok = smollm2.tokenizer
+    tok.padding_side = "left"
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in PROMPTS]
+    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    assert (batch.attention_mask == 0).any(), "the prompts should need padding"
+    ref = smollm2.hf_model.generate(**batch, max_new_tokens=24, do_sample=False)
+    assert torch.equal(smollm2.generate(**batch, max_new_tokens=24), ref)
+
+
+def _static_skip_gates(model, skipped=((20, 1), (24, 0), (26, 1), (28, 0))):
+    """Fresh gates with thresholds that always skip a few deep branches: a draft that is good but
+    not perfect, so rounds see both acceptances and rejections."""
+    gates = model.new_gates()
+    th = torch.full((2, model.config.num_hidden_layers), -1.0)
+    for layer, branch in skipped:
+        th[branch, layer] = 2.0
+    gates.thresholds[0.1] = th
+    return gates
+
+
+def test_greedy_speculative_equals_plain_on_real_prompts(smollm2):
+    gates, smollm2.gates = smollm2.gates, _static_skip_gates(smollm2)
+    try:
+        for prompt in PROMPTS:
+            ids = smollm2.encode_chat(prompt)
+            plain = smollm2.generate(ids, max_new_tokens=48)
+            out = smollm2.generate(ids, max_new_tokens=48, speculative=True, draft_budget=0.1, return_dict_in_generate=True)
+            assert torch.equal(out.sequences, plain), prompt
+            assert 0 < out.spec_stats.alpha < 1, out.spec_stats
+    finally:
+        smollm2.gates = gates

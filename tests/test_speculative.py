@@ -1,0 +1,247 @@
+"""Self-speculative decoding: greedy equivalence first, then sampling, statistics and the drop-in."""
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import VOCAB, tiny
+
+import specgate.generation
+import specgate.speculative
+from specgate.speculative import SpecConfig, greedy_accept, rejection_sample
+
+NO_EOS = dict(eos_token_id=None, pad_token_id=0)
+
+
+def _prompt(B=1, T=7, seed=0):
+    return torch.randint(3, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def _model(draft: str, seed: int = 0):
+    """A tiny Llama with gates whose draft is perfect (skips nothing, output unscaled) or garbage
+    (thresholds above every importance: every branch skipped)."""
+    m = tiny("llama", seed=seed, gates=True)
+    m.gates.config = dataclasses.replace(m.gates.config, scale_output=draft != "perfect")
+    m.gates.thresholds[0.5] = torch.full((2, 4), -1.0 if draft == "perfect" else 2.0)
+    return m
+
+
+def _spec(m, ids, **kw):
+    kw = {**NO_EOS, **kw}
+    return m.generate(ids, speculative=True, draft_budget=0.5, return_dict_in_generate=True, **kw)
+
+
+@pytest.mark.parametrize("draft", ["perfect", "garbage"])
+def test_greedy_speculative_equals_plain_many_rounds(draft):
+    m = _model(draft)
+    ids = _prompt()
+    out = _spec(m, ids, max_new_tokens=60)
+    assert torch.equal(out.sequences, m.generate(ids, max_new_tokens=60, **NO_EOS))
+    s = out.spec_stats
+    assert s.new_tokens == 60 and s.rounds > 5
+    if draft == "perfect":
+        assert s.alpha == 1.0 and s.tau > 3 and s.skip_fraction == 0.0
+    else:
+        assert s.alpha < 0.2 and s.skip_fraction == 1.0
+
+
+def test_eos_inside_an_accepted_block():
+    m = _model("perfect")
+    ids = _prompt(seed=1)
+    plain = m.generate(ids, max_new_tokens=40, **NO_EOS)
+    eos = int(plain[0, ids.shape[1] + 9])  # the 10th new token ends the sequence
+    first = (plain[0, ids.shape[1] :] == eos).nonzero()[0].item()
+    out = _spec(m, ids, max_new_tokens=40, eos_token_id=eos)
+    assert torch.equal(out.sequences, m.generate(ids, max_new_tokens=40, eos_token_id=eos, pad_token_id=0))
+    assert out.sequences.shape[1] == ids.shape[1] + first + 1
+    assert out.spec_stats.alpha == 1.0  # so the EOS came inside a block of accepted drafts
+
+
+@pytest.mark.parametrize("max_new", [1, 2, 13])
+def test_max_new_tokens_reached_mid_block(max_new):
+    m = _model("perfect")
+    ids = _prompt()
+    out = _spec(m, ids, max_new_tokens=max_new, spec_config=SpecConfig(init_draft=8, adaptive=False))
+    assert torch.equal(out.sequences, m.generate(ids, max_new_tokens=max_new, **NO_EOS))
+
+
+def test_cache_at_accepted_positions_equals_the_plain_run(monkeypatch):
+    caches = {}
+
+    def recording(module):
+        original = module.prefill
+
+        def prefill(*args, **kwargs):
+            cache, logits = original(*args, **kwargs)
+            caches[module.__name__] = cache
+            return cache, logits
+
+        monkeypatch.setattr(module, "prefill", prefill)
+
+    recording(specgate.speculative)
+    recording(specgate.generation)
+    m = _model("garbage")
+    ids = _prompt()
+    out = _spec(m, ids, max_new_tokens=30)
+    assert out.spec_stats.accepted < out.spec_stats.drafted  # there were rejections
+    m.generate(ids, max_new_tokens=30, **NO_EOS)
+    n = ids.shape[1] + 30 - 1  # the last token is never fed back
+    spec, plain = caches["specgate.speculative"], caches["specgate.generation"]
+    assert spec.lengths.item() == plain.lengths.item() == n
+    torch.testing.assert_close(spec.k[..., :n, :], plain.k[..., :n, :], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(spec.v[..., :n, :], plain.v[..., :n, :], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("draft", ["perfect", "garbage"])
+def test_batch_with_left_padding_equals_plain(draft):
+    m = _model(draft)
+    ids = _prompt(3, 9, seed=4)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    mask[2, :2] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    kw = dict(attention_mask=mask, max_new_tokens=25, eos_token_id=5, pad_token_id=0)
+    plain = m.generate(ids, **kw)
+    out = m.generate(ids, speculative=True, draft_budget=0.5, **kw)
+    assert torch.equal(out, plain)
+
+
+def test_partly_good_draft_batch_rows_accept_different_amounts():
+    m = tiny("llama", seed=3, gates=True)
+    m.gates.thresholds[0.3] = torch.tensor([[0.0, 0.0, 2.0, 0.0], [0.0, 2.0, 0.0, 0.0]])  # two branches off
+    ids = _prompt(4, 6, seed=5)
+    kw = dict(max_new_tokens=40, **NO_EOS)
+    out = m.generate(ids, speculative=True, draft_budget=0.3, return_dict_in_generate=True, **kw)
+    assert torch.equal(out.sequences, m.generate(ids, **kw))
+    assert 0 < out.spec_stats.alpha < 1
+
+
+def test_gated_verifier_equals_plain_decoding_of_the_gated_model():
+    m = tiny("llama", gates=True)
+    m.gates.thresholds[0.5] = torch.full((2, 4), 0.5)
+    ids = _prompt()
+    out = m.generate(ids, speculative=True, spec_config=SpecConfig(draft_budget=0.5, verifier="gated"), max_new_tokens=30, **NO_EOS)
+    from specgate.output import Emitter
+
+    emitter = Emitter(ids, 30)
+    specgate.generation.plain_generate(m.engine, ids, None, emitter, gates=m.gates)
+    assert torch.equal(out, emitter.sequences())
+    assert not torch.equal(out, m.generate(ids, max_new_tokens=30, **NO_EOS))  # not the original model
+
+
+@pytest.mark.parametrize("kv_fill", ["project", "copy_below"])
+def test_kv_fill_modes_stay_lossless(kv_fill):
+    m = tiny("llama", gates=True)
+    m.gates.thresholds[0.5] = torch.full((2, 4), 0.5)
+    ids = _prompt()
+    out = m.generate(ids, speculative=True, spec_config=SpecConfig(kv_fill=kv_fill), max_new_tokens=30, **NO_EOS)
+    assert torch.equal(out, m.generate(ids, max_new_tokens=30, **NO_EOS))
+
+
+def test_streamer_receives_the_accepted_tokens_and_stats_add_up():
+    class Collect:
+        def __init__(self):
+            self.chunks, self.ended = [], False
+
+        def put(self, value):
+            self.chunks.append(value.tolist())
+
+        def end(self):
+            self.ended = True
+
+    m = _model("perfect")
+    ids = _prompt()
+    streamer = Collect()
+    out = _spec(m, ids, max_new_tokens=25, streamer=streamer, output_scores=True, output_logits=True)
+    new = out.sequences[0, ids.shape[1] :].tolist()
+    assert [t for c in streamer.chunks for t in c] == new and streamer.ended
+    assert max(map(len, streamer.chunks)) > 1  # whole accepted blocks at once
+    s = out.spec_stats
+    assert s.drafted >= s.accepted and s.new_tokens == 25
+    assert s.tau == pytest.approx((s.new_tokens - 1) / s.rounds)  # the first token comes from the prefill
+    assert s.draft_s > 0 and s.verify_s > 0 and s.other_s > 0 and s.tokens_per_s > 0
+    assert s.verifier_logprob <= 0 and s.draft_logprob <= 0
+    plain = m.generate(ids, max_new_tokens=25, return_dict_in_generate=True, output_scores=True, **NO_EOS)
+    assert len(out.scores) == len(plain.scores) == 25
+    torch.testing.assert_close(torch.stack(out.scores), torch.stack(plain.scores), atol=1e-4, rtol=1e-4)
+
+
+def test_sampling_is_seeded_and_lossless_in_distribution_setup():
+    m = _model("garbage")
+    ids = _prompt()
+    run = lambda seed: _spec(  # noqa: E731
+        m, ids, max_new_tokens=30, do_sample=True, temperature=0.8, top_p=0.9, generator=torch.Generator().manual_seed(seed)
+    ).sequences
+    assert torch.equal(run(0), run(0)) and not torch.equal(run(0), run(1))
+
+
+def test_bad_speculative_calls_are_refused():
+    m = tiny("llama")
+    ids = _prompt()
+    with pytest.raises(ValueError, match="needs gates"):
+        m.generate(ids, speculative=True, max_new_tokens=4)
+    m.gates = m.new_gates()
+    with pytest.raises(ValueError, match="calibrate"):
+        m.generate(ids, speculative=True, draft_budget=0.5, max_new_tokens=4)
+    with pytest.raises(ValueError, match="verifier"):
+        SpecConfig(verifier="draft")
+
+
+# -- the acceptance rules alone ----------------------------------------------------------------------
+
+
+def _onehot_logits(tokens, V=8, value=100.0):
+    return torch.nn.functional.one_hot(torch.tensor(tokens), V).float() * 2 * value - value
+
+
+def test_greedy_accept_prefix_and_bonus():
+    drafts = torch.tensor([[1, 2, 3], [1, 2, 3], [4, 2, 3]])
+    target = torch.stack([_onehot_logits(r) for r in ([1, 2, 3, 7], [1, 5, 3, 7], [1, 2, 3, 7])])
+    n, nxt = greedy_accept(drafts, target)
+    assert n.tolist() == [3, 1, 0] and nxt.tolist() == [7, 5, 1]
+
+
+def test_rejection_sample_with_forced_logits():
+    drafts = torch.tensor([[1, 2, 3], [1, 2, 3]])
+    q = torch.stack([_onehot_logits([1, 2, 3]).softmax(-1)] * 2)
+    p = torch.stack([_onehot_logits(r).softmax(-1) for r in ([1, 2, 3, 6], [1, 4, 3, 6])])
+    n, nxt = rejection_sample(drafts, q, p, torch.Generator().manual_seed(0))
+    assert n.tolist() == [3, 1]  # perfect match: all accepted, bonus from p_3
+    assert nxt.tolist() == [6, 4]  # early mismatch: recovered from max(p - q, 0)
+
+
+def test_rejection_sample_is_deterministic_under_a_seed():
+    g = torch.Generator().manual_seed(0)
+    q = torch.rand(64, 3, 8, generator=g).softmax(-1)
+    p = torch.rand(64, 4, 8, generator=g).softmax(-1)
+    d = torch.multinomial(q.view(-1, 8), 1, generator=g).view(64, 3)
+    a = rejection_sample(d, q, p, torch.Generator().manual_seed(7))
+    b = rejection_sample(d, q, p, torch.Generator().manual_seed(7))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def _emitted(drafts, n, nxt, position):
+    """The token emitted at ``position`` of each row (-1 if the round emitted fewer)."""
+    full = torch.cat([drafts, torch.full_like(drafts[:, :1], -1)], 1)
+    tok = torch.where(n > position, full[:, position], torch.where(n == position, nxt, torch.full_like(nxt, -1)))
+    return tok
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_rejection_sampling_output_follows_the_verifier(k):
+    """Many rounds at once: the emitted tokens at positions 0 and 1 must be distributed as p_0 and
+    p_1 (total variation below 0.02), whatever q is. Sampling from q, or accepting with p alone,
+    fails this."""
+    V, N = 6, 200_000
+    g = torch.Generator().manual_seed(1)
+    q1 = (torch.rand(k, V, generator=g) * 3).softmax(-1)
+    p1 = (torch.rand(k + 1, V, generator=g) * 3).softmax(-1)
+    q, p = q1.expand(N, k, V), p1.expand(N, k + 1, V)
+    drafts = torch.multinomial(q.reshape(-1, V), 1, generator=g).view(N, k)
+    n, nxt = rejection_sample(drafts, q, p, g)
+    for pos in range(min(k, 2)):
+        tok = _emitted(drafts, n, nxt, pos)
+        tok = tok[tok >= 0]
+        freq = torch.bincount(tok, minlength=V).float() / len(tok)
+        assert 0.5 * (freq - p1[pos]).abs().sum() < 0.02, (pos, freq, p1[pos])
+    assert 0.5 * (q1[0] - p1[0]).abs().sum() > 0.1  # q is far from p: emitting drafts as-is would fail
