@@ -4,10 +4,13 @@ from .cache import StaticKVCache
 from .engine import Engine, SkipCounter
 from .gates import Gate, GateConfig, GateSet, SkipPolicy, load_gates, save_gates
 from .generation import Sampling
-from .model import SpecGateModel, load
+from .hf import attach, custom_generate
+from .model import SpecGateModel, SpecGenerateOutput, load
+from .speculative import SpecConfig, SpecStats
 
 __all__ = [
-    "Engine", "Gate", "GateConfig", "GateSet", "Sampling", "SkipCounter", "SkipPolicy", "SpecGateModel",
-    "StaticKVCache", "load", "load_gates", "save_gates",
+    "Engine", "Gate", "GateConfig", "GateSet", "Sampling", "SkipCounter", "SkipPolicy", "SpecConfig",
+    "SpecGateModel", "SpecGenerateOutput", "SpecStats", "StaticKVCache", "attach", "custom_generate", "load",
+    "load_gates", "save_gates",
 ]  # fmt: skip
 __version__ = "0.1.0"

@@ -45,11 +45,23 @@ class MethodResult:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-def _timed(fn, ids: torch.Tensor) -> tuple[list[int], float]:
+def _timed(fn, ids: torch.Tensor):
     start = time.perf_counter()
     out = fn(ids)
     seconds = time.perf_counter() - start
-    return out[0, ids.shape[1] :].tolist(), seconds
+    sequences = getattr(out, "sequences", out)
+    return sequences[0, ids.shape[1] :].tolist(), seconds, getattr(out, "spec_stats", None)
+
+
+def _add_stats(extra: dict, s) -> None:
+    """Sum what per-call SpecStats can be summed; tau and alpha are recomputed from the sums."""
+    for key in ("rounds", "drafted", "accepted", "draft_s", "verify_s"):
+        extra[key] = extra.get(key, 0) + getattr(s, key)
+    extra["round_tokens"] = extra.get("round_tokens", 0) + s.tau * s.rounds
+    extra["skipped_x_rounds"] = extra.get("skipped_x_rounds", 0) + s.skip_fraction * s.drafted
+    extra["tau"] = round(extra["round_tokens"] / max(1, extra["rounds"]), 3)
+    extra["alpha"] = round(extra["accepted"] / max(1, extra["drafted"]), 3)
+    extra["skip_fraction"] = round(extra["skipped_x_rounds"] / max(1, extra["drafted"]), 3)
 
 
 def run(encoded: list[torch.Tensor], methods: dict, warmup: bool = True) -> dict[str, MethodResult]:
@@ -60,11 +72,13 @@ def run(encoded: list[torch.Tensor], methods: dict, warmup: bool = True) -> dict
             fn(encoded[0][:, :8])
     for ids in encoded:
         for name, fn in methods.items():
-            new, seconds = _timed(fn, ids)
+            new, seconds, stats = _timed(fn, ids)
             r = results[name]
             r.tokens += len(new)
             r.seconds += seconds
             r.outputs.append(new)
+            if stats is not None:
+                _add_stats(r.extra, stats)
     return results
 
 
@@ -73,7 +87,7 @@ def bench_decode(
     model: str,
     n_prompts: int = 8,
     max_new_tokens: int = 128,
-    speculative: list[dict] | None = None,
+    speculative: list | None = None,
     dtype: torch.dtype = torch.float32,
     gates="default",
 ) -> dict[str, MethodResult]:
@@ -89,9 +103,10 @@ def bench_decode(
         "transformers": lambda ids: stock.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos),
         "plain": lambda ids: m.generate(ids, max_new_tokens=max_new_tokens),
     }
-    for kw in speculative or []:
-        name = "speculative " + " ".join(f"{k}={v}" for k, v in kw.items())
-        methods[name] = lambda ids, kw=kw: m.generate(ids, max_new_tokens=max_new_tokens, speculative=True, **kw)
+    for spec in speculative or []:  # SpecConfig each
+        methods[f"speculative b={spec.draft_budget}"] = lambda ids, spec=spec: m.generate(
+            ids, max_new_tokens=max_new_tokens, speculative=True, spec_config=spec, return_dict_in_generate=True
+        )
     return run(encoded, methods)
 
 
@@ -106,8 +121,12 @@ def report(results: dict[str, MethodResult], reference: str = "transformers") ->
         ratio = f"{r.tokens_per_s / ref.tokens_per_s:.2f}x" if ref and ref.tokens_per_s else "-"
         match = f"{exact_match(r, ref):.0%}" if ref else "-"
         lines.append(f"{r.name:<24}{r.tokens:>8}{r.seconds:>10.2f}{r.tokens_per_s:>10.1f}{ratio:>18}{match:>13}")
-        for key, value in r.extra.items():
-            lines.append(f"    {key}: {value}")
+        if r.extra:
+            e = r.extra
+            lines.append(
+                f"    tau {e['tau']}  alpha {e['alpha']}  draft skip {e['skip_fraction']}  rounds {e['rounds']}  "
+                f"draft {e['draft_s']:.1f}s  verify {e['verify_s']:.1f}s"
+            )
     return "\n".join(lines)
 
 

@@ -43,13 +43,34 @@ def cmd_generate(args) -> int:
         **_spec_kwargs(args),
     )
     seconds = time.perf_counter() - start
-    new = out.shape[1] - ids.shape[1]
+    stats = getattr(out, "spec_stats", None)
+    new = (out.sequences if stats else out).shape[1] - ids.shape[1]
     print(f"[{new} tokens in {seconds:.2f} s, {new / seconds:.1f} tokens/s]", file=sys.stderr)
+    if stats:
+        print(f"[tau {stats.tau:.2f}, alpha {stats.alpha:.2f}, draft skipped {stats.skip_fraction:.0%}]", file=sys.stderr)
     return 0
 
 
+def _spec_args(p: argparse.ArgumentParser) -> None:
+    from .speculative import SpecConfig
+
+    d = SpecConfig()
+    p.add_argument("--draft-budget", type=float, default=d.draft_budget, help=f"share of the draft's branch evaluations to skip (default {d.draft_budget})")
+    p.add_argument("--max-draft", type=int, default=d.max_draft, help=f"most tokens drafted per round (default {d.max_draft})")
+    p.add_argument("--verifier", choices=["original", "gated"], default=d.verifier, help="original: output equals the model's own (default)")
+    p.add_argument("--kv-fill", choices=["project", "copy_below"], default=d.kv_fill, help="K/V of tokens that skip attention in the draft")
+
+
+def _spec_config(args):
+    from .speculative import SpecConfig
+
+    return SpecConfig(draft_budget=args.draft_budget, max_draft=args.max_draft, init_draft=min(SpecConfig.init_draft, args.max_draft), verifier=args.verifier, kv_fill=args.kv_fill)
+
+
 def _spec_kwargs(args) -> dict:
-    return {}
+    if not args.speculative:
+        return {}
+    return {"speculative": True, "spec_config": _spec_config(args), "return_dict_in_generate": True}
 
 
 def cmd_bench(args) -> int:
@@ -57,8 +78,11 @@ def cmd_bench(args) -> int:
 
     from . import bench
 
-    budgets = [] if args.no_speculative else args.budgets
-    speculative = [{"draft_budget": b, **({"max_draft": args.max_draft} if args.max_draft else {})} for b in budgets]
+    from dataclasses import replace
+
+    budgets = [] if args.no_speculative else args.budgets or [args.draft_budget]
+    base = _spec_config(args)
+    speculative = [replace(base, draft_budget=b) for b in budgets]
     gates = None if args.gates == "none" else args.gates
     results = bench.bench_decode(
         args.model, args.prompts, args.max_new_tokens, speculative, getattr(torch, args.dtype), gates
@@ -82,17 +106,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
+    p.add_argument("--speculative", action="store_true", help="self-speculative decoding (needs gates)")
+    _spec_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="transformers vs plain vs speculative decoding, side by side")
     _model_args(p)
     p.add_argument("--prompts", type=int, default=8, help="number of MT-Bench prompts (first turns)")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--budgets", type=float, nargs="+", default=[0.5], help="draft skip budgets to compare")
-    p.add_argument("--max-draft", type=int, default=None, help="most tokens drafted per round")
+    p.add_argument("--budgets", type=float, nargs="+", default=None, help="draft skip budgets to compare (default: --draft-budget)")
+    _spec_args(p)
     p.add_argument("--no-speculative", action="store_true", help="time transformers and plain decode only")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.set_defaults(func=cmd_bench)
+
+    from .train_cli import add_calibrate_parser, add_train_parser
+
+    add_train_parser(sub)
+    add_calibrate_parser(sub)
 
     args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging

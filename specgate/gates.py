@@ -160,7 +160,7 @@ def load_gates(path: str | Path, model_config=None, dtype: torch.dtype | None = 
     except (TypeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path / CONFIG_NAME} is not a valid gate config: {e}") from e
     if model_config is not None:
-        _check_fits(config, model_config, path)
+        check_fits(config, model_config, path)
     gates = GateSet(config)
     tensors = load_file(str(path / WEIGHTS_NAME))
     for key in [k for k in tensors if k.startswith("thresholds.")]:
@@ -174,7 +174,8 @@ def load_gates(path: str | Path, model_config=None, dtype: torch.dtype | None = 
     return gates.to(dtype) if dtype is not None else gates
 
 
-def _check_fits(config: GateConfig, model_config, path: Path) -> None:
+def check_fits(config: GateConfig, model_config, path: Path | str = "the gate file") -> None:
+    """Refuse gates trained for another model, saying what to do."""
     hidden, layers = model_config.hidden_size, model_config.num_hidden_layers
     if (config.hidden_size, config.num_layers) != (hidden, layers):
         raise ValueError(

@@ -11,7 +11,7 @@ from torch import nn
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .engine import Engine
-from .gates import GateConfig, GateSet, load_gates
+from .gates import GateConfig, GateSet, check_fits, load_gates
 from .generation import Sampling, plain_generate, warp
 from .output import Emitter
 from .speculative import SpecConfig, SpecStats, speculative_generate
@@ -179,9 +179,11 @@ def load(
     """
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    hf_model, tokenizer = load_hf(name_or_path, dtype, device)
     if isinstance(gates, str) and gates == "default":
         gates = default_gates(name_or_path)
     if isinstance(gates, (str, Path)):
-        gates = load_gates(gates, hf_model.config)
+        gates = load_gates(gates)  # a bad path fails before the model loads
+    hf_model, tokenizer = load_hf(name_or_path, dtype, device)
+    if gates is not None:
+        check_fits(gates.config, hf_model.config)
     return SpecGateModel(hf_model, tokenizer, gates, name=name_or_path)

@@ -12,8 +12,13 @@ Two objectives (``TrainConfig.objective``):
 - ``paper``: next-token cross-entropy + lambda * mean over branches of mean(g^2), with hard skipping
   at a per-batch importance quantile that warms up from 0 to ``budget_max``.
 - ``distill``: KL(original model || skipping model) of the next-token distributions, at budgets
-  sampled in [``budget_min``, ``budget_max``] (plus the same L2 term). The original model is the
-  engine with ``gates=None``; this is what draft acceptance against the original model rewards.
+  sampled in [``budget_min``, ``budget_max``] (plus the same L2 term): what draft acceptance against
+  the original model rewards. The original model's pass (no grad) also gives this batch's
+  importances, whose budget quantile is the step's skip threshold.
+
+Budgets are spread over branches by ``allocation``: ``global`` (default) skips every (token, branch)
+whose importance is at or below one threshold shared by all branches, so the gates decide which
+branches give up compute; ``branch`` skips the budget's share in every branch (the paper).
 
 ``scale_output=False`` (the default) keeps every computed branch output unscaled: the gates only
 decide what to skip, so at budget 0 the draft *is* the original model. The gate then learns from a
@@ -26,7 +31,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -34,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .engine import Engine
-from .gates import GateSet, save_gates
+from .gates import GateConfig, GateSet, save_gates
 from .ops import apply_rope, rms_norm
 
 Objective = Literal["paper", "distill"]
@@ -61,6 +66,7 @@ class TrainConfig:
     scale_output: bool = False  # True: gates scale branch outputs (the GateSkip model)
     gate_kind: str = "lowrank"
     gate_rank: int = 32
+    gate_bias_init: float | None = None  # None: 5.0 with scale_output (starts as the original model), else 0.0
     never_skip: tuple[tuple[int, int], ...] = ()  # (layer, branch) pairs that always run
     seed: int = 0
     checkpoint_every: int = 50
@@ -396,9 +402,11 @@ def train_step(
     """Loss (with grad), its stats, and the flat importances of valid (token, branch) pairs."""
     target_logp = None
     if config.objective == "distill":
-        with torch.no_grad():
-            cache = engine.new_cache(ids.shape[0], ids.shape[1])
-            target_logp = engine(ids, cache).float().log_softmax(-1)  # (B, T, V) the original model
+        with torch.no_grad():  # the original model (gates read along, nothing skipped or scaled)
+            full = ForwardRecord()
+            target_logp = gated_forward(engine, ids, gates, None, False, full).float().log_softmax(-1)  # (B, T, V)
+        if config.allocation == "global" and threshold is None:  # this batch's quantile at full compute
+            threshold = global_threshold(torch.stack(full.importance)[:, valid].flatten(), budget)
     record = ForwardRecord()
     decide = quantile_decider(budget, valid, config.allocation, frozenset(config.never_skip), threshold)
     logits = gated_forward(engine, ids, gates, decide, config.scale_output, record).float()
@@ -456,8 +464,7 @@ def train(model_or_name, config: TrainConfig = TrainConfig(), documents: list[li
     for p in model.hf_model.parameters():
         p.requires_grad_(False)
     torch.manual_seed(config.seed)
-    gates = model.new_gates(kind=config.gate_kind, rank=config.gate_rank).to(torch.float32)
-    gates = gates.to(accelerator.device)
+    gates = GateSet(gate_config(model, config)).to(accelerator.device)
     optimizer = torch.optim.AdamW(gates.parameters(), lr=config.lr, weight_decay=0.0)
     start, prev_imp = 0, None
     ckpt = out / CHECKPOINT_NAME
@@ -490,12 +497,14 @@ def train(model_or_name, config: TrainConfig = TrainConfig(), documents: list[li
             ids, valid = collate([pieces[j] for j in idx[rank::world]], pad_id)
             ids, valid = ids.to(accelerator.device), valid.to(accelerator.device)
             budget = step_budget(config, step)
-            if config.allocation == "global" and prev_imp is None and budget > 0:
-                with torch.no_grad():  # first step: importances of the gated model at full compute
-                    rec = ForwardRecord()
-                    gated_forward(model.engine, ids, gates, None, config.scale_output, rec)
-                    prev_imp = torch.stack(rec.importance)[:, valid].flatten().cpu()
-            threshold = global_threshold(prev_imp, budget) if prev_imp is not None else None
+            threshold = None  # distill: the quantile of this batch's importances (see train_step)
+            if config.objective == "paper" and config.allocation == "global" and budget > 0:
+                if prev_imp is None:
+                    with torch.no_grad():  # first step: importances of the gated model at full compute
+                        rec = ForwardRecord()
+                        gated_forward(model.engine, ids, gates, None, config.scale_output, rec)
+                        prev_imp = torch.stack(rec.importance)[:, valid].flatten().cpu()
+                threshold = global_threshold(prev_imp, budget)  # the previous step's quantile
             loss, stats, imp = train_step(model.engine, gates, ids, valid, config, budget, threshold)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
@@ -523,7 +532,13 @@ def train(model_or_name, config: TrainConfig = TrainConfig(), documents: list[li
     return gates
 
 
-def with_overrides(config: TrainConfig, **kwargs) -> TrainConfig:
-    """``config`` with the given fields replaced (None values ignored)."""
-    return replace(config, **{k: v for k, v in kwargs.items() if v is not None})
+def gate_config(model, config: TrainConfig) -> GateConfig:
+    """The shape of the gates a run trains for ``model``."""
+    c = model.config
+    bias = config.gate_bias_init if config.gate_bias_init is not None else (5.0 if config.scale_output else 0.0)
+    return GateConfig(
+        hidden_size=c.hidden_size, num_layers=c.num_hidden_layers, kind=config.gate_kind, rank=config.gate_rank,
+        bias_init=bias, model_type=c.model_type, model_name=model.name, scale_output=config.scale_output,
+    )  # fmt: skip
+
 

@@ -245,3 +245,24 @@ def test_rejection_sampling_output_follows_the_verifier(k):
         freq = torch.bincount(tok, minlength=V).float() / len(tok)
         assert 0.5 * (freq - p1[pos]).abs().sum() < 0.02, (pos, freq, p1[pos])
     assert 0.5 * (q1[0] - p1[0]).abs().sum() > 0.1  # q is far from p: emitting drafts as-is would fail
+
+
+def test_unmodified_hf_model_through_custom_generate(tmp_path):
+    from conftest import tiny_hf
+
+    import specgate
+
+    hf = tiny_hf("llama")
+    ids = _prompt(2, 6, seed=9)
+    ref = hf.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with pytest.raises(ValueError, match="attach"):
+        hf.generate(ids, max_new_tokens=4, custom_generate=specgate.custom_generate)
+    gates = _model("garbage").gates
+    specgate.attach(hf, gates)
+    kw = dict(max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
+    out = hf.generate(ids, custom_generate=specgate.custom_generate, draft_budget=0.5, **kw)
+    assert torch.equal(out, ref)
+    out = hf.generate(ids, custom_generate=specgate.custom_generate, return_dict_in_generate=True, draft_budget=0.5, **kw)
+    assert out.spec_stats.rounds > 0
+    with pytest.raises(NotImplementedError, match="RepetitionPenalty"):
+        hf.generate(ids, custom_generate=specgate.custom_generate, repetition_penalty=1.3, **kw)

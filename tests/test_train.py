@@ -107,7 +107,7 @@ def test_training_reduces_the_loss(tiny, tmp_path, objective):
     config = TrainConfig(**{**config.__dict__, "steps": 20})
     ids = torch.tensor([d[:32] for d in docs])
     torch.manual_seed(config.seed)
-    before = fixed_budget_loss(tiny, tiny.new_gates(rank=8), config, ids)
+    before = fixed_budget_loss(tiny, specgate.GateSet(T.gate_config(tiny, config)), config, ids)
     after = fixed_budget_loss(tiny, T.train(tiny, config, documents=docs), config, ids)
     assert after < 0.9 * before, (before, after)
 
