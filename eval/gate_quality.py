@@ -101,7 +101,7 @@ def first_draft_scores(m, batch, gates, policy) -> dict:
     full_top = full.argmax(-1)
     if policy is None:
         return {"ll": full_ll[target].tolist(), "agree": [1.0] * int(target.sum()), "skipped": 0.0}
-    k, v = cache.k.clone(), cache.v.clone()  # the full model's K/V of every position
+    k, v = [t.clone() for t in cache.k], [t.clone() for t in cache.v]  # the full model's K/V, per layer
     counter, ll, agree = SkipCounter(), [], []
     first = int(target.float().argmax(1).min())
     for t in range(first, N - 1):
@@ -110,7 +110,8 @@ def first_draft_scores(m, batch, gates, policy) -> dict:
             continue
         cache.rewind(torch.full((B,), t))
         logp = eng(ids[:, t : t + 1], cache, gates, policy, counter=counter)[:, 0].float().log_softmax(-1)
-        cache.k[:, :, :, t], cache.v[:, :, :, t] = k[:, :, :, t], v[:, :, :, t]  # restore the full K/V
+        for i in range(len(k)):  # restore the full model's K/V at t
+            cache.k[i][:, :, t], cache.v[i][:, :, t] = k[i][:, :, t], v[i][:, :, t]
         ll += logp.gather(-1, nxt[:, t, None])[rows, 0].tolist()
         agree += (logp.argmax(-1) == full_top[:, t])[rows].float().tolist()
     # the counter also counts rows outside the answer (left-padded prompts): all rows are real tokens

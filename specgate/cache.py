@@ -22,16 +22,18 @@ class StaticKVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ):
-        shape = (num_layers, batch, kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, kv_heads, max_len, hd)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # One buffer per layer, so a training forward can backpropagate through the writes: each
+        # buffer is written once per pass, before its layer reads it.
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # next write slot
         self.pad = torch.zeros(batch, dtype=torch.long, device=device)  # left-padding slots
         self.max_len = max_len
 
     @property
     def batch(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0]
 
     def reset(self, pad: torch.Tensor | None = None) -> None:
         """Empty the cache; ``pad`` (B,) is the left padding of the prompt about to be written."""
@@ -53,8 +55,8 @@ class StaticKVCache:
         when all rows write the same contiguous slots (a plain slice then suffices)."""
         if uniform is not None:
             T = k.shape[2]
-            self.k[layer, :, :, uniform : uniform + T] = k
-            self.v[layer, :, :, uniform : uniform + T] = v
+            self.k[layer][:, :, uniform : uniform + T] = k
+            self.v[layer][:, :, uniform : uniform + T] = v
             return
         rows = torch.arange(k.shape[0], device=k.device)[:, None]
         self.k[layer][rows, :, slots] = k.transpose(1, 2)  # advanced indices first: (B, T, kv_heads, hd)

@@ -194,7 +194,7 @@ class Engine:
         if lw.q_norm is not None:
             q = rms_norm(q, lw.q_norm, s.eps)
         q = apply_rope(q, cos, sin)
-        k, v = cache.k[i, :, :, : p.S], cache.v[i, :, :, : p.S]  # (B, n_kv, S, hd)
+        k, v = cache.k[i][:, :, : p.S], cache.v[i][:, :, : p.S]  # (B, n_kv, S, hd)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=s.scaling, enable_gqa=True)
         o = linear(o.transpose(1, 2).reshape(B, n, q_dim), lw.o_w, lw.o_b)  # (B, n, d)
         return self._residual(h, o, lw.post_attn_norm, g, sel)

@@ -194,7 +194,7 @@ def test_kv_fill_at_skipped_positions(kv_fill):
     ids = _ids(1, 6)
     cache = m.engine.new_cache(1, 8)
     m.engine(ids, cache, m.gates, SkipPolicy(budget=1.0, kv_fill=kv_fill, scale_output=False))
-    k = cache.k[:, 0, :, :6]  # (L, kv_heads, 6, hd)
+    k = torch.stack(cache.k)[:, 0, :, :6]  # (L, kv_heads, 6, hd)
     assert k.abs().sum(-1).gt(0).all(), "every layer's K at every position is filled"
     if kv_fill == "copy_below":
         for i in range(1, 4):
@@ -240,3 +240,14 @@ def test_gates_off_is_exactly_the_original_model():
     m = tiny("gemma3", gates=True)
     ids = _ids()
     torch.testing.assert_close(m.engine(ids, m.engine.new_cache(2, 16), gates=None), m.hf_model(ids).logits)
+
+
+@pytest.mark.parametrize("kv_fill", ["project", "copy_below"])
+def test_gradients_reach_the_gates_through_the_cached_forward(kv_fill):
+    m = tiny("llama", gates=True)
+    ids = _ids()
+    with torch.enable_grad():
+        out = m.engine(ids, m.engine.new_cache(2, 11), m.gates, SkipPolicy(budget=0.3, kv_fill=kv_fill, scale_output=False))
+        out.logsumexp(-1).mean().backward()
+    grads = [p.grad for p in m.gates.parameters()]
+    assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
