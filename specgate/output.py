@@ -30,6 +30,8 @@ class Emitter:
         self.tokens: list[list[int]] = [[] for _ in range(prompt.shape[0])]
         self.scores: list[list[torch.Tensor]] | None = [[] for _ in self.tokens] if keep_scores else None
         self.finished = [max_new_tokens == 0] * len(self.tokens)
+        if streamer is not None:
+            streamer.put(prompt.cpu())  # as transformers does: streamers skip it with skip_prompt=True
 
     @property
     def done(self) -> bool:

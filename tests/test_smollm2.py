@@ -71,3 +71,21 @@ def test_greedy_speculative_equals_plain_on_real_prompts(smollm2):
             assert 0 < out.spec_stats.alpha < 1, out.spec_stats
     finally:
         smollm2.gates = gates
+
+
+def test_stop_strings_and_streamer_match_transformers(smollm2, capsys):
+    from transformers import TextStreamer
+
+    tok = smollm2.tokenizer
+    ids = smollm2.encode_chat(PROMPTS[3])
+    kw = dict(max_new_tokens=60, stop_strings=["\n"], tokenizer=tok)
+    ref = smollm2.hf_model.generate(ids, do_sample=False, **kw)
+    assert ref.shape[1] < ids.shape[1] + 60, "the stop string should end the answer early"
+    gates, smollm2.gates = smollm2.gates, _static_skip_gates(smollm2)
+    try:
+        out = smollm2.generate(ids, speculative=True, draft_budget=0.1, streamer=TextStreamer(tok, skip_prompt=True), **kw)
+    finally:
+        smollm2.gates = gates
+    assert torch.equal(out, ref)
+    assert torch.equal(smollm2.generate(ids, **kw), ref)
+    assert capsys.readouterr().out.strip() == tok.decode(out[0, ids.shape[1] :]).strip()

@@ -154,8 +154,9 @@ def test_streamer_receives_the_accepted_tokens_and_stats_add_up():
     streamer = Collect()
     out = _spec(m, ids, max_new_tokens=25, streamer=streamer, output_scores=True, output_logits=True)
     new = out.sequences[0, ids.shape[1] :].tolist()
-    assert [t for c in streamer.chunks for t in c] == new and streamer.ended
-    assert max(map(len, streamer.chunks)) > 1  # whole accepted blocks at once
+    assert streamer.chunks[0] == ids.tolist()  # the prompt first, as transformers does
+    assert [t for c in streamer.chunks[1:] for t in c] == new and streamer.ended
+    assert max(map(len, streamer.chunks[1:])) > 1  # whole accepted blocks at once
     s = out.spec_stats
     assert s.drafted >= s.accepted and s.new_tokens == 25
     assert s.tau == pytest.approx((s.new_tokens - 1) / s.rounds)  # the first token comes from the prefill
