@@ -139,6 +139,10 @@ class Engine:
         """Gate values (B, T, d|1) and the tokens that run the branch (None: all of them)."""
         if gates is None:
             return None, None
+        if policy is not None and not policy.scale_output and not policy.may_skip(i, branch, x.shape[1]):
+            if counter is not None:
+                counter.total += int(p.valid.sum())
+            return None, None  # the gate would neither skip nor scale anything: do not run it
         g = gates.gate(i, branch)(x)
         if policy is None:
             return g, None

@@ -117,6 +117,18 @@ class SkipPolicy:
             raise ValueError(f"skip budget must be in [0, 1], got {self.budget}")
         if self.kv_fill not in ("project", "copy_below"):
             raise ValueError(f"kv_fill must be 'project' or 'copy_below', got {self.kv_fill!r}")
+        # Branches a single-token step never skips: importance is in (0, 1), a threshold below 0
+        # is never reached. Their gates need not even run unless they scale the output.
+        idle = set(self.never_skip)
+        if self.thresholds is not None:
+            idle |= {(int(l), int(b)) for b, l in (self.thresholds < 0).nonzero().tolist()}
+        object.__setattr__(self, "_single_idle", frozenset(idle))
+
+    def may_skip(self, layer: int, branch: int, T: int) -> bool:
+        """Whether a pass of T tokens can skip this branch at all (if not, its gate need not run)."""
+        if T == 1:
+            return self.thresholds is not None and (layer, branch) not in self._single_idle
+        return self.budget > 0 and (layer, branch) not in self.never_skip
 
     def active(self, importance: torch.Tensor, valid: torch.Tensor, layer: int, branch: int) -> torch.Tensor | None:
         """Which tokens run the branch. importance, valid: (B, T). Returns (B, T) bool, or None for all."""

@@ -42,7 +42,7 @@ from .engine import Engine
 from .gates import GateConfig, GateSet, save_gates
 from .ops import apply_rope, rms_norm
 
-Objective = Literal["paper", "distill"]
+Objective = Literal["paper", "distill", "taylor"]
 Allocation = Literal["global", "branch"]
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -79,8 +79,8 @@ class TrainConfig:
     pydoc_share: float = 0.3  # share of default-corpus tokens taken from pydoc_data.topics
 
     def __post_init__(self):
-        if self.objective not in ("paper", "distill"):
-            raise ValueError(f"objective must be 'paper' or 'distill', got {self.objective!r}")
+        if self.objective not in ("paper", "distill", "taylor"):
+            raise ValueError(f"objective must be 'paper', 'distill' or 'taylor', got {self.objective!r}")
         if self.allocation not in ("global", "branch"):
             raise ValueError(f"allocation must be 'global' or 'branch', got {self.allocation!r}")
         if not (0.0 <= self.budget_min <= 1.0 and 0.0 <= self.budget_max <= 1.0):
@@ -262,6 +262,9 @@ class ForwardRecord:
     importance: list[torch.Tensor] = field(default_factory=list)  # 2L entries, order (layer, branch)
     run: list[torch.Tensor | None] = field(default_factory=list)
     sq: list[torch.Tensor] = field(default_factory=list)  # mean_j g_j^2, (B, T), with grad
+    live: list[torch.Tensor] = field(default_factory=list)  # importances with grad (to the gates)
+    probes: list[torch.Tensor] | None = None  # a list: (B, T, 1) ones scaling each branch output,
+    # whose gradients are <d loss / d branch output, branch output> per token (taylor objective)
 
 
 def gated_forward(
@@ -295,6 +298,9 @@ def gated_forward(
     def add(h, x, o, post_norm, i, branch):
         if post_norm is not None:
             o = rms_norm(o, post_norm, s.eps)
+        if record is not None and record.probes is not None:
+            record.probes.append(torch.ones(B, T, 1, dtype=o.dtype, device=o.device, requires_grad=True))
+            o = o * record.probes[-1]
         if gates is None:
             return h + o
         g = gates.gate(i, branch)(x)  # (B, T, d|1)
@@ -302,6 +308,7 @@ def gated_forward(
         run = decide(imp.detach(), i, branch) if decide is not None else None
         if record is not None:
             record.importance.append(imp.detach())
+            record.live.append(imp)
             record.run.append(run)
             record.sq.append(g.pow(2).mean(-1))
         if scale_output:  # the GateSkip model: skipped tokens add nothing and teach the gate nothing
@@ -400,6 +407,8 @@ def train_step(
     threshold: float | None,
 ) -> tuple[torch.Tensor, StepStats, torch.Tensor]:
     """Loss (with grad), its stats, and the flat importances of valid (token, branch) pairs."""
+    if config.objective == "taylor":
+        return taylor_step(engine, gates, ids, valid)
     target_logp = None
     if config.objective == "distill":
         with torch.no_grad():  # the original model (gates read along, nothing skipped or scaled)
@@ -424,6 +433,31 @@ def train_step(
     skipped = 1.0 - float(torch.stack(runs).float().mean())
     stats = StepStats(float(loss.detach()), float(sparsity.detach()), float(imp.mean()), skipped, budget, int(valid.sum()))
     return loss + config.sparsity * sparsity, stats, imp.flatten()
+
+
+def taylor_step(engine: Engine, gates: GateSet, ids: torch.Tensor, valid: torch.Tensor):
+    """The ``taylor`` objective: gates regress the first-order harm of skipping, measured on the
+    original model, nothing skipped.
+
+    harm(token t, branch) = <d L / d branch output_t, branch output_t>, L = sum over positions of
+    log p(original model's top-1 token): how much removing that branch for that token would lower
+    the top-1 log-probabilities (first order). The gate's importance learns the harm's percentile
+    among all (token, branch) pairs of the batch (MSE), so one threshold at the budget's quantile
+    skips the pairs estimated least harmful, over all branches.
+    """
+    record = ForwardRecord(probes=[])
+    with torch.enable_grad():
+        logp = gated_forward(engine, ids, gates, None, False, record).float().log_softmax(-1)  # (B, T, V)
+        top = logp.detach().argmax(-1, keepdim=True)
+        objective = logp.gather(-1, top)[..., 0][valid].sum()
+        grads = torch.autograd.grad(objective, record.probes)
+    harm = torch.stack([g[..., 0] for g in grads])[:, valid].flatten()  # (2L * n_valid,)
+    target = harm.argsort().argsort().to(torch.float32) / max(1, harm.numel() - 1)  # percentile
+    imp = torch.stack(record.live)[:, valid].flatten().float()
+    loss = F.mse_loss(imp, target)
+    sparsity = torch.stack(record.sq)[:, valid].mean()
+    stats = StepStats(float(loss.detach()), float(sparsity.detach()), float(imp.detach().mean()), 0.0, 0.0, int(valid.sum()))
+    return loss, stats, imp.detach()
 
 
 # -- the loop -----------------------------------------------------------------------------------
