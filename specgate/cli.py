@@ -19,6 +19,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def _load(args):
     import specgate
 
+    _set_threads(args)
     gates = None if args.gates == "none" else args.gates
     return specgate.load(args.model, gates=gates, dtype=args.dtype, device=args.device)
 
@@ -73,9 +74,17 @@ def _spec_kwargs(args) -> dict:
     return {"speculative": True, "spec_config": _spec_config(args), "return_dict_in_generate": True}
 
 
+def _set_threads(args) -> None:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
 def cmd_bench(args) -> int:
     import torch
 
+    _set_threads(args)
     from . import bench
 
     from dataclasses import replace
@@ -106,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--speculative", action="store_true", help="self-speculative decoding (needs gates)")
     _spec_args(p)
     p.set_defaults(func=cmd_generate)
@@ -117,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budgets", type=float, nargs="+", default=None, help="draft skip budgets to compare (default: --draft-budget)")
     _spec_args(p)
     p.add_argument("--no-speculative", action="store_true", help="time transformers and plain decode only")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.set_defaults(func=cmd_bench)
 

@@ -20,3 +20,11 @@ def test_bad_flags_are_refused():
         main(["generate", "hi", "--verifier", "draft"])
     with pytest.raises(SystemExit):
         main(["bench", "--max-draft", "many"])
+
+
+def test_every_subcommand_builds_its_parser(capsys):
+    for command in ("generate", "bench", "train", "calibrate"):
+        with pytest.raises(SystemExit) as exit:
+            main([command, "--help"])
+        assert exit.value.code == 0
+        assert "--model" in capsys.readouterr().out
