@@ -1,0 +1,47 @@
+"""Speculation settings side by side: plain decode vs speculative decode at several draft budgets,
+draft lengths and K/V fills, on the same MT-Bench prompts in one run (greedy, ratios to plain).
+
+    python eval/sweep_spec.py --prompts 4 --max-new-tokens 96 --out results/sweep.json
+"""
+
+import argparse
+import itertools
+
+import torch
+
+import specgate
+from specgate import bench
+from specgate.speculative import SpecConfig
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--gates", default="default")
+    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.2, 0.3, 0.5])
+    p.add_argument("--max-draft", type=int, nargs="+", default=[4, 8])
+    p.add_argument("--min-draft-prob", type=float, nargs="+", default=[0.0, 0.5])
+    p.add_argument("--kv-fill", nargs="+", default=["project", "copy_below"])
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+
+    m = specgate.load(args.model, gates=args.gates)
+    encoded = [m.encode_chat(q) for q in bench.mtbench_prompts(args.prompts)]
+    n = args.max_new_tokens
+    methods = {"plain": lambda ids: m.generate(ids, max_new_tokens=n)}
+    for b, k, pmin, fill in itertools.product(args.budgets, args.max_draft, args.min_draft_prob, args.kv_fill):
+        spec = SpecConfig(draft_budget=b, max_draft=k, init_draft=min(4, k), min_draft_prob=pmin, kv_fill=fill)
+        methods[f"b={b} k={k} pmin={pmin} {fill}"] = lambda ids, spec=spec: m.generate(
+            ids, max_new_tokens=n, speculative=True, spec_config=spec, return_dict_in_generate=True
+        )
+    with torch.inference_mode():
+        results = bench.run(encoded, methods)
+    print(bench.report(results, reference="plain"))
+    if args.out:
+        bench.save(results, args.out, **vars(args))
+
+
+if __name__ == "__main__":
+    main()
