@@ -31,9 +31,10 @@ from .output import Emitter
 class SpecConfig:
     """Speculation settings; the one source of defaults (the CLI reads them too)."""
 
-    draft_budget: float = 0.5  # share of the draft's branch evaluations to skip
-    max_draft: int = 8  # most tokens drafted per round
-    init_draft: int = 4  # tokens drafted in the first round
+    # defaults: the best of eval/sweep_spec.py with the shipped SmolLM2 gates (see README)
+    draft_budget: float = 0.1  # share of the draft's branch evaluations to skip
+    max_draft: int = 4  # most tokens drafted per round
+    init_draft: int = 3  # tokens drafted in the first round
     adaptive: bool = True  # after a fully accepted round draft one more, after a rejection one fewer
     min_draft_prob: float = 0.0  # stop drafting once the draft's top-1 probability is below this
     verifier: Literal["original", "gated"] = "original"

@@ -89,3 +89,17 @@ def test_stop_strings_and_streamer_match_transformers(smollm2, capsys):
     assert torch.equal(out, ref)
     assert torch.equal(smollm2.generate(ids, **kw), ref)
     assert capsys.readouterr().out.strip() == tok.decode(out[0, ids.shape[1] :]).strip()
+
+
+def test_shipped_gates_load_by_default_and_stay_lossless(smollm2):
+    from specgate import SpecGateModel, load_gates
+    from specgate.loading import default_gates
+
+    path = default_gates("smollm2-135m-instruct")
+    assert path is not None, "trained gates ship in specgate/gates/smollm2-135m-instruct"
+    m = SpecGateModel(smollm2.hf_model, smollm2.tokenizer, load_gates(path, smollm2.config))
+    for prompt in PROMPTS[:2]:
+        ids = m.encode_chat(prompt)
+        out = m.generate(ids, max_new_tokens=40, speculative=True, return_dict_in_generate=True)
+        assert torch.equal(out.sequences, m.generate(ids, max_new_tokens=40)), prompt
+        assert out.spec_stats.skip_fraction > 0

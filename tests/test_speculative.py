@@ -61,7 +61,7 @@ def test_eos_inside_an_accepted_block():
 def test_max_new_tokens_reached_mid_block(max_new):
     m = _model("perfect")
     ids = _prompt()
-    out = _spec(m, ids, max_new_tokens=max_new, spec_config=SpecConfig(init_draft=8, adaptive=False))
+    out = _spec(m, ids, max_new_tokens=max_new, spec_config=SpecConfig(draft_budget=0.5, max_draft=8, init_draft=8, adaptive=False))
     assert torch.equal(out.sequences, m.generate(ids, max_new_tokens=max_new, **NO_EOS))
 
 
@@ -134,7 +134,7 @@ def test_kv_fill_modes_stay_lossless(kv_fill):
     m = tiny("llama", gates=True)
     m.gates.thresholds[0.5] = torch.full((2, 4), 0.5)
     ids = _prompt()
-    out = m.generate(ids, speculative=True, spec_config=SpecConfig(kv_fill=kv_fill), max_new_tokens=30, **NO_EOS)
+    out = m.generate(ids, speculative=True, spec_config=SpecConfig(draft_budget=0.5, kv_fill=kv_fill), max_new_tokens=30, **NO_EOS)
     assert torch.equal(out, m.generate(ids, max_new_tokens=30, **NO_EOS))
 
 
