@@ -48,6 +48,9 @@ class RandomPolicy(SkipPolicy):
 
     generator: torch.Generator = field(default_factory=torch.Generator)
 
+    def may_skip(self, layer, branch, T):
+        return True
+
     def active(self, importance, valid, layer, branch):
         return torch.rand(importance.shape, generator=self.generator) >= self.budget
 
@@ -57,6 +60,9 @@ class StaticPolicy(SkipPolicy):
     """Skips the branches in ``skipped`` ((layer, branch) pairs) for every token."""
 
     skipped: frozenset = frozenset()
+
+    def may_skip(self, layer, branch, T):
+        return (layer, branch) in self.skipped
 
     def active(self, importance, valid, layer, branch):
         if (layer, branch) in self.skipped:
@@ -144,6 +150,8 @@ def _dummy_gates(m):
 
 def acceptance(m, prompts: list[str], budgets: list[float], max_new_tokens: int) -> dict | None:
     """alpha, tau of the speculative loop per budget, if the loop exists (else None)."""
+    if not prompts:
+        return None
     out = {}
     for budget in budgets:
         stats = []
@@ -215,8 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     for budget in budgets:
         policies = {
             "gateskip": m.gates.policy(budget, scale_output=False) if budget > 0 else None,
-            "random": RandomPolicy(budget=budget, generator=torch.Generator().manual_seed(0)) if budget > 0 else None,
-            "static": StaticPolicy(skipped=frozenset(order[: round(budget * n_branches)])) if budget > 0 else None,
+            # scale_output=False: the gates only carry the decision, never scale the branches
+            "random": RandomPolicy(budget=budget, scale_output=False, generator=torch.Generator().manual_seed(0))
+            if budget > 0 else None,
+            "static": StaticPolicy(skipped=frozenset(order[: round(budget * n_branches)]), scale_output=False)
+            if budget > 0 else None,
         }
         for name, policy in policies.items():
             r = full if policy is None else run(policy)

@@ -3,8 +3,10 @@
 A single-token step has no batch to take a quantile over, so the draft decides with thresholds
 measured beforehand: skip branch (b, l) when the token's importance is at or below
 ``thresholds[b, l]``. The importances a draft step sees depend on what earlier layers skipped, so
-thresholds are found by iterating on real draft steps: measure the importances of single-token
-steps under the current thresholds, take the budget's quantile of them, repeat. Draft steps are
+thresholds are found by iterating on real draft steps: ``global`` bisects on one threshold (a
+quantile of the unskipped importances) until the measured skip share matches; ``branch`` takes,
+per branch, the budget's quantile of the importances measured under the current thresholds, and
+repeats. Draft steps are
 simulated as in the acceptance loop: rounds of ``draft_len`` single-token skipping steps
 (teacher-forced on the calibration text), then one original-model pass over the round, which
 rewrites those tokens' K/V, so every round starts from the original model's cache.
@@ -42,6 +44,9 @@ class _RecordingPolicy(SkipPolicy):
     """A SkipPolicy that also keeps every importance it is asked about, per (branch, layer)."""
 
     log: dict = field(default_factory=dict)
+
+    def may_skip(self, layer, branch, T):
+        return True  # run every gate: its importance is what we measure
 
     def active(self, importance, valid, layer, branch):
         self.log.setdefault((branch, layer), []).append(importance.detach().flatten().float().cpu())
@@ -120,11 +125,19 @@ def calibrate(
             raise ValueError(f"budgets must be in [0, 1], got {budget}")
         thresholds, imp = _thresholds(base, budget, allocation), base
         best = (float("inf"), thresholds, 0.0)
+        lo, hi, q = 0.0, 1.0, budget  # global: bisect on the quantile q of the unskipped importances
         for _ in range(iterations if budget > 0 else 0):
             imp, fraction = draft_steps(engine, gates, ids, thresholds, prefix, draft_len)
             if abs(fraction - budget) < best[0]:
                 best = (abs(fraction - budget), thresholds, fraction)
-            thresholds = _thresholds(imp, budget, allocation)  # the fixed point: quantile under skipping
+            if allocation == "global":
+                # skipping lowers later importances, so the skip share grows faster than q (and a
+                # fixed-point iteration can run away); the share is monotone in q: bisect
+                lo, hi = (q, hi) if fraction < budget else (lo, q)
+                q = (lo + hi) / 2
+                thresholds = _thresholds(base, q, allocation)
+            else:
+                thresholds = _thresholds(imp, budget, allocation)  # the fixed point: quantile under skipping
         gates.thresholds[float(budget)] = best[1].float().cpu()
         reached[float(budget)] = best[2]
     return reached

@@ -1,4 +1,4 @@
-"""The ``specgate train`` and ``specgate calibrate`` subcommands (wired into :mod:`specgate.cli`).
+"""The ``specgate train`` and ``specgate calibrate`` subcommands (added to :mod:`specgate.cli`).
 
 Every ``train`` flag is a :class:`specgate.train.TrainConfig` field with its default read from
 there, so the library and the command line cannot disagree.
@@ -86,6 +86,7 @@ def add_calibrate_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=d.tokens, help=f"draft steps per sequence (default {d.tokens})")
     p.add_argument("--iterations", type=int, default=d.iterations, help=f"(default {d.iterations})")
     p.add_argument("--out", default=None, help="where to save the calibrated gates (default: back into --gates)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: torch's)")
     p.add_argument("--half", action=argparse.BooleanOptionalAction, default=True,
                    help="store gate weights as float16 (half the file; calibrated on the rounded weights)")  # fmt: skip
     p.set_defaults(func=cmd_calibrate)
@@ -152,21 +153,3 @@ def cmd_calibrate(args) -> int:
     save_gates(gates, out)
     print(f"saved to {out}", file=sys.stderr)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m specgate.train_cli {train,calibrate} ...`` until :mod:`specgate.cli` wires them."""
-    parser = argparse.ArgumentParser(prog="specgate")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_train_parser(sub)
-    add_calibrate_parser(sub)
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError, NotImplementedError) as e:
-        print(f"specgate {args.command}: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

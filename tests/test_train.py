@@ -69,7 +69,7 @@ def random_gates(m, seed: int = 0, std: float = 0.5):
 
 def cfg(tmp_path, **kw) -> TrainConfig:
     base = dict(output_dir=str(tmp_path / "run"), steps=10, batch_size=4, seq_len=32, gate_rank=8, threads=None,
-                checkpoint_every=2, warmup_steps=4, lr=1e-2)  # fmt: skip
+                checkpoint_every=2, warmup_steps=4)  # fmt: skip
     return TrainConfig(**{**base, **kw})
 
 
@@ -234,3 +234,18 @@ def test_cli_defaults_are_the_train_config():
     args = parser.parse_args(["train", "--never-skip", "0:1,1:0", "--no-scale-output", "--steps", "5"])
     assert (args.never_skip, args.scale_output, args.steps) == (((0, 1), (1, 0)), False, 5)
     assert parser.parse_args(["calibrate", "--budgets", "0.3,0.5"]).budgets == [0.3, 0.5]
+
+
+def test_init_from_order_skips_branches_in_that_order(tiny):
+    """Static-order init: at budget k / 2L the global threshold skips exactly the first k branches."""
+    gates = specgate.GateSet(T.gate_config(tiny, TrainConfig(gate_kind="scalar")))
+    order = [(2, 0), (1, 0), (0, 0), (2, 1), (1, 1), (0, 1)]
+    T.init_from_order(gates, order)
+    ids = torch.randint(0, V, (2, 10), generator=torch.Generator().manual_seed(6))
+    rec = T.ForwardRecord()
+    with torch.no_grad():
+        gated_forward(tiny.engine, ids, gates, None, False, rec)
+    imp = torch.stack(rec.importance)  # (2L, B, T) in (layer, branch) order
+    for k in range(1, 6):
+        skipped = (imp <= T.global_threshold(imp.flatten(), k / 6)).all(-1).all(-1)
+        assert {(i // 2, i % 2) for i in skipped.nonzero().flatten().tolist()} == set(order[:k])
