@@ -136,14 +136,17 @@ class SkipPolicy:
             return None
         if importance.shape[1] == 1 and self.thresholds is not None:
             return importance > self.thresholds[branch, layer].to(importance.dtype)
-        n_skip = int(self.budget * int(valid.sum()))
-        if n_skip == 0:
-            return None
-        # Rank valid tokens by importance (padding last-ranked as +inf) and skip the n_skip lowest.
-        ranked = importance.masked_fill(~valid, float("inf")).flatten().argsort(stable=True)
-        keep = torch.ones(importance.numel(), dtype=torch.bool, device=importance.device)
-        keep[ranked[:n_skip]] = False
-        return keep.view_as(importance)
+        return skip_lowest(importance, valid, int(self.budget * int(valid.sum())))
+
+
+def skip_lowest(importance: torch.Tensor, valid: torch.Tensor, n_skip: int) -> torch.Tensor | None:
+    """(B, T) run mask that skips the n_skip lowest-importance valid tokens (None: skip nothing)."""
+    if n_skip == 0:
+        return None
+    ranked = importance.masked_fill(~valid, float("inf")).flatten().argsort(stable=True)  # padding last
+    keep = torch.ones(importance.numel(), dtype=torch.bool, device=importance.device)
+    keep[ranked[:n_skip]] = False
+    return keep.view_as(importance)
 
 
 def save_gates(gates: GateSet, path: str | Path) -> Path:

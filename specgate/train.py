@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from .engine import Engine
-from .gates import GateConfig, GateSet, save_gates
+from .gates import GateConfig, GateSet, save_gates, skip_lowest
 from .ops import apply_rope, rms_norm
 
 Objective = Literal["paper", "distill"]
@@ -376,24 +376,12 @@ def quantile_decider(
         if (layer, branch) in never_skip:
             return None
         if counts is not None:
-            n_skip = counts.get((layer, branch), 0)
-            if n_skip == 0:
-                return None
-            ranked = imp.masked_fill(~valid, float("inf")).flatten().argsort(stable=True)
-            run = torch.ones(imp.numel(), dtype=torch.bool, device=imp.device)
-            run[ranked[:n_skip]] = False
-            return run.view_as(imp)
+            return skip_lowest(imp, valid, counts.get((layer, branch), 0))
         if allocation == "global":
             if threshold is None:
                 return None
             return (imp > threshold) | ~valid
-        n_skip = int(budget * n_valid)
-        if n_skip == 0:
-            return None
-        ranked = imp.masked_fill(~valid, float("inf")).flatten().argsort(stable=True)
-        run = torch.ones(imp.numel(), dtype=torch.bool, device=imp.device)
-        run[ranked[:n_skip]] = False
-        return run.view_as(imp)
+        return skip_lowest(imp, valid, int(budget * n_valid))
 
     return decide
 
