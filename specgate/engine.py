@@ -26,6 +26,7 @@ class _Pass:
 
     slots: torch.Tensor  # (B, T) cache slots of the new tokens
     valid: torch.Tensor  # (B, T) False for left padding
+    n_valid: int
     uniform: int | None  # first slot when every row writes the same slots
     S: int  # cache slots attended to: 0 .. S-1
     masks: dict[int | None, torch.Tensor | None]  # window -> (B, 1, T, S) bool, None: attend to all
@@ -133,7 +134,7 @@ class Engine:
         positions = (slots - cache.pad[:, None]).clamp(min=0)
         x = torch.empty(0, dtype=self.dtype, device=self.device)
         rope = {k: fn(x, positions) for k, fn in self.spec.rope.items()}
-        return _Pass(slots, valid, lo if lo == hi else None, S, masks, rope)
+        return _Pass(slots, valid, int(valid.sum()), lo if lo == hi else None, S, masks, rope)
 
     def _select(self, x, i, branch, p, gates, policy, counter):
         """Gate values (B, T, d|1) and the tokens that run the branch (None: all of them)."""
@@ -141,7 +142,7 @@ class Engine:
             return None, None
         if policy is not None and not policy.scale_output and not policy.may_skip(i, branch, x.shape[1]):
             if counter is not None:
-                counter.total += int(p.valid.sum())
+                counter.total += p.n_valid
             return None, None  # the gate would neither skip nor scale anything: do not run it
         g = gates.gate(i, branch)(x)
         if policy is None:
@@ -152,9 +153,8 @@ class Engine:
             g_out = g
         active = policy.active(g.mean(-1), p.valid, i, branch)
         if counter is not None:
-            n_valid = int(p.valid.sum())
-            counter.total += n_valid
-            counter.skipped += n_valid - (int((active & p.valid).sum()) if active is not None else n_valid)
+            counter.total += p.n_valid
+            counter.skipped += p.n_valid - (int((active & p.valid).sum()) if active is not None else p.n_valid)
         if active is None or bool(active.all()):
             return g_out, None
         return g_out, _Selection.of(active)

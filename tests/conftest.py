@@ -58,6 +58,12 @@ def tiny(family: str = "llama", seed: int = 0, gates: bool = False) -> specgate.
 FAMILIES = ["llama", "qwen2", "qwen3", "gemma3"]
 
 
+def left_padded(ids: torch.Tensor, pads: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids (B, T) with pads[b] leading pad tokens (id 0) in row b, and the attention mask."""
+    mask = (torch.arange(ids.shape[1])[None] >= torch.tensor(pads)[:, None]).long()
+    return ids.masked_fill(mask == 0, 0), mask
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     try:

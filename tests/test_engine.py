@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import FAMILIES, VOCAB, tiny
+from conftest import FAMILIES, VOCAB, left_padded, tiny
 
 from specgate import SkipPolicy
 from specgate.engine import SkipCounter
@@ -64,11 +64,7 @@ def test_greedy_equals_transformers_generate_batch1(family):
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_greedy_equals_transformers_generate_left_padded_batch(family):
     m = tiny(family)
-    ids = _ids(3, 8, seed=3)
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0
-    mask[2, :5] = 0
-    ids = ids.masked_fill(mask == 0, 0)
+    ids, mask = left_padded(_ids(3, 8, seed=3), [0, 3, 5])
     kwargs = dict(attention_mask=mask, max_new_tokens=20, eos_token_id=7, pad_token_id=0)
     ref = m.hf_model.generate(ids, do_sample=False, **kwargs)
     assert torch.equal(m.generate(ids, **kwargs), ref)

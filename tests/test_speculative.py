@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import VOCAB, tiny
+from conftest import VOCAB, left_padded, tiny
 
 import specgate.generation
 import specgate.speculative
@@ -95,11 +95,7 @@ def test_cache_at_accepted_positions_equals_the_plain_run(monkeypatch):
 @pytest.mark.parametrize("draft", ["perfect", "garbage"])
 def test_batch_with_left_padding_equals_plain(draft):
     m = _model(draft)
-    ids = _prompt(3, 9, seed=4)
-    mask = torch.ones_like(ids)
-    mask[1, :4] = 0
-    mask[2, :2] = 0
-    ids = ids.masked_fill(mask == 0, 0)
+    ids, mask = left_padded(_prompt(3, 9, seed=4), [0, 4, 2])
     kw = dict(attention_mask=mask, max_new_tokens=25, eos_token_id=5, pad_token_id=0)
     plain = m.generate(ids, **kw)
     out = m.generate(ids, speculative=True, draft_budget=0.5, **kw)
