@@ -34,7 +34,6 @@ from pathlib import Path
 import torch
 
 import specgate
-from specgate.engine import SkipCounter
 from specgate.gates import SkipPolicy
 from specgate.prompts import split
 from specgate.train import chat_ids, gated_forward, self_answers
@@ -68,6 +67,32 @@ class StaticPolicy(SkipPolicy):
         if (layer, branch) in self.skipped:
             return torch.zeros_like(importance, dtype=torch.bool)
         return None
+
+
+class RowCounter:
+    """Wraps a policy; counts (token, branch) evaluations and skips of the rows in ``rows`` only
+    (the engine's SkipCounter counts every row of a step, prompt positions included)."""
+
+    def __init__(self, policy: SkipPolicy, num_branches: int):
+        self.policy, self.num_branches = policy, num_branches
+        self.rows, self.total, self.skipped = None, 0, 0
+
+    def step(self, rows: torch.Tensor) -> None:
+        self.rows = rows
+        self.total += int(rows.sum()) * self.num_branches
+
+    def active(self, importance, valid, layer, branch):
+        run = self.policy.active(importance, valid, layer, branch)
+        if run is not None:
+            self.skipped += int((~run[:, 0] & self.rows).sum())
+        return run
+
+    def __getattr__(self, name):
+        return getattr(self.policy, name)
+
+    @property
+    def fraction(self) -> float:
+        return self.skipped / self.total if self.total else 0.0
 
 
 def samples(m, prompts: list[str], answer_tokens: int) -> list[tuple[list[int], int]]:
@@ -108,20 +133,20 @@ def first_draft_scores(m, batch, gates, policy) -> dict:
     if policy is None:
         return {"ll": full_ll[target].tolist(), "agree": [1.0] * int(target.sum()), "skipped": 0.0}
     k, v = [t.clone() for t in cache.k], [t.clone() for t in cache.v]  # the full model's K/V, per layer
-    counter, ll, agree = SkipCounter(), [], []
+    counted, ll, agree = RowCounter(policy, 2 * eng.num_layers), [], []
     first = int(target.float().argmax(1).min())
     for t in range(first, N - 1):
         rows = target[:, t]
         if not rows.any():
             continue
         cache.rewind(torch.full((B,), t))
-        logp = eng(ids[:, t : t + 1], cache, gates, policy, counter=counter)[:, 0].float().log_softmax(-1)
+        counted.step(rows)
+        logp = eng(ids[:, t : t + 1], cache, gates, counted)[:, 0].float().log_softmax(-1)
         for i in range(len(k)):  # restore the full model's K/V at t
             cache.k[i][:, :, t], cache.v[i][:, :, t] = k[i][:, :, t], v[i][:, :, t]
         ll += logp.gather(-1, nxt[:, t, None])[rows, 0].tolist()
         agree += (logp.argmax(-1) == full_top[:, t])[rows].float().tolist()
-    # the counter also counts rows outside the answer (left-padded prompts): all rows are real tokens
-    return {"ll": ll, "agree": agree, "skipped": counter.fraction, "full_ll": full_ll[target].tolist()}
+    return {"ll": ll, "agree": agree, "skipped": counted.fraction, "full_ll": full_ll[target].tolist()}
 
 
 @torch.no_grad()
@@ -171,8 +196,10 @@ def acceptance(m, prompts: list[str], budgets: list[float], max_new_tokens: int)
         out[budget] = {
             "alpha": sum(float(s.alpha) for s in stats) / len(stats),
             "tau": sum(float(s.tau) for s in stats) / len(stats),
+            "skip_fraction": sum(float(s.skip_fraction) for s in stats) / len(stats),
         }
-        print(f"budget {budget:.1f}: alpha {out[budget]['alpha']:.3f}  tau {out[budget]['tau']:.2f}")
+        r = out[budget]
+        print(f"budget {budget:.1f}: alpha {r['alpha']:.3f}  tau {r['tau']:.2f}  decode skips {r['skip_fraction']:.3f}")
     return out
 
 

@@ -1,4 +1,5 @@
-"""Gate training: the paper's objective and distillation into the skipping draft, on ``accelerate``.
+"""Gate training: the paper's objective, distillation into the skipping draft, and the fitted
+removal damage (:mod:`specgate.damage`), on ``accelerate``.
 
 The engine's forward writes K/V in place into one preallocated cache, which autograd cannot
 differentiate through (a later layer's write invalidates the K/V an earlier layer saved for
@@ -7,7 +8,7 @@ backward). Training therefore runs :func:`gated_forward`: the same layer math ov
 on each branch's output. A masked branch adds exactly what a really skipped branch adds (nothing),
 and its token's K/V come from the passed-through hidden state, as the engine's ``kv_fill="project"``.
 
-Two objectives (``TrainConfig.objective``):
+Three objectives (``TrainConfig.objective``):
 
 - ``paper``: next-token cross-entropy + lambda * mean over branches of mean(g^2), with hard skipping
   at a per-batch importance quantile that warms up from 0 to ``budget_max``.
@@ -15,6 +16,9 @@ Two objectives (``TrainConfig.objective``):
   sampled in [``budget_min``, ``budget_max``] (plus the same L2 term): what draft acceptance against
   the original model rewards. The original model's pass (no grad) also gives this batch's
   importances, whose budget quantile is the step's skip threshold.
+- ``damage``: no gradient descent. Every (token, branch) of the data is labelled with what skipping
+  that branch alone for that token alone costs (KL to the original model), and each scalar gate is
+  fitted to predict it; see :mod:`specgate.damage`.
 
 Budgets are spread over branches by ``allocation``: ``global`` (default) skips every (token, branch)
 whose importance is at or below one threshold shared by all branches, so the gates decide which
@@ -41,11 +45,12 @@ from typing import Callable, Literal
 import torch
 import torch.nn.functional as F
 
+from .adapters import ModelSpec
 from .engine import Engine
 from .gates import GateConfig, GateSet, save_gates, skip_lowest
 from .ops import apply_rope, rms_norm
 
-Objective = Literal["paper", "distill"]
+Objective = Literal["paper", "distill", "damage"]
 Allocation = Literal["global", "branch"]
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -64,12 +69,13 @@ class TrainConfig:
     lr: float = 0.5
     clip: float = 1.0  # sgd: each parameter tensor's gradient norm is clipped to this
     sparsity: float = 0.1  # lambda of the L2 term mean(g^2)
+    ridge: float = 1.0  # damage: L2 penalty on the (standardized) weights of the Poisson fit
     budget_max: float = 0.5  # share of (token, branch) evaluations skipped (warm-up target for paper)
     budget_min: float = 0.1  # distill: lower end of the sampled budgets
     warmup_steps: int = 200  # budget warm-up: 0 -> budget_max (paper); range scaled up (distill)
     allocation: Allocation = "global"  # one importance threshold over all branches, or per branch
     scale_output: bool = False  # True: gates scale branch outputs (the GateSkip model)
-    gate_kind: str = "lowrank"
+    gate_kind: str | None = None  # None: "scalar" for damage, "lowrank" otherwise
     gate_rank: int = 32
     gate_bias_init: float | None = None  # None: 5.0 with scale_output (starts as the original model), else 0.0
     init_order: str | None = None  # JSON list of [layer, branch], least harmful first: see init_from_order
@@ -85,8 +91,10 @@ class TrainConfig:
     pydoc_share: float = 0.3  # share of default-corpus tokens taken from pydoc_data.topics
 
     def __post_init__(self):
-        if self.objective not in ("paper", "distill"):
-            raise ValueError(f"objective must be 'paper' or 'distill', got {self.objective!r}")
+        if self.objective not in ("paper", "distill", "damage"):
+            raise ValueError(f"objective must be 'paper', 'distill' or 'damage', got {self.objective!r}")
+        if self.objective == "damage" and (self.gate_kind not in (None, "scalar") or self.scale_output):
+            raise ValueError("the damage objective fits scalar gates that only pick skips: drop --gate-kind and --scale-output")
         if self.allocation not in ("global", "branch"):
             raise ValueError(f"allocation must be 'global' or 'branch', got {self.allocation!r}")
         if not (0.0 <= self.budget_min <= 1.0 and 0.0 <= self.budget_max <= 1.0):
@@ -286,23 +294,10 @@ def gated_forward(
     ``decide`` picks the same tokens: a skipped (token, branch) adds nothing to the residual stream.
     """
     s = engine.spec
-    B, T = input_ids.shape
-    positions = torch.arange(T, device=input_ids.device)[None].expand(B, T)
-    empty = torch.empty(0, dtype=engine.dtype, device=engine.device)
-    rope = {k: fn(empty, positions) for k, fn in s.rope.items()}
-    masks = {}
-    for lw in s.layers:
-        if lw.window is not None and lw.window not in masks:
-            j = torch.arange(T, device=input_ids.device)
-            masks[lw.window] = (j[None] <= j[:, None]) & (j[:, None] - j[None] < lw.window)
-    q_dim = s.n_heads * s.head_dim
-    h = F.embedding(input_ids, s.embed)  # (B, T, d)
-    if s.embed_scale != 1.0:
-        h = h * torch.tensor(s.embed_scale, dtype=h.dtype)
+    rope, masks = dense_rope_masks(s, input_ids)
+    h = embed(s, input_ids)
 
-    def add(h, x, o, post_norm, i, branch):
-        if post_norm is not None:
-            o = rms_norm(o, post_norm, s.eps)
+    def add(h, x, o, i, branch):
         if gates is None:
             return h + o
         g = gates.gate(i, branch)(x)  # (B, T, d|1)
@@ -325,29 +320,91 @@ def gated_forward(
         return h + factor * o
 
     for i, lw in enumerate(s.layers):
-        # 1. attention over all tokens (K/V of skipped tokens from their passed-through state)
-        x = rms_norm(h, lw.attn_norm, s.eps)
-        qkv = F.linear(x, lw.qkv_w, lw.qkv_b)
-        q = qkv[..., :q_dim].view(B, T, s.n_heads, s.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k, v = qkv[..., q_dim:].view(B, T, 2, s.n_kv_heads, s.head_dim).permute(2, 0, 3, 1, 4)
-        if lw.q_norm is not None:
-            q, k = rms_norm(q, lw.q_norm, s.eps), rms_norm(k, lw.k_norm, s.eps)
-        cos, sin = rope[lw.rope]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        mask = masks.get(lw.window)
+        x, o, _ = attention_branch(s, lw, h, rope, masks)  # K/V of skipped tokens: passed-through state
+        h = add(h, x, o, i, 0)
+        x, o = mlp_branch(s, lw, h)
+        h = add(h, x, o, i, 1)
+    return head(s, h)
+
+
+# The layer math of a dense forward over whole sequences (B, T) from position 0, one function per
+# branch: each returns the branch's normed input x and its output o (post-norm applied), so the
+# caller decides what reaches the residual stream.
+
+
+def dense_rope_masks(s: ModelSpec, input_ids: torch.Tensor) -> tuple[dict, dict]:
+    """RoPE tables per kind and attention masks per sliding window (None: plain causal)."""
+    B, T = input_ids.shape
+    positions = torch.arange(T, device=input_ids.device)[None].expand(B, T)
+    empty = torch.empty(0, dtype=s.embed.dtype, device=s.embed.device)
+    rope = {k: fn(empty, positions) for k, fn in s.rope.items()}
+    j = torch.arange(T, device=input_ids.device)
+    masks = {w: (j[None] <= j[:, None]) & (j[:, None] - j[None] < w) for w in {lw.window for lw in s.layers} if w}
+    return rope, masks
+
+
+def embed(s: ModelSpec, input_ids: torch.Tensor) -> torch.Tensor:
+    h = F.embedding(input_ids, s.embed)  # (B, T, d)
+    return h * torch.tensor(s.embed_scale, dtype=h.dtype) if s.embed_scale != 1.0 else h
+
+
+def attention_branch(s: ModelSpec, lw, h, rope, masks, history=None):
+    """-> (x, o, (k, v)) with k, v (B, kv_heads, T, hd) of this pass.
+
+    ``history``: (k, v) of another pass, e.g. the original model's. Each position then attends to
+    the history's keys and values for all earlier positions and to its own from this pass: exactly
+    a single-token step against a cache filled by that other pass, done for every position at once.
+    """
+    B, T, _ = h.shape
+    q_dim = s.n_heads * s.head_dim
+    x = rms_norm(h, lw.attn_norm, s.eps)
+    qkv = F.linear(x, lw.qkv_w, lw.qkv_b)
+    q = qkv[..., :q_dim].view(B, T, s.n_heads, s.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+    k, v = qkv[..., q_dim:].view(B, T, 2, s.n_kv_heads, s.head_dim).permute(2, 0, 3, 1, 4)
+    if lw.q_norm is not None:
+        q, k = rms_norm(q, lw.q_norm, s.eps), rms_norm(k, lw.k_norm, s.eps)
+    cos, sin = rope[lw.rope]
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    mask = masks.get(lw.window)
+    if history is None:
         o = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, scale=s.scaling, enable_gqa=True
         )  # (B, nh, T, hd)
-        o = F.linear(o.transpose(1, 2).reshape(B, T, q_dim), lw.o_w, lw.o_b)
-        h = add(h, x, o, lw.post_attn_norm, i, 0)
-        # 2. MLP
-        x = rms_norm(h, lw.mlp_norm, s.eps)
-        gate, up = F.linear(x, lw.gate_up_w).chunk(2, dim=-1)
-        h = add(h, x, F.linear(s.act(gate) * up, lw.down_w), lw.post_mlp_norm, i, 1)
+    else:
+        o = _attend_with_history(q, k, v, *history, mask, s.scaling)
+    o = F.linear(o.transpose(1, 2).reshape(B, T, q_dim), lw.o_w, lw.o_b)
+    return x, _post(s, o, lw.post_attn_norm), (k, v)
+
+
+def _attend_with_history(q, k, v, k_hist, v_hist, mask, scaling):
+    """Causal attention of q (B, nh, T, hd) over k_hist, v_hist, except that the diagonal (each
+    position's own key and value) comes from k, v."""
+    rep = q.shape[1] // k.shape[1]
+    k, v, k_hist, v_hist = (t.repeat_interleave(rep, dim=1) for t in (k, v, k_hist, v_hist))
+    scores = (q @ k_hist.transpose(-1, -2)) * scaling  # (B, nh, T, T)
+    scores.diagonal(dim1=-2, dim2=-1).copy_((q * k).sum(-1) * scaling)
+    T = q.shape[2]
+    if mask is None:
+        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    p = scores.masked_fill(~mask, float("-inf")).float().softmax(-1).to(q.dtype)
+    return p @ v_hist + p.diagonal(dim1=-2, dim2=-1)[..., None] * (v - v_hist)
+
+
+def mlp_branch(s: ModelSpec, lw, h):
+    """-> (x, o)."""
+    x = rms_norm(h, lw.mlp_norm, s.eps)
+    gate, up = F.linear(x, lw.gate_up_w).chunk(2, dim=-1)
+    return x, _post(s, F.linear(s.act(gate) * up, lw.down_w), lw.post_mlp_norm)
+
+
+def _post(s: ModelSpec, o, norm):
+    return o if norm is None else rms_norm(o, norm, s.eps)
+
+
+def head(s: ModelSpec, h: torch.Tensor) -> torch.Tensor:
+    """Final norm, LM head and soft-capping -> logits."""
     logits = F.linear(rms_norm(h, s.final_norm, s.eps), s.lm_head)
-    if s.final_softcap:
-        logits = torch.tanh(logits / s.final_softcap) * s.final_softcap
-    return logits
+    return torch.tanh(logits / s.final_softcap) * s.final_softcap if s.final_softcap else logits
 
 
 def quantile_decider(
@@ -471,6 +528,11 @@ def train(model_or_name, config: TrainConfig = TrainConfig(), documents: list[li
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
 
+    if config.objective == "damage":  # no gradient: labels, then a convex fit per gate
+        from .damage import train_damage
+
+        return train_damage(model, config, lambda: training_pieces(model, config, out, documents), out, accelerator)
+
     # 1. Gates (seeded), optimizer, and the checkpoint to resume from.
     for p in model.hf_model.parameters():
         p.requires_grad_(False)
@@ -491,12 +553,7 @@ def train(model_or_name, config: TrainConfig = TrainConfig(), documents: list[li
     world, rank = accelerator.num_processes, accelerator.process_index
 
     # 2. Data (only when there are steps left): token ids, cut into pieces of at most seq_len tokens.
-    if start < config.steps and documents is None:
-        if config.data:
-            documents = load_documents(config.data, model.tokenizer)
-        else:
-            documents = default_corpus(model, config, out / "corpus.jsonl")
-    pieces = chunk(documents, config.seq_len) if start < config.steps else []
+    pieces = training_pieces(model, config, out, documents) if start < config.steps else []
     pad_id = getattr(model.tokenizer, "pad_token_id", None) or 0
 
     def save(step: int) -> None:
@@ -558,6 +615,17 @@ def train(model_or_name, config: TrainConfig = TrainConfig(), documents: list[li
     return gates
 
 
+def training_pieces(model, config: TrainConfig, out: Path, documents: list[list[int]] | None = None) -> list[list[int]]:
+    """The training sequences: ``documents``, else ``config.data``, else the default corpus (cached
+    in ``out``), cut into pieces of at most ``seq_len`` tokens."""
+    if documents is None:
+        if config.data:
+            documents = load_documents(config.data, model.tokenizer)
+        else:
+            documents = default_corpus(model, config, out / "corpus.jsonl")
+    return chunk(documents, config.seq_len)
+
+
 def init_from_order(gates: GateSet, order: list[tuple[int, int]], spread: float = 4.0) -> None:
     """Start the gates as a static skip order: gate biases rise linearly from -spread (the first,
     least harmful branch of ``order``) to +spread, and the weights start at zero, so a global
@@ -594,7 +662,7 @@ def gate_config(model, config: TrainConfig) -> GateConfig:
     c = model.config
     bias = config.gate_bias_init if config.gate_bias_init is not None else (5.0 if config.scale_output else 0.0)
     return GateConfig(
-        hidden_size=c.hidden_size, num_layers=c.num_hidden_layers, kind=config.gate_kind, rank=config.gate_rank,
+        hidden_size=c.hidden_size, num_layers=c.num_hidden_layers, kind=config.gate_kind or ("scalar" if config.objective == "damage" else "lowrank"), rank=config.gate_rank,
         bias_init=bias, model_type=c.model_type, model_name=model.name, scale_output=config.scale_output,
     )  # fmt: skip
 

@@ -15,7 +15,8 @@ import typing
 from .train import TrainConfig
 
 _HELP = {
-    "objective": "paper: CE + lambda*L2 with budget warm-up; distill: KL to the original model",
+    "objective": "paper: CE + lambda*L2 with budget warm-up; distill: KL to the original model; "
+    "damage: fit scalar gates to the measured cost of each skip",
     "data": "training text: .txt, or .jsonl with {'text': ...} or {'messages': [...]} per line "
     "(default: the model's own answers to specgate.prompts + pydoc topics)",
     "output_dir": "checkpoints and the gates (OUTPUT_DIR/gates) go here",

@@ -1,0 +1,186 @@
+"""The ``damage`` objective: fit each gate to what skipping its branch really costs.
+
+For every (token, branch) of the training text we measure the *removal damage*: the KL divergence
+from the original model's next-token distribution to the one the model gives when that branch alone
+is skipped for that token alone, while the history's K/V stay the original model's. That is the
+situation of the first draft step after a verify pass. With K/V held fixed, positions no longer
+interact, so one partial forward per branch (from the branch to the LM head, over the whole batch,
+each position attending to the original K/V of earlier positions and to its own from this pass)
+gives the damage of every token: 2L partial forwards per batch, no backward.
+
+Each gate is then fitted by Poisson regression with a log link: ``exp(w . x + b)`` estimates the
+expected damage E[d | x] of skipping the branch for a token whose normed branch input is ``x``.
+Damage is heavy-tailed (most skips cost nothing, a few destroy the prediction). Least squares on
+``log d`` would estimate the geometric mean and underrate branches with rare catastrophic tokens;
+the Poisson deviance estimates ``log E[d | x]``, the quantity a sum of skip costs adds up. A gate's
+importance is ``sigmoid((w . x + b - c) / s)`` with ``c``, ``s`` shared by all branches, a monotone
+function of predicted damage, so a global threshold skips the (token, branch) pairs of least
+expected damage first: branches that cannot be lost (SmolLM2's layer-0 MLP) are never skipped,
+cheap ones are skipped for most tokens, and the rest token by token.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from .engine import Engine
+from .gates import GateConfig, GateSet, save_gates
+from .train import attention_branch, dense_rope_masks, embed, head, mlp_branch
+
+CHECKPOINT_NAME = "labels.pt"
+
+
+@torch.no_grad()
+def removal_damage(engine: Engine, ids: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and removal damage of every branch at the ``keep`` positions of ids (B, T).
+
+    Returns x (2L, n, d), the normed input of branch k = 2 * layer + (0 attention, 1 MLP) at the
+    n kept positions, and damage (2L, n): KL(original || branch k skipped at that token alone).
+    """
+    s = engine.spec
+    rope, masks = dense_rope_masks(s, ids)
+    before, xs, kvs, h = _full_pass(engine, ids, keep, rope, masks)
+    full = head(s, h[keep]).float().log_softmax(-1)  # (n, V)
+    p_full = full.exp()
+    damage = []
+    for k, h in enumerate(before):  # skip branch k: the residual stream passes it unchanged
+        layer = k // 2
+        if k % 2 == 0:
+            h = h + mlp_branch(s, s.layers[layer], h)[1]
+        for i in range(layer + 1, len(s.layers)):
+            h = h + attention_branch(s, s.layers[i], h, rope, masks, kvs[i])[1]
+            h = h + mlp_branch(s, s.layers[i], h)[1]
+        logp = head(s, h[keep]).float().log_softmax(-1)
+        damage.append((p_full * (full - logp)).sum(-1).clamp_min(0))
+    return torch.stack(xs), torch.stack(damage)
+
+
+def poisson_fit(x: torch.Tensor, y: torch.Tensor, ridge: float = 1.0, iterations: int = 15) -> tuple[torch.Tensor, torch.Tensor]:
+    """Poisson regression with log link, one independent fit per group: x (G, n, d), y (G, n) >= 0
+    -> w (G, d), b (G,) with E[y | x] ~ exp(w . x + b). Newton's method on standardized features;
+    ``ridge`` is the L2 penalty on the standardized weights (not on b)."""
+    G, n, d = x.shape
+    W, B = torch.zeros(G, d), torch.zeros(G)
+    reg = torch.full((d + 1,), ridge / n, dtype=torch.float64)
+    reg[-1] = 0.0
+    for g in range(G):
+        mu, sd = x[g].float().mean(0), x[g].float().std(0) + 1e-6
+        z = torch.cat([(x[g].float() - mu) / sd, torch.ones(n, 1)], 1)  # (n, d + 1)
+        yg = y[g].float()
+        w = torch.zeros(d + 1, dtype=torch.float64)
+        w[-1] = float(yg.mean().clamp_min(1e-12).log())
+        for _ in range(iterations):
+            eta = (z @ w.float()).clamp(max=30.0)
+            r = eta.exp()
+            grad = (z.T @ (r - yg)).double() / n + reg * w
+            hess = ((z * r[:, None]).T @ z).double() / n + torch.diag(reg)
+            w = w - torch.linalg.solve(hess, grad)
+        W[g] = (w[:d] / sd.double()).float()
+        B[g] = float(w[d] - (w[:d] / sd.double() * mu.double()).sum())
+    return W, B
+
+
+def gates_from_fit(config: GateConfig, w: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> GateSet:
+    """Scalar gates whose importance is sigmoid((w . x + b - c) / s) per branch (row 2 * layer +
+    branch of w, b), with c, s the median and spread of the predictions over the inputs x."""
+    pred = torch.einsum("gnd,gd->gn", x.float(), w) + b[:, None]
+    c, s = float(pred.median()), float(pred.std().clamp_min(1e-6))
+    gates = GateSet(config)
+    with torch.no_grad():
+        for k in range(2 * config.num_layers):
+            proj = gates.gate(k // 2, k % 2).proj
+            proj.weight.copy_(w[k][None] / s)
+            proj.bias.fill_((float(b[k]) - c) / s)
+    return gates
+
+
+def train_damage(model, config, load_pieces, out: Path, accelerator) -> GateSet:
+    """The ``damage`` objective's loop: label ``batch_size`` sequences per step, ``steps`` steps,
+    then fit the gates. Labels are checkpointed (``out/labels.pt``) every ``checkpoint_every``
+    steps and on Ctrl-C; a resumed run continues labelling, and the gates are refitted from all
+    labels at each checkpoint. The sequences of each step are a pure function of (seed, step)."""
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+
+    from .train import batch_indices, collate, gate_config
+
+    engine, world, rank = model.engine, accelerator.num_processes, accelerator.process_index
+    ckpt = out / CHECKPOINT_NAME
+    labels = {"step": 0, "ids": [], "damage": []}  # per step: ids (B, T) with -1 padding, damage (2L, n)
+    if config.resume and ckpt.is_file():
+        labels = torch.load(ckpt, map_location="cpu", weights_only=True)
+    pad_id = getattr(model.tokenizer, "pad_token_id", None) or 0
+
+    def fit_and_save() -> GateSet:
+        xs, ys = [], []
+        for ids, damage in zip(labels["ids"], labels["damage"]):
+            keep = ids >= 0
+            xs.append(branch_inputs(engine, ids.clamp_min(0).to(engine.device), keep.to(engine.device)).half().cpu())
+            ys.append(damage)
+        x, y = torch.cat(xs, 1), torch.cat(ys, 1)
+        w, b = poisson_fit(x, y, ridge=config.ridge)
+        gates = gates_from_fit(gate_config(model, config), w, b, x)
+        if accelerator.is_main_process:
+            torch.save(labels, out / (CHECKPOINT_NAME + ".tmp"))
+            os.replace(out / (CHECKPOINT_NAME + ".tmp"), ckpt)
+            save_gates(gates, out / "gates")
+        return gates
+
+    start = labels["step"]
+    pieces = load_pieces() if start < config.steps else []
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not accelerator.is_local_main_process)
+    t0, tokens = time.perf_counter(), 0
+    try:
+        for step in bar:
+            idx = batch_indices(len(pieces), config.batch_size * world, step, config.seed)
+            ids, valid = collate([pieces[j] for j in idx], pad_id)  # every process labels its share
+            mine = slice(rank * config.batch_size, (rank + 1) * config.batch_size)
+            _, damage = removal_damage(engine, ids[mine].to(engine.device), valid[mine].to(engine.device))
+            damage = torch.cat(gather_object([damage.cpu()]), 1)  # rows in rank order, as in ids
+            labels["ids"].append(ids.masked_fill(~valid, -1))
+            labels["damage"].append(damage)
+            labels["step"] = step + 1
+            tokens += int(valid.sum())
+            bar.set_postfix(damage=f"{float(damage.mean()):.4f}", tok_s=f"{tokens / (time.perf_counter() - t0):.1f}")
+            if labels["step"] % config.checkpoint_every == 0:
+                fit_and_save()
+            if config.time_limit_s is not None and time.perf_counter() - t0 > config.time_limit_s:
+                break
+    except KeyboardInterrupt:
+        if labels["ids"]:
+            fit_and_save()
+        bar.close()
+        raise
+    bar.close()
+    if not labels["ids"]:
+        raise ValueError("no labels: the damage objective needs at least one step")
+    return fit_and_save()
+
+
+def _full_pass(engine: Engine, ids, keep, rope, masks):
+    """The original model over ids: the residual stream before each of the 2L branches, their
+    normed inputs at the kept positions, each layer's K/V, and the final residual stream."""
+    s = engine.spec
+    h = embed(s, ids)
+    before, xs, kvs = [], [], []
+    for lw in s.layers:
+        before.append(h)
+        x, o, kv = attention_branch(s, lw, h, rope, masks)
+        xs.append(x[keep])
+        kvs.append(kv)
+        h = h + o
+        before.append(h)
+        x, o = mlp_branch(s, lw, h)
+        xs.append(x[keep])
+        h = h + o
+    return before, xs, kvs, h
+
+
+@torch.no_grad()
+def branch_inputs(engine: Engine, ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """x (2L, n, d): the normed input of every branch at the kept positions, original model."""
+    return torch.stack(_full_pass(engine, ids, keep, *dense_rope_masks(engine.spec, ids))[1])
