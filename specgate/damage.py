@@ -59,7 +59,7 @@ def removal_damage(engine: Engine, ids: torch.Tensor, keep: torch.Tensor) -> tup
     return torch.stack(xs), torch.stack(damage)
 
 
-def poisson_fit(x: torch.Tensor, y: torch.Tensor, ridge: float = 1.0, iterations: int = 15) -> tuple[torch.Tensor, torch.Tensor]:
+def poisson_fit(x: torch.Tensor, y: torch.Tensor, ridge: float = 1.0, iterations: int = 20, tol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """Poisson regression with log link, one independent fit per group: x (G, n, d), y (G, n) >= 0
     -> w (G, d), b (G,) with E[y | x] ~ exp(w . x + b). Newton's method on standardized features;
     ``ridge`` is the L2 penalty on the standardized weights (not on b)."""
@@ -78,7 +78,10 @@ def poisson_fit(x: torch.Tensor, y: torch.Tensor, ridge: float = 1.0, iterations
             r = eta.exp()
             grad = (z.T @ (r - yg)).double() / n + reg * w
             hess = ((z * r[:, None]).T @ z).double() / n + torch.diag(reg)
-            w = w - torch.linalg.solve(hess, grad)
+            step = torch.linalg.solve(hess, grad)
+            w = w - step
+            if float(step.abs().max()) < tol:
+                break
         W[g] = (w[:d] / sd.double()).float()
         B[g] = float(w[d] - (w[:d] / sd.double() * mu.double()).sum())
     return W, B
@@ -100,9 +103,10 @@ def gates_from_fit(config: GateConfig, w: torch.Tensor, b: torch.Tensor, x: torc
 
 def train_damage(model, config, load_pieces, out: Path, accelerator) -> GateSet:
     """The ``damage`` objective's loop: label ``batch_size`` sequences per step, ``steps`` steps,
-    then fit the gates. Labels are checkpointed (``out/labels.pt``) every ``checkpoint_every``
-    steps and on Ctrl-C; a resumed run continues labelling, and the gates are refitted from all
-    labels at each checkpoint. The sequences of each step are a pure function of (seed, step)."""
+    then fit the gates (``out/gates``) to all labels. Labels are checkpointed (``out/labels.pt``)
+    every ``checkpoint_every`` steps; Ctrl-C saves them and fits the gates. A resumed run continues
+    labelling (with ``steps`` already reached, it only refits, e.g. with another ``ridge``). The
+    sequences of each step are a pure function of (seed, step)."""
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
@@ -115,18 +119,21 @@ def train_damage(model, config, load_pieces, out: Path, accelerator) -> GateSet:
         labels = torch.load(ckpt, map_location="cpu", weights_only=True)
     pad_id = getattr(model.tokenizer, "pad_token_id", None) or 0
 
-    def fit_and_save() -> GateSet:
-        xs, ys = [], []
-        for ids, damage in zip(labels["ids"], labels["damage"]):
-            keep = ids >= 0
-            xs.append(branch_inputs(engine, ids.clamp_min(0).to(engine.device), keep.to(engine.device)).half().cpu())
-            ys.append(damage)
-        x, y = torch.cat(xs, 1), torch.cat(ys, 1)
-        w, b = poisson_fit(x, y, ridge=config.ridge)
-        gates = gates_from_fit(gate_config(model, config), w, b, x)
+    def save_labels() -> None:
         if accelerator.is_main_process:
             torch.save(labels, out / (CHECKPOINT_NAME + ".tmp"))
-            os.replace(out / (CHECKPOINT_NAME + ".tmp"), ckpt)
+            os.replace(out / (CHECKPOINT_NAME + ".tmp"), ckpt)  # atomic: a kill never leaves half a file
+
+    def fit_and_save() -> GateSet:
+        save_labels()
+        xs = [
+            branch_inputs(engine, ids.clamp_min(0).to(engine.device), (ids >= 0).to(engine.device)).half().cpu()
+            for ids in labels["ids"]
+        ]
+        x = torch.cat(xs, 1)
+        w, b = poisson_fit(x, torch.cat(labels["damage"], 1), ridge=config.ridge)
+        gates = gates_from_fit(gate_config(model, config), w, b, x)
+        if accelerator.is_main_process:
             save_gates(gates, out / "gates")
         return gates
 
@@ -147,7 +154,7 @@ def train_damage(model, config, load_pieces, out: Path, accelerator) -> GateSet:
             tokens += int(valid.sum())
             bar.set_postfix(damage=f"{float(damage.mean()):.4f}", tok_s=f"{tokens / (time.perf_counter() - t0):.1f}")
             if labels["step"] % config.checkpoint_every == 0:
-                fit_and_save()
+                save_labels()
             if config.time_limit_s is not None and time.perf_counter() - t0 > config.time_limit_s:
                 break
     except KeyboardInterrupt:

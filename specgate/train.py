@@ -59,7 +59,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 class TrainConfig:
     """Everything a training run depends on; the ``specgate train`` flags read their defaults here."""
 
-    objective: Objective = "distill"
+    objective: Objective = "damage"  # see the module docstring; README: which drafts best
     data: str | None = None  # .txt or .jsonl file; None: the default corpus (see default_corpus)
     output_dir: str = "runs/gates"
     steps: int = 1000

@@ -25,6 +25,7 @@ _HELP = {
     "allocation": "global: one importance threshold for all branches; branch: per-branch quantile",
     "scale_output": "gates scale branch outputs (the GateSkip model) instead of only deciding skips",
     "never_skip": "branches that always run, as LAYER:BRANCH pairs (branch 0 attention, 1 MLP), e.g. 0:1,1:0",
+    "ridge": "damage: L2 penalty on the standardized gate weights of the Poisson fit",
     "time_limit_s": "stop with a checkpoint after this many seconds",
     "resume": "continue from OUTPUT_DIR/checkpoint.pt if it exists",
 }

@@ -6,6 +6,8 @@ from conftest import FAMILIES, tiny
 from test_train import cfg, fixed_budget_loss, one_thread, own_docs  # noqa: F401  (one_thread: autouse)
 from test_train import tiny as tiny_llama  # noqa: F401
 
+import specgate
+from specgate import damage
 from specgate import train as T
 from specgate.damage import CHECKPOINT_NAME, poisson_fit, removal_damage
 from specgate.gates import SkipPolicy
@@ -54,7 +56,7 @@ def test_poisson_fit_recovers_the_expected_damage():
     assert torch.allclose(w[:, :2], w_true[:, :2], atol=0.02)
 
 
-def test_damage_gates_skip_better_than_random_and_resume(tiny_llama, tmp_path):
+def test_damage_gates_skip_better_than_random_and_resume_after_ctrl_c(tiny_llama, tmp_path):
     docs = own_docs(tiny_llama)
     config = cfg(tmp_path, objective="damage", steps=6, checkpoint_every=2, gate_rank=64)
     gates = T.train(tiny_llama, config, documents=docs)
@@ -73,10 +75,25 @@ def test_damage_gates_skip_better_than_random_and_resume(tiny_llama, tmp_path):
             tiny_llama, rand, evalcfg, ids, budget
         )
 
-    # a run stopped after 3 steps and resumed labels the same sequences as one straight run
-    part = cfg(tmp_path, objective="damage", steps=3, checkpoint_every=2, output_dir=str(tmp_path / "split"))
-    T.train(tiny_llama, part, documents=docs)
-    resumed = T.train(tiny_llama, cfg(tmp_path, objective="damage", steps=6, output_dir=str(tmp_path / "split")), documents=docs)
+    # Ctrl-C during step 4 leaves 3 steps of labels and usable gates; resuming gives the same gates
+    orig, calls = damage.removal_damage, []
+
+    def interrupting(*a):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return orig(*a)
+
+    split = cfg(tmp_path, objective="damage", steps=6, checkpoint_every=2, output_dir=str(tmp_path / "split"))
+    damage.removal_damage = interrupting
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            T.train(tiny_llama, split, documents=docs)
+    finally:
+        damage.removal_damage = orig
+    assert torch.load(tmp_path / "split" / CHECKPOINT_NAME)["step"] == 3
+    assert specgate.load_gates(tmp_path / "split" / "gates", tiny_llama.config) is not None
+    resumed = T.train(tiny_llama, split, documents=docs)
     for a, b in zip(gates.state_dict().values(), resumed.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-5)
 

@@ -155,7 +155,7 @@ def test_warmup_skips_the_scheduled_fraction(tiny, allocation):
 
 def test_resume_and_interrupt_give_the_uninterrupted_result(tiny, tmp_path):
     docs = pattern_docs()
-    whole = T.train(tiny, cfg(tmp_path / "a", steps=6), documents=docs)
+    whole = T.train(tiny, cfg(tmp_path / "a", steps=6, objective="distill"), documents=docs)
     # an interrupted run (Ctrl-C during step 4) resumed to the end
     orig, calls = T.train_step, []
 
@@ -168,13 +168,13 @@ def test_resume_and_interrupt_give_the_uninterrupted_result(tiny, tmp_path):
     T.train_step = interrupting
     try:
         with pytest.raises(KeyboardInterrupt):
-            T.train(tiny, cfg(tmp_path / "b", steps=6), documents=docs)
+            T.train(tiny, cfg(tmp_path / "b", steps=6, objective="distill"), documents=docs)
     finally:
         T.train_step = orig
     state = torch.load(tmp_path / "b" / "run" / T.CHECKPOINT_NAME, weights_only=False)
     assert state["step"] == 3
     assert specgate.load_gates(tmp_path / "b" / "run" / "gates", tiny.config) is not None  # usable
-    resumed = T.train(tiny, cfg(tmp_path / "b", steps=6), documents=docs)
+    resumed = T.train(tiny, cfg(tmp_path / "b", steps=6, objective="distill"), documents=docs)
     for (k, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), k
 
