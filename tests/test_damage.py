@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import FAMILIES, tiny
-from test_train import cfg, fixed_budget_loss, one_thread, own_docs  # noqa: F401  (one_thread: autouse)
+from test_train import cfg, fixed_budget_loss, interrupting, one_thread, own_docs  # noqa: F401  (one_thread: autouse)
 from test_train import tiny as tiny_llama  # noqa: F401
 
 import specgate
@@ -76,16 +76,9 @@ def test_damage_gates_skip_better_than_random_and_resume_after_ctrl_c(tiny_llama
         )
 
     # Ctrl-C during step 4 leaves 3 steps of labels and usable gates; resuming gives the same gates
-    orig, calls = damage.removal_damage, []
-
-    def interrupting(*a):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return orig(*a)
-
+    orig = damage.removal_damage
     split = cfg(tmp_path, objective="damage", steps=6, checkpoint_every=2, output_dir=str(tmp_path / "split"))
-    damage.removal_damage = interrupting
+    damage.removal_damage = interrupting(orig, at_call=4)
     try:
         with pytest.raises(KeyboardInterrupt):
             T.train(tiny_llama, split, documents=docs)

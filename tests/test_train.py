@@ -58,6 +58,19 @@ def own_docs(m, n: int = 24, length: int = 40) -> list[list[int]]:
     return ids.tolist()
 
 
+def interrupting(fn, at_call: int):
+    """fn, except that its at_call-th call raises KeyboardInterrupt (a Ctrl-C during that step)."""
+    calls = []
+
+    def wrapped(*a):
+        calls.append(1)
+        if len(calls) == at_call:
+            raise KeyboardInterrupt
+        return fn(*a)
+
+    return wrapped
+
+
 def random_gates(m, seed: int = 0, std: float = 0.5):
     torch.manual_seed(seed)
     gates = m.new_gates(rank=8)
@@ -157,15 +170,8 @@ def test_resume_and_interrupt_give_the_uninterrupted_result(tiny, tmp_path):
     docs = pattern_docs()
     whole = T.train(tiny, cfg(tmp_path / "a", steps=6, objective="distill"), documents=docs)
     # an interrupted run (Ctrl-C during step 4) resumed to the end
-    orig, calls = T.train_step, []
-
-    def interrupting(*a):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return orig(*a)
-
-    T.train_step = interrupting
+    orig = T.train_step
+    T.train_step = interrupting(orig, at_call=4)
     try:
         with pytest.raises(KeyboardInterrupt):
             T.train(tiny, cfg(tmp_path / "b", steps=6, objective="distill"), documents=docs)
