@@ -28,24 +28,25 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+import dataclasses
 from pathlib import Path
 
 import torch
 
 import specgate
-from specgate.gates import SkipPolicy
+from specgate.data import chat_ids, self_answers
+from specgate.gradient import gated_forward
+from specgate.policy import SkipPolicy
 from specgate.prompts import split
-from specgate.train import chat_ids, gated_forward, self_answers
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@dataclass(frozen=True, eq=False)
-class RandomPolicy(SkipPolicy):
+class RandomPolicy:
     """Skips each (token, branch) with probability ``budget``, independently."""
 
-    generator: torch.Generator = field(default_factory=torch.Generator)
+    def __init__(self, budget: float, seed: int = 0):
+        self.budget, self.generator = budget, torch.Generator().manual_seed(seed)
 
     def may_skip(self, layer, branch, T):
         return True
@@ -54,11 +55,11 @@ class RandomPolicy(SkipPolicy):
         return torch.rand(importance.shape, generator=self.generator) >= self.budget
 
 
-@dataclass(frozen=True, eq=False)
-class StaticPolicy(SkipPolicy):
+class StaticPolicy:
     """Skips the branches in ``skipped`` ((layer, branch) pairs) for every token."""
 
-    skipped: frozenset = frozenset()
+    def __init__(self, skipped: frozenset):
+        self.skipped = skipped
 
     def may_skip(self, layer, branch, T):
         return (layer, branch) in self.skipped
@@ -87,8 +88,8 @@ class RowCounter:
             self.skipped += int((~run[:, 0] & self.rows).sum())
         return run
 
-    def __getattr__(self, name):
-        return getattr(self.policy, name)
+    def may_skip(self, layer, branch, T):
+        return self.policy.may_skip(layer, branch, T)
 
     @property
     def fraction(self) -> float:
@@ -160,8 +161,7 @@ def static_order(m, calib: list[tuple[list[int], int]]) -> list[tuple[int, int]]
     for i in range(eng.num_layers):
         for b in (0, 1):
             decide = lambda imp, layer, br, i=i, b=b: torch.zeros_like(imp, dtype=torch.bool) if (layer, br) == (i, b) else None  # noqa: E731
-            dummy = _dummy_gates(m)
-            top = gated_forward(eng, ids, dummy, decide, scale_output=False).argmax(-1)
+            top = gated_forward(eng, ids, _dummy_gates(m), decide).argmax(-1)
             harm[(i, b)] = 1.0 - float((top == full_top).float().mean())
     return sorted(harm, key=lambda k: (harm[k], k))
 
@@ -169,7 +169,9 @@ def static_order(m, calib: list[tuple[list[int], int]]) -> list[tuple[int, int]]
 def _dummy_gates(m):
     """Gates that only carry skip decisions (their values do not scale: scale_output=False)."""
     if not hasattr(_dummy_gates, "g"):
-        _dummy_gates.g = m.new_gates(kind="scalar")
+        g = m.new_gates(kind="scalar")
+        g.config = dataclasses.replace(g.config, scale_output=False)
+        _dummy_gates.g = g
     return _dummy_gates.g
 
 
@@ -249,12 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"full model: mean log-lik {full['ll']:.3f} over {full['tokens']} held-out answer tokens\n{header}")
     for budget in budgets:
         policies = {
-            "gateskip": m.gates.policy(budget, scale_output=False) if budget > 0 else None,
-            # scale_output=False: the gates only carry the decision, never scale the branches
-            "random": RandomPolicy(budget=budget, scale_output=False, generator=torch.Generator().manual_seed(0))
-            if budget > 0 else None,
-            "static": StaticPolicy(skipped=frozenset(order[: round(budget * n_branches)]), scale_output=False)
-            if budget > 0 else None,
+            "gateskip": m.gates.policy(budget) if budget > 0 else None,
+            "random": RandomPolicy(budget, seed=0) if budget > 0 else None,
+            "static": StaticPolicy(frozenset(order[: round(budget * n_branches)])) if budget > 0 else None,
         }
         for name, policy in policies.items():
             r = full if policy is None else run(policy)

@@ -4,7 +4,7 @@ gates at several budgets (2 threads by default), as ratios to the plain step.
     python eval/step_costs.py
 """
 import torch, time, specgate
-from specgate import SkipPolicy, SkipCounter
+from specgate import SkipCounter
 m = specgate.load()
 g = m.gates
 ids = m.encode_chat("Write a short story about a robot learning to paint.")
@@ -22,7 +22,7 @@ with torch.inference_mode():
         m.engine(ids[:, -T:], cache, gates, policy, counter=counter)
     res = {'plain': timeit(lambda: step()), 'verify4': timeit(lambda: step(T=4))}
     for b in (0.1, 0.3, 0.5):
-        pol = g.policy(b, scale_output=False)
+        pol = g.policy(b)
         c = SkipCounter(); step(g, pol, counter=c)
         res[f'draft b={b} (skips {c.fraction:.2f})'] = timeit(lambda: step(g, pol))
         res[f'draft b={b} +counter'] = timeit(lambda: step(g, pol, counter=SkipCounter()))

@@ -32,7 +32,7 @@ def main() -> None:
     n = args.max_new_tokens
     methods = {"plain": lambda ids: m.generate(ids, max_new_tokens=n)}
     for b, k, pmin, fill in itertools.product(args.budgets, args.max_draft, args.min_draft_prob, args.kv_fill):
-        spec = SpecConfig(draft_budget=b, max_draft=k, init_draft=min(4, k), min_draft_prob=pmin, kv_fill=fill)
+        spec = SpecConfig(draft_budget=b, max_draft=k, min_draft_prob=pmin, kv_fill=fill)
         methods[f"b={b} k={k} pmin={pmin} {fill}"] = lambda ids, spec=spec: m.generate(
             ids, max_new_tokens=n, speculative=True, spec_config=spec, return_dict_in_generate=True
         )

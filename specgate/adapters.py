@@ -33,11 +33,11 @@ class LayerWeights:
     post_attn_norm: torch.Tensor | None = None  # norms on the branch outputs (Gemma 2/3)
     post_mlp_norm: torch.Tensor | None = None
     window: int | None = None  # sliding-window size, None for global attention
-    rope: str = "default"  # key into ModelSpec.rope
+    rope: str = "default"  # key into ModelWeights.rope
 
 
 @dataclass
-class ModelSpec:
+class ModelWeights:
     layers: list[LayerWeights]
     embed: torch.Tensor  # (V, d)
     embed_scale: float
@@ -53,7 +53,7 @@ class ModelSpec:
     final_softcap: float | None = None
 
 
-def build_spec(model: nn.Module) -> ModelSpec:
+def read_weights(model: nn.Module) -> ModelWeights:
     """The engine's view of a ``*ForCausalLM`` model."""
     config = model.config
     model_type = getattr(config, "model_type", None)
@@ -113,7 +113,7 @@ def _window(config, i: int) -> int | None:
     return config.sliding_window if sliding and getattr(config, "sliding_window", None) else None
 
 
-def _llama(model: nn.Module) -> ModelSpec:
+def _llama(model: nn.Module) -> ModelWeights:
     config, core = model.config, model.model
     _check_mlp(config)
     layers = []
@@ -122,7 +122,7 @@ def _llama(model: nn.Module) -> ModelSpec:
         lw.window = _window(config, i)
         layers.append(lw)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return ModelSpec(
+    return ModelWeights(
         layers=layers,
         embed=core.embed_tokens.weight,
         embed_scale=1.0,
@@ -138,7 +138,7 @@ def _llama(model: nn.Module) -> ModelSpec:
     )
 
 
-def _gemma3(model: nn.Module) -> ModelSpec:
+def _gemma3(model: nn.Module) -> ModelWeights:
     config, core = model.config, model.model
     if getattr(config, "attn_logit_softcapping", None):
         raise NotImplementedError("attention logit soft-capping (Gemma 2) is not supported")
@@ -154,7 +154,7 @@ def _gemma3(model: nn.Module) -> ModelSpec:
         lw.rope = config.layer_types[i]
         layers.append(lw)
     rotary = core.rotary_emb
-    return ModelSpec(
+    return ModelWeights(
         layers=layers,
         embed=core.embed_tokens.weight,
         embed_scale=float(core.embed_tokens.embed_scale.to(core.embed_tokens.weight.dtype)),

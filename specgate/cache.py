@@ -1,4 +1,4 @@
-"""One preallocated KV cache shared by draft and verify passes.
+"""One KV cache shared by draft and verify passes, grown in chunks as decoding goes (:meth:`reserve`).
 
 Sequence ``b`` occupies slots ``pad[b] .. lengths[b] - 1`` of its row (left padding first). A pass
 of T new tokens writes slots ``lengths[b] .. lengths[b] + T - 1`` and advances ``lengths``; rolling
@@ -9,6 +9,8 @@ never read: every query only sees slots at or before its own.
 from __future__ import annotations
 
 import torch
+
+GROWTH = 256  # slots a cache grows by at least: a long max_new_tokens allocates nothing up front
 
 
 class StaticKVCache:
@@ -41,6 +43,23 @@ class StaticKVCache:
         self.pad.zero_()
         if pad is not None:
             self.pad.copy_(pad)
+
+    def reserve(self, n_slots: int, most: int) -> None:
+        """Make room for ``n_slots`` slots per row, keeping what the cache holds. Grows every layer's
+        buffers to twice their size (by GROWTH slots at least), but never past ``most``: the most
+        slots the caller can need (prompt + max_new_tokens, capped at the model's context)."""
+        if n_slots <= self.max_len:
+            return
+        if n_slots > most:
+            raise ValueError(f"cache asked for {n_slots} slots, more than the {most} this call can need")
+        size = min(most, max(n_slots, 2 * self.max_len, self.max_len + GROWTH))
+        filled = int(self.lengths.max())  # slots past every row's write position are never read
+        for buffers in (self.k, self.v):
+            for i, old in enumerate(buffers):
+                new = old.new_zeros(*old.shape[:2], size, old.shape[3])
+                new[:, :, :filled] = old[:, :, :filled]
+                buffers[i] = new
+        self.max_len = size
 
     def rewind(self, lengths: torch.Tensor) -> None:
         """Move the write positions back to ``lengths`` (B,): drops everything after them."""

@@ -14,15 +14,14 @@ rewrites those tokens' K/V, so every round starts from the original model's cach
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
 import torch
 
+from .data import chat_ids, chunk, load_documents, self_answers
 from .engine import Engine, SkipCounter
-from .gates import GateSet, SkipPolicy
-
-Allocation = Literal["global", "branch"]
+from .gates import GateSet
+from .policy import ALLOCATIONS, Allocation, BudgetPolicy, SkipPolicy, budget_quantile
 
 
 @dataclass(frozen=True)
@@ -39,18 +38,20 @@ class CalibrateConfig:
     data: str | None = None
 
 
-@dataclass(frozen=True, eq=False)
-class _RecordingPolicy(SkipPolicy):
-    """A SkipPolicy that also keeps every importance it is asked about, per (branch, layer)."""
+class _Recording:
+    """Wraps a policy: runs every gate (its importance is what we measure) and keeps every
+    importance it is asked about, per (branch, layer)."""
 
-    log: dict = field(default_factory=dict)
+    def __init__(self, policy: SkipPolicy):
+        self.policy = policy
+        self.log: dict[tuple[int, int], list[torch.Tensor]] = {}
 
-    def may_skip(self, layer, branch, T):
-        return True  # run every gate: its importance is what we measure
+    def may_skip(self, layer: int, branch: int, T: int) -> bool:
+        return True
 
     def active(self, importance, valid, layer, branch):
         self.log.setdefault((branch, layer), []).append(importance.detach().flatten().float().cpu())
-        return super().active(importance, valid, layer, branch)
+        return self.policy.active(importance, valid, layer, branch)
 
 
 @torch.inference_mode()
@@ -70,10 +71,7 @@ def draft_steps(
     L = engine.num_layers
     cache = engine.new_cache(B, N)
     engine(ids[:, :prefix], cache, logits_to_keep=1)
-    if thresholds is None:
-        policy = _RecordingPolicy(budget=0.0)
-    else:
-        policy = _RecordingPolicy(budget=0.0, thresholds=thresholds.to(engine.device))
+    policy = _Recording(BudgetPolicy(thresholds=None if thresholds is None else thresholds.to(engine.device)))
     counter = SkipCounter()
     for start in range(prefix, N, draft_len):
         stop = min(N, start + draft_len)
@@ -88,14 +86,9 @@ def draft_steps(
 
 def _thresholds(imp: torch.Tensor, budget: float, allocation: Allocation) -> torch.Tensor:
     """(2, L) thresholds putting ``budget`` of the importances imp (2, L, n) at or below them."""
-    if budget <= 0:
-        return torch.full(imp.shape[:2], float("-inf"))
     if allocation == "global":
-        flat = imp.flatten()
-        k = max(1, min(flat.numel(), round(budget * flat.numel())))
-        return torch.full(imp.shape[:2], float(flat.kthvalue(k).values))
-    k = max(1, min(imp.shape[2], round(budget * imp.shape[2])))
-    return imp.kthvalue(k, dim=2).values
+        return budget_quantile(imp, budget).expand(imp.shape[:2]).clone()
+    return budget_quantile(imp, budget, dim=2)
 
 
 def calibrate(
@@ -114,7 +107,7 @@ def calibrate(
     ``global``: one threshold for all branches (the gates decide which branches give up compute);
     ``branch``: every branch skips the budget's share of tokens.
     """
-    if allocation not in ("global", "branch"):
+    if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be 'global' or 'branch', got {allocation!r}")
     engine: Engine = model.engine if hasattr(model, "engine") else model
     ids = _stack(samples, prefix)
@@ -164,7 +157,6 @@ def calibrate_default(model, gates: GateSet, config: CalibrateConfig = Calibrate
     """Calibrate on ``config.data`` or the model's own answers to train-split prompts, then check
     on its answers to held-out prompts; returns budget -> decode skip share on held-out text."""
     from .prompts import split
-    from .train import chat_ids, chunk, load_documents, self_answers
 
     train_prompts, heldout = split()
     n_tok = config.prefix + config.tokens

@@ -1,12 +1,72 @@
-"""The ``specgate`` command: generate, bench, train, calibrate."""
+"""The ``specgate`` command: generate, bench, train, calibrate.
+
+Every ``train`` flag is a :class:`specgate.train.TrainConfig` field and the speculation flags are
+:class:`specgate.speculative.SpecConfig` fields, with their defaults read from there, so the
+library and the command line cannot disagree.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
+import typing
+from pathlib import Path
 
 from .loading import DEFAULT_MODEL
+from .speculative import SpecConfig
+from .train import TrainConfig
+
+
+# -- flag types ------------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def _budget(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a budget is a share in [0, 1], got {value}")
+    return value
+
+
+def _budgets(text: str) -> list[float]:
+    return [_budget(b) for b in text.split(",") if b]
+
+
+def _pairs(text: str) -> tuple[tuple[int, int], ...]:
+    try:
+        pairs = tuple((int(a), int(b)) for a, b in (item.split(":") for item in text.split(",") if item))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LAYER:BRANCH pairs such as 0:1,1:0, got {text!r}") from None
+    if any(b not in (0, 1) for _, b in pairs):
+        raise argparse.ArgumentTypeError("branch must be 0 (attention) or 1 (MLP)")
+    return pairs
+
+
+def _output_file(text: str) -> str:
+    """A file to write at the end of a long run: checked now, so the results are not lost then."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder: pass a file name such as {path / 'bench.json'}")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{path.parent} is not a folder")
+    return text
+
+
+# -- shared flags ----------------------------------------------------------------------------------
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -14,14 +74,33 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gates", default="default", help="gate directory, 'default' (shipped gates) or 'none'")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
-def _load(args):
+def _spec_args(p: argparse.ArgumentParser) -> None:
+    d = SpecConfig()
+    p.add_argument("--draft-budget", type=_budget, default=d.draft_budget, help=f"share of the draft's branch evaluations to skip (default {d.draft_budget})")
+    p.add_argument("--max-draft", type=_positive_int, default=d.max_draft, help=f"most tokens drafted per round (default {d.max_draft})")
+    p.add_argument("--verifier", choices=["original", "gated"], default=d.verifier, help="original: output equals the model's own (default)")
+    p.add_argument("--kv-fill", choices=["project", "copy_below"], default=d.kv_fill, help="K/V of tokens that skip attention in the draft")
+
+
+def _spec_config(args) -> SpecConfig:
+    return SpecConfig(draft_budget=args.draft_budget, max_draft=args.max_draft, verifier=args.verifier, kv_fill=args.kv_fill)
+
+
+def _load(args, gates: str | None = None):
     import specgate
 
-    _set_threads(args)
-    gates = None if args.gates == "none" else args.gates
-    return specgate.load(args.model, gates=gates, dtype=args.dtype, device=args.device)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    gates = gates or args.gates
+    return specgate.load(args.model, gates=None if gates == "none" else gates, dtype=args.dtype, device=args.device)
+
+
+# -- generate and bench ----------------------------------------------------------------------------
 
 
 def cmd_generate(args) -> int:
@@ -32,17 +111,11 @@ def cmd_generate(args) -> int:
     ids = m.encode_chat(args.prompt) if not args.raw else m.tokenizer(args.prompt, return_tensors="pt").input_ids
     streamer = TextStreamer(m.tokenizer, skip_prompt=True, skip_special_tokens=True)
     generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
+    sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 else {}
+    speculative = {"speculative": True, "spec_config": _spec_config(args), "return_dict_in_generate": True}
     start = time.perf_counter()
-    out = m.generate(
-        ids,
-        max_new_tokens=args.max_new_tokens,
-        do_sample=args.temperature > 0,
-        temperature=args.temperature or None,
-        top_p=args.top_p,
-        streamer=streamer,
-        generator=generator,
-        **_spec_kwargs(args),
-    )
+    out = m.generate(ids, max_new_tokens=args.max_new_tokens, streamer=streamer, generator=generator, **sampling,
+                     **(speculative if args.speculative else {}))  # fmt: skip
     seconds = time.perf_counter() - start
     stats = getattr(out, "spec_stats", None)
     new = (out.sequences if stats else out).shape[1] - ids.shape[1]
@@ -52,50 +125,18 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _spec_args(p: argparse.ArgumentParser) -> None:
-    from .speculative import SpecConfig
-
-    d = SpecConfig()
-    p.add_argument("--draft-budget", type=float, default=d.draft_budget, help=f"share of the draft's branch evaluations to skip (default {d.draft_budget})")
-    p.add_argument("--max-draft", type=int, default=d.max_draft, help=f"most tokens drafted per round (default {d.max_draft})")
-    p.add_argument("--verifier", choices=["original", "gated"], default=d.verifier, help="original: output equals the model's own (default)")
-    p.add_argument("--kv-fill", choices=["project", "copy_below"], default=d.kv_fill, help="K/V of tokens that skip attention in the draft")
-
-
-def _spec_config(args):
-    from .speculative import SpecConfig
-
-    return SpecConfig(draft_budget=args.draft_budget, max_draft=args.max_draft, init_draft=min(SpecConfig.init_draft, args.max_draft), verifier=args.verifier, kv_fill=args.kv_fill)
-
-
-def _spec_kwargs(args) -> dict:
-    if not args.speculative:
-        return {}
-    return {"speculative": True, "spec_config": _spec_config(args), "return_dict_in_generate": True}
-
-
-def _set_threads(args) -> None:
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-
-
 def cmd_bench(args) -> int:
     import torch
 
-    _set_threads(args)
     from . import bench
 
-    from dataclasses import replace
-
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bench.mtbench_prompts(args.prompts)  # a bad count fails now, not after loading two models
     budgets = [] if args.no_speculative else args.budgets or [args.draft_budget]
-    base = _spec_config(args)
-    speculative = [replace(base, draft_budget=b) for b in budgets]
+    speculative = [dataclasses.replace(_spec_config(args), draft_budget=b) for b in budgets]
     gates = None if args.gates == "none" else args.gates
-    results = bench.bench_decode(
-        args.model, args.prompts, args.max_new_tokens, speculative, getattr(torch, args.dtype), gates
-    )
+    results = bench.bench_decode(args.model, args.prompts, args.max_new_tokens, speculative, getattr(torch, args.dtype), gates)
     print(bench.report(results))
     if args.out:
         bench.save(results, args.out, model=args.model, prompts=args.prompts, max_new_tokens=args.max_new_tokens)
@@ -103,40 +144,184 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="specgate", description="Lossless self-speculative decoding with GateSkip gates")
-    sub = parser.add_subparsers(dest="command", required=True)
+# -- train and calibrate ---------------------------------------------------------------------------
+
+_HELP = {
+    "objective": "paper: CE + lambda*L2 with budget warm-up; distill: KL to the original model; "
+    "damage: fit scalar gates to the measured cost of each skip",
+    "data": "training text: .txt, or .jsonl with {'text': ...} or {'messages': [...]} per line "
+    "(default: the model's own answers to specgate.prompts + pydoc topics)",
+    "output_dir": "checkpoints and the gates (OUTPUT_DIR/gates) go here (default: runs/<model>-<objective>)",
+    "sparsity": "lambda of the L2 sparsity term mean(g^2)",
+    "budget_max": "skip budget the warm-up reaches (paper) / top of the sampled budgets (distill)",
+    "allocation": "global: one importance threshold for all branches; branch: per-branch quantile",
+    "scale_output": "gates scale branch outputs (the GateSkip model) instead of only deciding skips",
+    "never_skip": "branches that always run, as LAYER:BRANCH pairs (branch 0 attention, 1 MLP), e.g. 0:1,1:0",
+    "ridge": "damage: L2 penalty on the standardized gate weights of the Poisson fit",
+    "time_limit_s": "stop with a checkpoint after this many seconds",
+    "resume": "continue from the checkpoints in OUTPUT_DIR (refused if they were made from another model, data or settings)",
+}
+
+
+def _pairs(text: str) -> tuple[tuple[int, int], ...]:
+    try:
+        pairs = tuple((int(a), int(b)) for a, b in (item.split(":") for item in text.split(",") if item))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LAYER:BRANCH pairs such as 0:1,1:0, got {text!r}") from None
+    if any(b not in (0, 1) for _, b in pairs):
+        raise argparse.ArgumentTypeError("branch must be 0 (attention) or 1 (MLP)")
+    return pairs
+
+
+def _budgets(text: str) -> list[float]:
+    try:
+        return [float(b) for b in text.split(",") if b]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated budgets such as 0.3,0.5, got {text!r}") from None
+
+
+
+
+def _add_config_flags(p: argparse.ArgumentParser, config_class, help_: dict[str, str]) -> None:
+    """One flag per dataclass field, its type and default read from the field (``--threads`` is
+    one of the model flags already)."""
+    hints = typing.get_type_hints(config_class)
+    special = {"never_skip": _pairs}
+    for f in dataclasses.fields(config_class):
+        if f.name == "threads":
+            continue
+        flag, kind = "--" + f.name.replace("_", "-"), hints[f.name]
+        text = help_.get(f.name, "") + f" (default {f.default})"
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
+        elif typing.get_origin(kind) is typing.Literal:
+            p.add_argument(flag, choices=typing.get_args(kind), default=f.default, help=text)
+        elif f.name in special:
+            p.add_argument(flag, type=special[f.name], default=f.default, help=text)
+        else:
+            base = next((a for a in typing.get_args(kind) if a is not type(None)), kind)  # X | None -> X
+            p.add_argument(flag, type=base, default=f.default, help=text)
+
+
+def cmd_train(args) -> int:
+    from .calibrate import CalibrateConfig, calibrate_default
+    from .gates import save_gates
+    from .loop import TrainingInterrupted
+    from .train import output_dir, train
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    m = _load(args, gates="none")
+    out = output_dir(m, config)
+    start = time.perf_counter()
+    try:
+        gates = train(m, config)
+    except TrainingInterrupted as e:
+        where = f"checkpoint of {e.step} steps and gates in {out} (run again to resume)" if e.saved else "nothing saved"
+        print(f"\ninterrupted: {where}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("\ninterrupted before the first step: nothing saved", file=sys.stderr)
+        return 130
+    print(f"trained in {time.perf_counter() - start:.0f} s; gates in {out / 'gates'}", file=sys.stderr)
+    if args.calibrate:
+        calibrate_default(m, gates, CalibrateConfig(budgets=tuple(args.calibrate)))
+        save_gates(gates, out / "gates")
+        print(f"calibrated for budgets {args.calibrate}", file=sys.stderr)
+    else:
+        print(f"not calibrated: run `specgate calibrate --gates {out / 'gates'}` before speculative decoding", file=sys.stderr)
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    import copy
+
+    from .calibrate import CalibrateConfig, calibrate_default
+    from .gates import save_gates
+
+    if args.gates in ("none", "default") and args.out is None:
+        raise ValueError("pass --out DIR (and --gates DIR): the gates shipped inside the package are never overwritten")
+    m = _load(args)
+    if m.gates is None:
+        raise ValueError(f"no gates found for {args.model}: pass --gates DIR")
+    config = CalibrateConfig(
+        budgets=tuple(args.budgets), allocation=args.allocation, samples=args.samples, tokens=args.tokens,
+        iterations=args.iterations, data=args.data,
+    )  # fmt: skip
+    if args.half:  # calibrate what will be stored
+        for p in m.gates.parameters():
+            p.data = p.data.half().to(p.dtype)
+    start = time.perf_counter()
+    report = calibrate_default(m, m.gates, config)
+    for budget, fraction in report.items():
+        print(f"budget {budget:.2f}: decode skips {fraction:.3f} on held-out text")
+    print(f"calibrated in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    gates = m.gates
+    if args.half:
+        gates = copy.deepcopy(m.gates).half()
+        gates.thresholds = dict(m.gates.thresholds)
+    out = args.out or args.gates
+    save_gates(gates, out)
+    print(f"saved to {out}", file=sys.stderr)
+    return 0
+
+
+# -- the parser ------------------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    from .calibrate import CalibrateConfig
+
+    top = argparse.ArgumentParser(prog="specgate", description="Lossless self-speculative decoding with GateSkip gates")
+    sub = top.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="generate an answer to one prompt")
     p.add_argument("prompt")
     _model_args(p)
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--speculative", action="store_true", help="self-speculative decoding (needs gates)")
     _spec_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="transformers vs plain vs speculative decoding, side by side")
     _model_args(p)
-    p.add_argument("--prompts", type=int, default=8, help="number of MT-Bench prompts (first turns)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--budgets", type=float, nargs="+", default=None, help="draft skip budgets to compare (default: --draft-budget)")
+    p.add_argument("--prompts", type=_positive_int, default=8, help="number of MT-Bench prompts, first turns (1-80)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    p.add_argument("--budgets", type=_budget, nargs="+", default=None, help="draft skip budgets to compare (default: --draft-budget)")
     _spec_args(p)
     p.add_argument("--no-speculative", action="store_true", help="time transformers and plain decode only")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--out", type=_output_file, default=None, help="write the results as JSON to this file")
     p.set_defaults(func=cmd_bench)
 
-    from .train_cli import add_calibrate_parser, add_train_parser
+    p = sub.add_parser("train", help="train gates (gates only, frozen backbone)")
+    _model_args(p)
+    _add_config_flags(p, TrainConfig, _HELP)
+    p.add_argument("--calibrate", type=_budgets, default=None, metavar="B1,B2", help="calibrate these budgets after training")
+    p.set_defaults(func=cmd_train)
 
-    add_train_parser(sub)
-    add_calibrate_parser(sub)
+    d = CalibrateConfig()
+    p = sub.add_parser("calibrate", help="per-branch single-token skip thresholds for a list of budgets")
+    _model_args(p)
+    p.add_argument("--budgets", type=_budgets, default=list(d.budgets), help=f"comma-separated (default {d.budgets})")
+    p.add_argument("--allocation", choices=["global", "branch"], default=d.allocation,
+                   help="global: one threshold over all branches; branch: each branch skips the budget")  # fmt: skip
+    p.add_argument("--data", default=None, help="calibration text (.txt/.jsonl); default: the model's answers to held-in prompts")
+    p.add_argument("--samples", type=_positive_int, default=d.samples, help=f"sequences (default {d.samples})")
+    p.add_argument("--tokens", type=_positive_int, default=d.tokens, help=f"draft steps per sequence (default {d.tokens})")
+    p.add_argument("--iterations", type=_positive_int, default=d.iterations, help=f"(default {d.iterations})")
+    p.add_argument("--out", default=None, help="where to save the calibrated gates (default: back into --gates DIR)")
+    p.add_argument("--half", action=argparse.BooleanOptionalAction, default=True,
+                   help="store gate weights as float16 (half the file; calibrated on the rounded weights)")  # fmt: skip
+    p.set_defaults(func=cmd_calibrate)
+    return top
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # GGUF de-quantisation bars would bury the output

@@ -21,15 +21,16 @@ cheap ones are skipped for most tokens, and the rest token by token.
 
 from __future__ import annotations
 
-import os
-import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from .engine import Engine
 from .gates import GateConfig, GateSet, save_gates
-from .train import attention_branch, dense_rope_masks, embed, head, mlp_branch
+from .layers import attention_branch, dense_rope_masks, embed, head, mlp_branch
+from .data import padding_id
+from .loop import run_steps, save_atomic
 
 CHECKPOINT_NAME = "labels.pt"
 
@@ -41,7 +42,7 @@ def removal_damage(engine: Engine, ids: torch.Tensor, keep: torch.Tensor) -> tup
     Returns x (2L, n, d), the normed input of branch k = 2 * layer + (0 attention, 1 MLP) at the
     n kept positions, and damage (2L, n): KL(original || branch k skipped at that token alone).
     """
-    s = engine.spec
+    s = engine.weights
     rope, masks = dense_rope_masks(s, ids)
     before, xs, kvs, h = _full_pass(engine, ids, keep, rope, masks)
     full = head(s, h[keep]).float().log_softmax(-1)  # (n, V)
@@ -106,77 +107,61 @@ def gates_from_fit(config: GateConfig, w: torch.Tensor, b: torch.Tensor, x: torc
     return gates
 
 
-def train_damage(model, config, load_pieces, out: Path, accelerator) -> GateSet:
+def train_damage(model, config, gate_config: GateConfig, pieces: Callable[[], list[list[int]]], out: Path, accelerator) -> GateSet:
     """The ``damage`` objective's loop: label ``batch_size`` sequences per step, ``steps`` steps,
     then fit the gates (``out/gates``) to all labels. Labels are checkpointed (``out/labels.pt``)
     every ``checkpoint_every`` steps; Ctrl-C saves them and fits the gates. A resumed run continues
     labelling (with ``steps`` already reached, it only refits, e.g. with another ``ridge``). The
     sequences of each step are a pure function of (seed, step)."""
     from accelerate.utils import gather_object
-    from tqdm.auto import tqdm
 
-    from .train import batch_indices, collate, gate_config
-
-    engine, world, rank = model.engine, accelerator.num_processes, accelerator.process_index
+    engine = model.engine
     ckpt = out / CHECKPOINT_NAME
     labels = {"step": 0, "ids": [], "damage": []}  # per step: ids (B, T) with -1 padding, damage (2L, n)
     if config.resume and ckpt.is_file():
         labels = torch.load(ckpt, map_location="cpu", weights_only=True)
-    pad_id = getattr(model.tokenizer, "pad_token_id", None) or 0
 
-    def save_labels() -> None:
+    def step(i: int, ids: torch.Tensor, valid: torch.Tensor) -> dict:
+        _, damage = removal_damage(engine, ids, valid)  # every process labels its share of the batch
+        labels["ids"].append(torch.cat(gather_object([ids.masked_fill(~valid, -1).cpu()])))
+        labels["damage"].append(torch.cat(gather_object([damage.cpu()]), 1))  # rows in rank order, as ids
+        labels["step"] = i + 1
+        return {"damage": f"{float(damage.mean()):.4f}"}
+
+    def save(done: int) -> None:
         if accelerator.is_main_process:
-            torch.save(labels, out / (CHECKPOINT_NAME + ".tmp"))
-            os.replace(out / (CHECKPOINT_NAME + ".tmp"), ckpt)  # atomic: a kill never leaves half a file
+            save_atomic(labels, ckpt)
 
-    def fit_and_save() -> GateSet:
-        save_labels()
-        xs = [
-            branch_inputs(engine, ids.clamp_min(0).to(engine.device), (ids >= 0).to(engine.device)).half().cpu()
-            for ids in labels["ids"]
-        ]
-        x = torch.cat(xs, 1)
-        w, b = poisson_fit(x, torch.cat(labels["damage"], 1), ridge=config.ridge)
-        gates = gates_from_fit(gate_config(model, config), w, b, x)
-        if accelerator.is_main_process:
-            save_gates(gates, out / "gates")
-        return gates
-
-    start = labels["step"]
-    pieces = load_pieces() if start < config.steps else []
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not accelerator.is_local_main_process)
-    t0, tokens = time.perf_counter(), 0
+    data = pieces() if labels["step"] < config.steps else []
     try:
-        for step in bar:
-            idx = batch_indices(len(pieces), config.batch_size * world, step, config.seed)
-            ids, valid = collate([pieces[j] for j in idx], pad_id)  # every process labels its share
-            mine = slice(rank * config.batch_size, (rank + 1) * config.batch_size)
-            _, damage = removal_damage(engine, ids[mine].to(engine.device), valid[mine].to(engine.device))
-            damage = torch.cat(gather_object([damage.cpu()]), 1)  # rows in rank order, as in ids
-            labels["ids"].append(ids.masked_fill(~valid, -1))
-            labels["damage"].append(damage)
-            labels["step"] = step + 1
-            tokens += int(valid.sum())
-            bar.set_postfix(damage=f"{float(damage.mean()):.4f}", tok_s=f"{tokens / (time.perf_counter() - t0):.1f}")
-            if labels["step"] % config.checkpoint_every == 0:
-                save_labels()
-            if config.time_limit_s is not None and time.perf_counter() - t0 > config.time_limit_s:
-                break
-    except KeyboardInterrupt:
+        run_steps(config, data, labels["step"], accelerator, step, save, padding_id(model.tokenizer))
+    except KeyboardInterrupt as e:
         if labels["ids"]:
-            fit_and_save()
-        bar.close()
-        raise
-    bar.close()
+            _fit_and_save(engine, labels, config, gate_config, out, accelerator)
+        raise e
     if not labels["ids"]:
         raise ValueError("no labels: the damage objective needs at least one step")
-    return fit_and_save()
+    return _fit_and_save(engine, labels, config, gate_config, out, accelerator)
+
+
+def _fit_and_save(engine: Engine, labels: dict, config, gate_config: GateConfig, out: Path, accelerator) -> GateSet:
+    """Fit the gates to every label so far and save them in ``out/gates``."""
+    xs = [
+        branch_inputs(engine, ids.clamp_min(0).to(engine.device), (ids >= 0).to(engine.device)).half().cpu()
+        for ids in labels["ids"]
+    ]
+    x = torch.cat(xs, 1)
+    w, b = poisson_fit(x, torch.cat(labels["damage"], 1), ridge=config.ridge)
+    gates = gates_from_fit(gate_config, w, b, x)
+    if accelerator.is_main_process:
+        save_gates(gates, out / "gates")
+    return gates
 
 
 def _full_pass(engine: Engine, ids, keep, rope, masks):
     """The original model over ids: the residual stream before each of the 2L branches, their
     normed inputs at the kept positions, each layer's K/V, and the final residual stream."""
-    s = engine.spec
+    s = engine.weights
     h = embed(s, ids)
     before, xs, kvs = [], [], []
     for lw in s.layers:
@@ -195,4 +180,4 @@ def _full_pass(engine: Engine, ids, keep, rope, masks):
 @torch.no_grad()
 def branch_inputs(engine: Engine, ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """x (2L, n, d): the normed input of every branch at the kept positions, original model."""
-    return torch.stack(_full_pass(engine, ids, keep, *dense_rope_masks(engine.spec, ids))[1])
+    return torch.stack(_full_pass(engine, ids, keep, *dense_rope_masks(engine.weights, ids))[1])

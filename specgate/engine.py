@@ -8,29 +8,61 @@ gates)`` the gated model at full compute, ``forward(ids, cache, gates, policy)``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from .adapters import LayerWeights, ModelSpec, build_spec
+from . import layers
+from .adapters import LayerWeights, ModelWeights, read_weights
 from .cache import StaticKVCache
-from .gates import GateSet, SkipPolicy
-from .ops import apply_rope, gather_tokens, linear, rms_norm, scatter_add_tokens
+from .gates import GateSet
+from .ops import gather_tokens, scatter_add_tokens
+from .policy import SkipPolicy
+from .vocab import DraftHead
+
+# The K/V of a token that skips attention: ``project`` runs the k/v projections on its passed-through
+# hidden state; ``copy_below`` copies the layer below's cache entry (the paper's fill).
+KVFill = Literal["project", "copy_below"]
+KV_FILLS = ("project", "copy_below")
 
 
 @dataclass
 class _Pass:
-    """What every layer of one forward shares."""
+    """What every layer of one forward shares: positions and masks, and how it skips."""
 
+    cache: StaticKVCache
     slots: torch.Tensor  # (B, T) cache slots of the new tokens
     valid: torch.Tensor  # (B, T) False for left padding
     n_valid: int
     uniform: int | None  # first slot when every row writes the same slots
     S: int  # cache slots attended to: 0 .. S-1
-    masks: dict[int | None, torch.Tensor | None]  # window -> (B, 1, T, S) bool, None: attend to all
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]]  # key -> cos, sin (B, T, hd)
+    padded: bool  # some row of the cache starts with left padding
+    causal: bool  # a fresh, unpadded multi-token pass: plain causal attention needs no mask
+    gates: GateSet | None = None
+    policy: SkipPolicy | None = None
+    kv_fill: KVFill = "project"
+    counter: "SkipCounter | None" = None
+    masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)  # built on first use
+
+    def mask(self, window: int | None) -> torch.Tensor | None:
+        """(B, 1, T, S) bool, True where a query may look, for a sliding window (None: global);
+        None when every query may look at every slot (one token, no padding, inside the window)."""
+        if window not in self.masks:
+            self.masks[window] = self._build_mask(window)
+        return self.masks[window]
+
+    def _build_mask(self, window: int | None) -> torch.Tensor | None:
+        T, pad = self.slots.shape[1], self.cache.pad
+        if T == 1 and self.uniform is not None and not self.padded and (window is None or self.S <= window):
+            return None
+        j = torch.arange(self.S, device=self.slots.device)
+        q = self.slots[:, :, None]  # (B, T, 1)
+        m = (j >= pad[:, None, None]) & (j <= q)
+        if window is not None:
+            m &= q - j < window
+        return (m | (j == q))[:, None]  # a padding query sees itself: no empty rows
 
 
 @dataclass
@@ -66,19 +98,19 @@ class SkipCounter:
 class Engine:
     """Runs a Hugging Face decoder (see :mod:`specgate.adapters`) with a :class:`StaticKVCache`."""
 
-    def __init__(self, model: nn.Module):
-        self.spec: ModelSpec = build_spec(model)
+    def __init__(self, model: torch.nn.Module):
+        self.weights: ModelWeights = read_weights(model)
         self.config = model.config
-        self.dtype = self.spec.embed.dtype
-        self.device = self.spec.embed.device
+        self.dtype = self.weights.embed.dtype
+        self.device = self.weights.embed.device
 
     @property
     def num_layers(self) -> int:
-        return len(self.spec.layers)
+        return len(self.weights.layers)
 
     def new_cache(self, batch: int, max_len: int) -> StaticKVCache:
-        s = self.spec
-        return StaticKVCache(self.num_layers, batch, s.n_kv_heads, max_len, s.head_dim, self.dtype, self.device)
+        w = self.weights
+        return StaticKVCache(self.num_layers, batch, w.n_kv_heads, max_len, w.head_dim, self.dtype, self.device)
 
     def forward(
         self,
@@ -86,28 +118,31 @@ class Engine:
         cache: StaticKVCache,
         gates: GateSet | None = None,
         policy: SkipPolicy | None = None,
+        *,
+        kv_fill: KVFill = "project",
         logits_to_keep: int = 0,
         counter: SkipCounter | None = None,
+        head: DraftHead | None = None,
     ) -> torch.Tensor:
         """Run T new tokens (B, T) against the cache; returns logits (B, T, V), or of the last
-        ``logits_to_keep`` positions. Writes their K/V and advances the cache by T."""
+        ``logits_to_keep`` positions. Writes their K/V and advances the cache by T. ``kv_fill``:
+        the K/V of tokens that skip attention (see :data:`KVFill`). ``head``: a draft vocabulary's
+        head (logits -inf outside it) instead of the full LM head."""
         B, T = input_ids.shape
         if int(cache.lengths.max()) + T > cache.max_len:
             raise ValueError(f"cache of {cache.max_len} slots cannot take {T} more tokens")
+        if kv_fill not in KV_FILLS:
+            raise ValueError(f"kv_fill must be one of {KV_FILLS}, got {kv_fill!r}")
         p = self._prepare(input_ids, cache)
-        h = F.embedding(input_ids, self.spec.embed)  # (B, T, d)
-        if self.spec.embed_scale != 1.0:
-            h = h * torch.tensor(self.spec.embed_scale, dtype=h.dtype)
-        for i, lw in enumerate(self.spec.layers):
-            h = self._attention(h, i, lw, p, cache, gates, policy, counter)
-            h = self._mlp(h, i, lw, p, gates, policy, counter)
+        p.gates, p.policy, p.kv_fill, p.counter = gates, policy, kv_fill, counter
+        h = layers.embed(self.weights, input_ids)
+        for i, lw in enumerate(self.weights.layers):
+            h = self._attention(h, i, lw, p)
+            h = self._mlp(h, i, lw, p)
         cache.lengths += T
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
-        logits = linear(rms_norm(h, self.spec.final_norm, self.spec.eps), self.spec.lm_head)
-        if self.spec.final_softcap:
-            logits = torch.tanh(logits / self.spec.final_softcap) * self.spec.final_softcap
-        return logits
+        return head.logits(h) if head is not None else layers.head(self.weights, h)
 
     __call__ = forward
 
@@ -120,117 +155,75 @@ class Engine:
         S = hi + T
         padded = bool(cache.pad.any())
         valid = slots >= cache.pad[:, None]
-        masks = {}
-        for window in {lw.window for lw in self.spec.layers}:
-            if T == 1 and lo == hi and not padded and (window is None or S <= window):
-                masks[window] = None
-                continue
-            j = torch.arange(S, device=slots.device)
-            q = slots[:, :, None]  # (B, T, 1)
-            m = (j >= cache.pad[:, None, None]) & (j <= q)
-            if window is not None:
-                m &= q - j < window
-            masks[window] = (m | (j == q))[:, None]  # a padding query sees itself: no empty rows
         positions = (slots - cache.pad[:, None]).clamp(min=0)
         x = torch.empty(0, dtype=self.dtype, device=self.device)
-        rope = {k: fn(x, positions) for k, fn in self.spec.rope.items()}
-        return _Pass(slots, valid, int(valid.sum()), lo if lo == hi else None, S, masks, rope)
+        rope = {k: fn(x, positions) for k, fn in self.weights.rope.items()}
+        causal = hi == 0 and T > 1 and not padded  # the fused causal kernel: no (T, S) mask to read
+        return _Pass(cache, slots, valid, int(valid.sum()), lo if lo == hi else None, S, rope, padded, causal)
 
-    def _select(self, x, i, branch, p, gates, policy, counter):
-        """Gate values (B, T, d|1) and the tokens that run the branch (None: all of them)."""
-        if gates is None:
+    def _select(self, x: torch.Tensor, i: int, branch: int, p: _Pass):
+        """The factor on the branch output (None: 1) and the tokens that run it (None: all)."""
+        if p.gates is None:
             return None, None
-        if policy is not None and not policy.scale_output and not policy.may_skip(i, branch, x.shape[1]):
-            if counter is not None:
-                counter.total += p.n_valid
+        scale = p.gates.config.scale_output
+        if p.counter is not None:
+            p.counter.total += p.n_valid
+        if p.policy is not None and not scale and not p.policy.may_skip(i, branch, x.shape[1]):
             return None, None  # the gate would neither skip nor scale anything: do not run it
-        g = gates.gate(i, branch)(x)
-        if policy is None:
-            return g, None
-        if not policy.scale_output:  # decide with g, but keep the branch output as it is
-            g_out = g - g.detach() + 1.0 if g.requires_grad else None  # straight-through in training
-        else:
-            g_out = g
-        active = policy.active(g.mean(-1), p.valid, i, branch)
-        if counter is not None:
-            counter.total += p.n_valid
-            counter.skipped += p.n_valid - (int((active & p.valid).sum()) if active is not None else p.n_valid)
-        if active is None or bool(active.all()):
-            return g_out, None
-        return g_out, _Selection.of(active)
+        g = p.gates.gate(i, branch)(x)
+        active = p.policy.active(g.mean(-1), p.valid, i, branch) if p.policy is not None else None
+        if p.counter is not None and active is not None:
+            p.counter.skipped += p.n_valid - int((active & p.valid).sum())
+        if active is not None and bool(active.all()):
+            active = None
+        factor = layers.branch_factor(g, active, scale)  # computed on all tokens, used on the active ones
+        return factor, None if active is None else _Selection.of(active)
 
-    def _attention(self, h, i, lw: LayerWeights, p: _Pass, cache, gates, policy, counter) -> torch.Tensor:
-        s = self.spec
-        B, T, _ = h.shape
-        q_dim = s.n_heads * s.head_dim
-        x = rms_norm(h, lw.attn_norm, s.eps)  # (B, T, d)
-        g, sel = self._select(x, i, 0, p, gates, policy, counter)
+    def _attention(self, h: torch.Tensor, i: int, lw: LayerWeights, p: _Pass) -> torch.Tensor:
+        w = self.weights
+        x = layers.norm(w, h, lw.attn_norm)  # (B, T, d)
+        g, sel = self._select(x, i, 0, p)
         cos, sin = p.rope[lw.rope]
 
         # 1. K/V of the new tokens into the cache (run on all tokens, or fill the skipped ones).
-        copy_below = sel is not None and policy.kv_fill == "copy_below" and i > 0
         if sel is None:
-            qkv = linear(x, lw.qkv_w, lw.qkv_b)
-            q, kv = qkv[..., :q_dim], qkv[..., q_dim:]
-            self._write_kv(kv, i, lw, cos, sin, p.slots, p.uniform, cache)
-        elif copy_below:
-            kv = linear(gather_tokens(x, sel.order), lw.qkv_w[q_dim:], _rows(lw.qkv_b, q_dim, None))
-            slots = gather_tokens(p.slots, sel.order)
-            self._write_kv(kv, i, lw, gather_tokens(cos, sel.order), gather_tokens(sin, sel.order), slots, None, cache)
+            q, k, v = layers.qkv(w, lw, x, cos, sin)
+            p.cache.write(i, p.slots, k, v, p.uniform)
+        elif p.kv_fill == "copy_below" and i > 0:
+            gcos, gsin = gather_tokens(cos, sel.order), gather_tokens(sin, sel.order)
+            k, v = layers.keys_values(w, lw, gather_tokens(x, sel.order), gcos, gsin)
+            p.cache.write(i, gather_tokens(p.slots, sel.order), k, v, None)
             rows, cols = (~sel.active).nonzero(as_tuple=True)
-            cache.copy_from_below(i, p.slots[rows, cols], rows)
+            p.cache.copy_from_below(i, p.slots[rows, cols], rows)
         else:
-            kv = linear(x, lw.qkv_w[q_dim:], _rows(lw.qkv_b, q_dim, None))
-            self._write_kv(kv, i, lw, cos, sin, p.slots, p.uniform, cache)
+            p.cache.write(i, p.slots, *layers.keys_values(w, lw, x, cos, sin), p.uniform)
         if sel is not None and sel.order.shape[1] == 0:
             return h  # every token skips attention
 
         # 2. Queries of the active tokens attend to the cache.
-        mask = p.masks[lw.window]
+        causal = p.causal and sel is None and (lw.window is None or p.S <= lw.window)
+        mask = None if causal else p.mask(lw.window)
         if sel is not None:
-            x_act = gather_tokens(x, sel.order)
-            q = linear(x_act, lw.qkv_w[:q_dim], _rows(lw.qkv_b, 0, q_dim))
-            cos, sin = gather_tokens(cos, sel.order), gather_tokens(sin, sel.order)
+            q = layers.queries(w, lw, gather_tokens(x, sel.order), gather_tokens(cos, sel.order), gather_tokens(sin, sel.order))
             if mask is not None:
                 mask = mask.gather(2, sel.order[:, None, :, None].expand(-1, 1, -1, p.S))
-        n = q.shape[1]
-        q = q.view(B, n, s.n_heads, s.head_dim).transpose(1, 2)  # (B, nh, n, hd)
-        if lw.q_norm is not None:
-            q = rms_norm(q, lw.q_norm, s.eps)
-        q = apply_rope(q, cos, sin)
-        k, v = cache.k[i][:, :, : p.S], cache.v[i][:, :, : p.S]  # (B, n_kv, S, hd)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=s.scaling, enable_gqa=True)
-        o = linear(o.transpose(1, 2).reshape(B, n, q_dim), lw.o_w, lw.o_b)  # (B, n, d)
-        return self._residual(h, o, lw.post_attn_norm, g, sel)
+        k, v = p.cache.k[i][:, :, : p.S], p.cache.v[i][:, :, : p.S]  # (B, n_kv, S, hd)
+        o = layers.attention_output(w, lw, layers.attend(w, q, k, v, mask, causal))  # (B, n, d)
+        return self._residual(h, o, g, sel)
 
-    def _write_kv(self, kv, i, lw: LayerWeights, cos, sin, slots, uniform, cache: StaticKVCache) -> None:
-        s = self.spec
-        B, n, _ = kv.shape
-        k, v = kv.view(B, n, 2, s.n_kv_heads, s.head_dim).permute(2, 0, 3, 1, 4)  # 2 x (B, n_kv, n, hd)
-        if lw.k_norm is not None:
-            k = rms_norm(k, lw.k_norm, s.eps)
-        cache.write(i, slots, apply_rope(k, cos, sin), v, uniform)
-
-    def _mlp(self, h, i, lw: LayerWeights, p: _Pass, gates, policy, counter) -> torch.Tensor:
-        x = rms_norm(h, lw.mlp_norm, self.spec.eps)
-        g, sel = self._select(x, i, 1, p, gates, policy, counter)
+    def _mlp(self, h: torch.Tensor, i: int, lw: LayerWeights, p: _Pass) -> torch.Tensor:
+        x = layers.norm(self.weights, h, lw.mlp_norm)
+        g, sel = self._select(x, i, 1, p)
         if sel is not None:
             if sel.order.shape[1] == 0:
                 return h
             x = gather_tokens(x, sel.order)
-        gate, up = linear(x, lw.gate_up_w).chunk(2, dim=-1)
-        o = linear(self.spec.act(gate) * up, lw.down_w)
-        return self._residual(h, o, lw.post_mlp_norm, g, sel)
+        return self._residual(h, layers.mlp(self.weights, lw, x), g, sel)
 
-    def _residual(self, h, o, post_norm, g, sel: _Selection | None) -> torch.Tensor:
-        """h + g * post_norm(o), with o computed for the selected tokens only."""
-        if post_norm is not None:
-            o = rms_norm(o, post_norm, self.spec.eps)
+    @staticmethod
+    def _residual(h: torch.Tensor, o: torch.Tensor, g: torch.Tensor | None, sel: _Selection | None) -> torch.Tensor:
+        """h + g * o, with o computed for the selected tokens only."""
         if sel is None:
             return h + (o if g is None else g * o)
         o = o * sel.keep[..., None] if g is None else o * gather_tokens(g, sel.order) * sel.keep[..., None]
         return scatter_add_tokens(h, sel.order, o)
-
-
-def _rows(t: torch.Tensor | None, start: int, stop: int | None) -> torch.Tensor | None:
-    return None if t is None else t[start:stop]

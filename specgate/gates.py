@@ -1,4 +1,4 @@
-"""GateSkip residual gates, the skip policy, and gate files.
+"""GateSkip residual gates and gate files.
 
 Every attention and every MLP branch of every decoder layer gets a gate ``g = sigmoid(W x + b)``
 that reads the branch's normed input ``x`` (detached) and scales the branch's output before the
@@ -9,17 +9,18 @@ low-importance tokens skip the branch (see ../shared/reference/GATESKIP.md).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 from torch import nn
 
+from .policy import BudgetPolicy
+
 GateKind = Literal["full", "lowrank", "scalar"]
-KVFill = Literal["project", "copy_below"]
-BRANCHES = ("attn", "mlp")
 WEIGHTS_NAME, CONFIG_NAME = "gates.safetensors", "gate_config.json"
 
 
@@ -76,7 +77,7 @@ class GateSet(nn.Module):
     def gate(self, layer: int, branch: int) -> Gate:
         return (self.attn if branch == 0 else self.mlp)[layer]
 
-    def policy(self, budget: float, kv_fill: KVFill = "project", scale_output: bool = True) -> "SkipPolicy":
+    def policy(self, budget: float) -> BudgetPolicy:
         """The skip policy at ``budget``, with calibrated single-token thresholds if there are any."""
         thresholds = None
         if self.thresholds:
@@ -84,69 +85,10 @@ class GateSet(nn.Module):
             if abs(nearest - budget) > 1e-6:
                 raise ValueError(
                     f"gates are calibrated for budgets {sorted(self.thresholds)}, not {budget}: "
-                    "run `specgate calibrate --budgets ...` or pick a calibrated budget"
+                    f"run `specgate calibrate --budgets {budget}` or pick a calibrated budget"
                 )
             thresholds = self.thresholds[nearest]
-        return SkipPolicy(budget=budget, thresholds=thresholds, kv_fill=kv_fill, scale_output=scale_output)
-
-
-@dataclass(frozen=True, eq=False)
-class SkipPolicy:
-    """What the draft skips, passed explicitly to every engine forward.
-
-    budget: share of (token, branch) evaluations to skip. Multi-token passes skip, per branch, the
-        ``floor(budget * n_valid)`` lowest-importance valid tokens (padding never counts).
-    thresholds: (2, num_layers) importance thresholds for single-token steps (one value has no
-        quantile); without them single-token steps skip nothing.
-    kv_fill: K/V of a token that skips attention: ``"project"`` runs the k/v projections on its
-        passed-through hidden state; ``"copy_below"`` copies the layer below's cache entry.
-    never_skip: branches (layer, branch) that always run; branch 0 is attention, 1 the MLP.
-    scale_output: multiply branch outputs by the gate (the GateSkip model). False uses the gates only
-        to decide what to skip, so the draft stays the original model where it computes; in training
-        the gate then gets a straight-through gradient (forward value 1, backward as if scaling).
-    """
-
-    budget: float = 0.0
-    thresholds: torch.Tensor | None = None
-    kv_fill: KVFill = "project"
-    never_skip: frozenset[tuple[int, int]] = field(default_factory=frozenset)
-    scale_output: bool = True
-
-    def __post_init__(self):
-        if not 0.0 <= self.budget <= 1.0:
-            raise ValueError(f"skip budget must be in [0, 1], got {self.budget}")
-        if self.kv_fill not in ("project", "copy_below"):
-            raise ValueError(f"kv_fill must be 'project' or 'copy_below', got {self.kv_fill!r}")
-        # Branches a single-token step never skips: importance is in (0, 1), a threshold below 0
-        # is never reached. Their gates need not even run unless they scale the output.
-        idle = set(self.never_skip)
-        if self.thresholds is not None:
-            idle |= {(int(l), int(b)) for b, l in (self.thresholds < 0).nonzero().tolist()}
-        object.__setattr__(self, "_single_idle", frozenset(idle))
-
-    def may_skip(self, layer: int, branch: int, T: int) -> bool:
-        """Whether a pass of T tokens can skip this branch at all (if not, its gate need not run)."""
-        if T == 1:
-            return self.thresholds is not None and (layer, branch) not in self._single_idle
-        return self.budget > 0 and (layer, branch) not in self.never_skip
-
-    def active(self, importance: torch.Tensor, valid: torch.Tensor, layer: int, branch: int) -> torch.Tensor | None:
-        """Which tokens run the branch. importance, valid: (B, T). Returns (B, T) bool, or None for all."""
-        if (layer, branch) in self.never_skip:
-            return None
-        if importance.shape[1] == 1 and self.thresholds is not None:
-            return importance > self.thresholds[branch, layer].to(importance.dtype)
-        return skip_lowest(importance, valid, int(self.budget * int(valid.sum())))
-
-
-def skip_lowest(importance: torch.Tensor, valid: torch.Tensor, n_skip: int) -> torch.Tensor | None:
-    """(B, T) run mask that skips the n_skip lowest-importance valid tokens (None: skip nothing)."""
-    if n_skip == 0:
-        return None
-    ranked = importance.masked_fill(~valid, float("inf")).flatten().argsort(stable=True)  # padding last
-    keep = torch.ones(importance.numel(), dtype=torch.bool, device=importance.device)
-    keep[ranked[:n_skip]] = False
-    return keep.view_as(importance)
+        return BudgetPolicy(budget=budget, thresholds=thresholds)
 
 
 def save_gates(gates: GateSet, path: str | Path) -> Path:
@@ -156,7 +98,7 @@ def save_gates(gates: GateSet, path: str | Path) -> Path:
     tensors = {k: v.detach().contiguous() for k, v in gates.state_dict().items()}
     for budget, t in gates.thresholds.items():
         tensors[f"thresholds.{budget:.4f}"] = t.detach().float().contiguous()
-    save_file(tensors, str(path / WEIGHTS_NAME))
+    (path / WEIGHTS_NAME).write_bytes(save(tensors))  # the umask's mode: safetensors' save_file writes 0600
     (path / CONFIG_NAME).write_text(json.dumps(gates.config.__dict__, indent=2) + "\n")
     return path
 
@@ -177,7 +119,13 @@ def load_gates(path: str | Path, model_config=None, dtype: torch.dtype | None = 
     if model_config is not None:
         check_fits(config, model_config, path)
     gates = GateSet(config)
-    tensors = load_file(str(path / WEIGHTS_NAME))
+    try:
+        tensors = load_file(str(path / WEIGHTS_NAME))
+    except SafetensorError as e:
+        raise ValueError(
+            f"gate file {path / WEIGHTS_NAME} is truncated or corrupt ({e}): write it again (save_gates, "
+            "`specgate train`), or reinstall specgate for the gates it ships"
+        ) from e
     for key in [k for k in tensors if k.startswith("thresholds.")]:
         gates.thresholds[float(key.split(".", 1)[1])] = tensors.pop(key)
     expected = {k: v.shape for k, v in gates.state_dict().items()}

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
 
+from .cache import GROWTH
 from .engine import Engine, SkipCounter
-from .gates import GateSet, SkipPolicy
+from .gates import GateSet
+from .policy import SkipPolicy
 from .output import Emitter
 
 
@@ -22,12 +25,20 @@ class Sampling:
     top_p: float = 1.0
 
     def __post_init__(self):
-        if self.do_sample and self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        # What transformers' warpers refuse is refused, nothing is reinterpreted. As there, the
+        # settings are unused, and unchecked, when decoding greedily.
+        if not self.do_sample:
+            return
+        if not self.temperature > 0:
+            raise ValueError(
+                f"temperature must be > 0 when sampling, got {self.temperature}: for greedy decoding pass do_sample=False"
+            )
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral) or self.top_k < 0:
+            raise ValueError(f"top_k must be a whole number >= 0 (0 turns it off), got {self.top_k!r}")
+        if not 0 <= self.top_p <= 1:
+            raise ValueError(
+                f"top_p must be in [0, 1] (1 turns it off, 0 keeps only the most likely token), got {self.top_p}"
+            )
 
 
 def warp(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
@@ -44,6 +55,7 @@ def warp(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
         sorted_logits, idx = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs >= sampling.top_p  # keep the smallest set reaching top_p
+        drop[..., 0] = False  # and the most likely token, even at top_p=0 (as transformers does)
         logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
     return logits
 
@@ -90,8 +102,9 @@ def prefill(
     gates: GateSet | None = None,
     policy: SkipPolicy | None = None,
 ):
-    """A fresh cache holding the prompt, and the logits (B, V) of its last position."""
-    cache = engine.new_cache(input_ids.shape[0], max_len)
+    """A fresh cache holding the prompt, and the logits (B, V) of its last position. The cache has
+    room for GROWTH more tokens; callers :meth:`~StaticKVCache.reserve` more, up to ``max_len``."""
+    cache = engine.new_cache(input_ids.shape[0], min(max_len, input_ids.shape[1] + GROWTH))
     cache.reset(left_padding(input_ids, attention_mask))
     logits = engine(input_ids, cache, gates, policy, logits_to_keep=1)[:, -1]
     return cache, logits
@@ -118,4 +131,5 @@ def plain_generate(
             out.emit(b, [t], logits[b : b + 1])
         if out.done:
             break
+        cache.reserve(int(cache.lengths.max()) + 1, max_len)
         logits = engine(token[:, None], cache, gates, policy, counter=counter)[:, -1]

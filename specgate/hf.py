@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .gates import GateSet, load_gates
+from .gates import GateSet, check_fits, load_gates
 from .model import SpecGateModel
 
 _ATTR = "_specgate"
@@ -28,6 +28,8 @@ def attach(model: nn.Module, gates: str | Path | GateSet, tokenizer=None) -> Spe
     """Give a ``transformers`` causal LM its gates, for ``custom_generate``. Shares the weights."""
     if isinstance(gates, (str, Path)):
         gates = load_gates(gates, model.config)
+    else:
+        check_fits(gates.config, model.config, "the given GateSet")
     sg = SpecGateModel(model, tokenizer, gates)
     model.__dict__[_ATTR] = sg  # a plain attribute, not a submodule: state_dict stays unchanged
     return sg

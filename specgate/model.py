@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import numbers
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -30,6 +32,8 @@ _UNSUPPORTED = {
     "prompt_lookup_num_tokens": None, "output_attentions": False, "output_hidden_states": False,
     "renormalize_logits": False, "num_return_sequences": 1, "constraints": None,
 }  # fmt: skip
+# What transformers samples with when a setting is unset (GenerationConfig._get_default_generation_params).
+_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
 
 
 class SpecGateModel:
@@ -85,16 +89,20 @@ class SpecGateModel:
         ``spec_config`` holds every speculation setting; ``draft_budget`` and ``max_draft``
         override it for this call. generator: a seeded ``torch.Generator`` for reproducible sampling.
         """
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}: for one prompt pass ids[None]")
+        if input_ids.shape[1] == 0:
+            raise ValueError("the prompt is empty: pass at least one token (e.g. the tokenizer's bos_token_id)")
         config = _merge_config(self.hf_model.generation_config, generation_config, kwargs)
         if streamer is not None and input_ids.shape[0] > 1:
             raise ValueError("streamers take one sequence: pass a batch of 1 with streamer=")
-        sampling = Sampling(bool(config.do_sample), config.temperature or 1.0, config.top_k or 0, config.top_p or 1.0)
-        eos = config.eos_token_id
-        eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
-        pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
+        unset = lambda key: _SAMPLING_DEFAULTS[key] if getattr(config, key) is None else getattr(config, key)  # noqa: E731
+        sampling = Sampling(bool(config.do_sample), unset("temperature"), unset("top_k"), unset("top_p"))
+        eos = _token_ids(config.eos_token_id)
+        pad = int(config.pad_token_id) if config.pad_token_id is not None else (eos[0] if eos else 0)
         out = Emitter(
             input_ids,
-            _max_new_tokens(config, input_ids.shape[1]),
+            _max_new_tokens(config, input_ids.shape[1], getattr(self.config, "max_position_embeddings", None)),
             eos,
             pad,
             stop=self._stop_criteria(config.stop_strings, tokenizer),
@@ -108,8 +116,6 @@ class SpecGateModel:
             spec = spec_config or SpecConfig()
             overrides = {"draft_budget": draft_budget, "max_draft": max_draft}
             spec = replace(spec, **{k: v for k, v in overrides.items() if v is not None})
-            if spec.init_draft > spec.max_draft:
-                spec = replace(spec, init_draft=spec.max_draft)
             stats = speculative_generate(
                 self.engine, self.gates, input_ids, attention_mask, out, sampling, spec, generator
             )
@@ -158,10 +164,60 @@ def _merge_config(base, given, kwargs):
     return config
 
 
-def _max_new_tokens(config, prompt_len: int) -> int:
+def _token_ids(value) -> tuple[int, ...]:
+    """eos_token_id as transformers takes it: None, an int, a list or tuple, or a tensor."""
+    if value is None:
+        return ()
+    if isinstance(value, torch.Tensor):
+        return tuple(value.flatten().tolist())
+    return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),)
+
+
+def _max_new_tokens(config, prompt_len: int, context: int | None) -> int:
+    """How many tokens to generate: max_new_tokens, else max_length - prompt, else transformers'
+    default of 20; never past the model's context length (with a warning)."""
+    for key in ("max_new_tokens", "max_length"):
+        value = getattr(config, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0):
+            raise ValueError(f"{key} must be a whole number >= 0, got {value!r}")
     if config.max_new_tokens is not None:
-        return int(config.max_new_tokens)
-    return max(0, int(config.max_length) - prompt_len)
+        n = int(config.max_new_tokens)
+    elif config.max_length is not None:
+        if config.max_length < prompt_len:
+            raise ValueError(
+                f"max_length={config.max_length} is shorter than the prompt ({prompt_len} tokens): pass max_new_tokens instead"
+            )
+        n = int(config.max_length) - prompt_len
+    else:
+        warnings.warn("neither max_new_tokens nor max_length is set: generating up to 20 tokens, as transformers does", stacklevel=3)
+        n = 20
+    if context is not None and prompt_len + n > context:
+        if prompt_len > context:
+            raise ValueError(f"the prompt ({prompt_len} tokens) is longer than the model's context ({context}): shorten it")
+        warnings.warn(
+            f"the prompt ({prompt_len} tokens) + max_new_tokens ({n}) exceed the model's context length "
+            f"({context}): generation stops at {context} tokens",
+            stacklevel=3,
+        )
+        n = context - prompt_len
+    return n
+
+
+def _check_device(device: str | torch.device) -> None:
+    """Refuse a device torch cannot use here before anything loads, saying what to pass instead."""
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"{device!r} is not a device: pass 'cpu', 'cuda' or 'cuda:N' ({e})") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={str(device)!r}, but torch finds no GPU (torch.cuda.is_available() is False): "
+            "pass device='cpu', or install a CUDA build of torch on a machine with a GPU"
+        )
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, NotImplementedError) as e:
+        raise ValueError(f"device {str(device)!r} is not usable here ({e}): pass device='cpu'") from e
 
 
 def load(
@@ -177,6 +233,7 @@ def load(
     gates: ``"default"`` (the gates shipped for an alias, if any), a gate directory, a
         :class:`GateSet`, or None.
     """
+    _check_device(device)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     if isinstance(gates, str) and gates == "default":

@@ -10,29 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def _probe_onednn_linear() -> bool:
-    """oneDNN's linear streams fp32 weights about 2x faster than the BLAS GEMV behind F.linear on
-    x86 CPUs for the few-row products of decoding, on the same (unpacked) weight tensors."""
-    try:
-        x, w = torch.ones(1, 4), torch.ones(3, 4)
-        return bool(torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "").sum() == 12)
-    except (AttributeError, RuntimeError):
-        return False
-
-
-_ONEDNN_LINEAR: bool | None = None  # probed on first use, not at import
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, routed to oneDNN for CPU inference (no autograd) where that is available."""
-    global _ONEDNN_LINEAR
-    if x.device.type == "cpu" and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-        if _ONEDNN_LINEAR is None:
-            _ONEDNN_LINEAR = _probe_onednn_linear()
-        if _ONEDNN_LINEAR and x.dtype in (torch.float32, torch.bfloat16):
-            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
+from .linear import linear  # noqa: F401 - the linear products: the backend measured fastest on this CPU
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -21,10 +21,11 @@ from typing import Literal
 
 import torch
 
-from .engine import Engine, SkipCounter
-from .gates import GateSet, KVFill, SkipPolicy
+from .engine import Engine, KVFill, SkipCounter
+from .gates import GateSet
 from .generation import Sampling, next_token, prefill, probabilities, sample
 from .output import Emitter
+from .policy import SkipPolicy
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class SpecConfig:
     # defaults: the best of eval/sweep_spec.py with the shipped SmolLM2 gates (see README)
     draft_budget: float = 0.1  # share of the draft's branch evaluations to skip
     max_draft: int = 4  # most tokens drafted per round
-    init_draft: int = 3  # tokens drafted in the first round
+    init_draft: int | None = None  # tokens drafted in the first round; None: min(3, max_draft)
     adaptive: bool = True  # after a fully accepted round draft one more, after a rejection one fewer
     min_draft_prob: float = 0.0  # stop drafting once the draft's top-1 probability is below this
     verifier: Literal["original", "gated"] = "original"
@@ -43,10 +44,20 @@ class SpecConfig:
     def __post_init__(self):
         if self.verifier not in ("original", "gated"):
             raise ValueError(f"verifier must be 'original' or 'gated', got {self.verifier!r}")
-        if not 1 <= self.init_draft <= self.max_draft:
-            raise ValueError(f"need 1 <= init_draft <= max_draft, got {self.init_draft}, {self.max_draft}")
+        if self.max_draft < 1:
+            raise ValueError(f"max_draft must be >= 1, got {self.max_draft}")
+        if self.init_draft is not None and not 1 <= self.init_draft <= self.max_draft:
+            raise ValueError(
+                f"init_draft must be between 1 and max_draft ({self.max_draft}), got {self.init_draft}; "
+                "leave it None to draft min(3, max_draft) tokens in the first round"
+            )
         if not 0.0 <= self.min_draft_prob < 1.0:
             raise ValueError(f"min_draft_prob must be in [0, 1), got {self.min_draft_prob}")
+
+    @property
+    def first_draft(self) -> int:
+        """Tokens drafted in the first round."""
+        return min(3, self.max_draft) if self.init_draft is None else self.init_draft
 
 
 @dataclass(frozen=True)
@@ -137,12 +148,13 @@ def speculative_generate(
     max_len = input_ids.shape[1] + out.max_new + config.max_draft + 2
     cache, logits = prefill(engine, input_ids, attention_mask, max_len, verifier)
     last = next_token(logits, sampling, generator)  # (B,) the first new token comes from the verifier
-    tot, counter, k = _Totals(), SkipCounter(), config.init_draft
+    tot, counter, k = _Totals(), SkipCounter(), config.first_draft
     for b, t in enumerate(last.tolist()):
         out.emit(b, [t], logits[b : b + 1])
         tot.verifier_lp.append(float(logits[b].float().log_softmax(-1)[t]))
     while not out.done:
         active = [not f for f in out.finished]
+        cache.reserve(int(cache.lengths.max()) + k + 1, max_len)  # k drafts, then k + 1 verified
         start = cache.lengths.clone()
         # 1. Draft up to k tokens with the skipping model.
         t0 = time.perf_counter()
@@ -173,19 +185,13 @@ def speculative_generate(
 
 def draft_policy(gates: GateSet, config: SpecConfig) -> SkipPolicy:
     """The draft's skip policy: calibrated single-token thresholds at the draft budget."""
-    policy = gates.policy(config.draft_budget, kv_fill=config.kv_fill, scale_output=_scales(gates, config))
+    policy = gates.policy(config.draft_budget)
     if policy.thresholds is None and config.draft_budget > 0:
         raise ValueError(
             "the gates have no calibrated thresholds, so single-token draft steps would skip nothing: "
-            "run `specgate calibrate`, or use draft_budget=0"
+            "run `specgate calibrate --gates DIR`, or decode without speculation"
         )
     return policy
-
-
-def _scales(gates: GateSet, config: SpecConfig) -> bool:
-    """Whether the draft multiplies branch outputs by the gates (the GateSkip model), or uses the
-    gates only to decide what to skip (how the gates were trained says which drafts better)."""
-    return config.verifier == "gated" or gates.config.scale_output
 
 
 def _draft(engine, gates, policy, cache, last, k, sampling, config, generator, counter):
@@ -193,7 +199,7 @@ def _draft(engine, gates, policy, cache, last, k, sampling, config, generator, c
     tokens, logits = [], []
     token = last
     for _ in range(k):
-        step = engine(token[:, None], cache, gates, policy, counter=counter)[:, -1]  # (B, V)
+        step = engine(token[:, None], cache, gates, policy, kv_fill=config.kv_fill, counter=counter)[:, -1]  # (B, V)
         probs = probabilities(step, sampling)
         token = sample(probs, generator) if sampling.do_sample else step.argmax(-1)
         tokens.append(token)

@@ -14,6 +14,10 @@ from transformers import (
 )
 
 import specgate
+from specgate import gradient as G
+from specgate.layers import dense_forward
+from specgate.policy import budget_quantile
+from specgate.train import TrainConfig
 
 VOCAB = 101
 _COMMON = dict(
@@ -70,3 +74,91 @@ def smollm2():
         return specgate.load("smollm2-135m-instruct", gates=None)
     except ModuleNotFoundError as e:
         pytest.fail(f"the integration set needs the default model: {e}")
+
+
+# -- training ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: several threads only wait on each other (and on a busy machine, for long).
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def trainee():
+    """A 3-layer tiny Llama with peaked next-token distributions, as a trained model has, frozen."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0,
+    )  # fmt: skip
+    hf = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(20)  # peaked next-token distributions, as a trained model has
+    m = specgate.SpecGateModel(hf, tokenizer=None)
+    for p in m.hf_model.parameters():
+        p.requires_grad_(False)
+    return m
+
+
+def pattern_docs(n: int = 24, length: int = 40, seed: int = 0) -> list[list[int]]:
+    """Learnable text: each document repeats a short random motif."""
+    g = torch.Generator().manual_seed(seed)
+    docs = []
+    for _ in range(n):
+        motif = torch.randint(3, VOCAB, (int(torch.randint(3, 7, (1,), generator=g)),), generator=g).tolist()
+        docs.append((motif * length)[:length])
+    return docs
+
+
+def own_docs(m, n: int = 24, length: int = 40) -> list[list[int]]:
+    """The tiny model's own greedy continuations of random two-token starts."""
+    ids = torch.randint(3, VOCAB, (n, 2), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        while ids.shape[1] < length:
+            ids = torch.cat([ids, dense_forward(m.engine.weights, ids)[:, -1:].argmax(-1)], dim=1)
+    return ids.tolist()
+
+
+def interrupting(fn, at_call: int):
+    """fn, except that its at_call-th call raises KeyboardInterrupt (a Ctrl-C during that step)."""
+    calls = []
+
+    def wrapped(*a, **kw):
+        calls.append(1)
+        if len(calls) == at_call:
+            raise KeyboardInterrupt
+        return fn(*a, **kw)
+
+    return wrapped
+
+
+def random_gates(m, seed: int = 0, std: float = 0.5):
+    torch.manual_seed(seed)
+    gates = m.new_gates(rank=8)
+    with torch.no_grad():
+        for p in gates.parameters():
+            p.normal_(0, std)
+    return gates
+
+
+def train_config(tmp_path, **kw) -> TrainConfig:
+    """A small, fast training run into tmp_path/run."""
+    base = dict(output_dir=str(tmp_path / "run"), steps=10, batch_size=4, seq_len=32, gate_rank=8, threads=None,
+                checkpoint_every=2, warmup_steps=4)  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def fixed_budget_loss(m, gates, config, ids, budget=0.3) -> float:
+    """The objective's loss at a fixed budget, the threshold taken from the gates' importances."""
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    rec = G.ForwardRecord()
+    with torch.no_grad():
+        G.gated_forward(m.engine, ids, gates, None, rec)
+        threshold = float(budget_quantile(torch.stack(rec.importance), budget))
+        return G.train_step(m.engine, gates, ids, valid, config, budget, threshold)[1].loss

@@ -28,3 +28,51 @@ def test_every_subcommand_builds_its_parser(capsys):
             main([command, "--help"])
         assert exit.value.code == 0
         assert "--model" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["bench", "--threads", "-1"], "must be 1 or more"),
+        (["bench", "--prompts", "0"], "must be 1 or more"),
+        (["bench", "--draft-budget", "1.5"], "share in [0, 1]"),
+        (["generate", "hi", "--max-new-tokens", "2.5"], "whole number"),
+    ],
+)
+def test_bad_numbers_are_refused_before_anything_loads(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_out_must_be_a_file_before_the_run(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["bench", "--out", str(tmp_path)])
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_bench_refuses_more_prompts_than_mt_bench_has(capsys):
+    assert main(["bench", "--prompts", "10000"]) == 2
+    assert "80" in capsys.readouterr().err
+
+
+def test_calibrate_never_writes_into_the_shipped_gates(capsys):
+    assert main(["calibrate"]) == 2
+    assert "never overwritten" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("saved,message", [(True, "checkpoint of 3 steps"), (False, "nothing saved")])
+def test_ctrl_c_says_whether_a_checkpoint_was_saved(capsys, monkeypatch, tmp_path, saved, message):
+    import specgate.train
+    from conftest import tiny
+
+    from specgate import cli
+    from specgate.loop import TrainingInterrupted
+
+    def interrupted(model, config):
+        raise TrainingInterrupted(3 if saved else 0, saved)
+
+    monkeypatch.setattr(cli, "_load", lambda args, gates=None: tiny("llama"))
+    monkeypatch.setattr(specgate.train, "train", interrupted)
+    assert main(["train", "--output-dir", str(tmp_path)]) == 130
+    assert message in capsys.readouterr().err

@@ -1,10 +1,12 @@
 """The engine against the Hugging Face forward, the static cache, and skipping for real."""
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import FAMILIES, VOCAB, left_padded, tiny
 
-from specgate import SkipPolicy
+from specgate import BudgetPolicy
 from specgate.engine import SkipCounter
 
 
@@ -96,7 +98,7 @@ def test_right_padding_and_unknown_arguments_are_refused():
 def test_weights_are_shared_not_copied():
     m = tiny("llama")
     attn = m.hf_model.model.layers[0].self_attn
-    fused = m.engine.spec.layers[0].qkv_w
+    fused = m.engine.weights.layers[0].qkv_w
     assert attn.q_proj.weight.data_ptr() == fused.data_ptr()
     assert attn.k_proj.weight.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
     with torch.no_grad():
@@ -108,12 +110,14 @@ def test_weights_are_shared_not_copied():
 # -- gates and skipping ----------------------------------------------------------------------------
 
 
-class FixedMasks(SkipPolicy):
+class FixedMasks:
     """A policy whose active tokens are given: masks[(layer, branch)] (B, T) bool."""
 
-    def __init__(self, masks, **kw):
-        super().__init__(**kw)
-        object.__setattr__(self, "masks", masks)
+    def __init__(self, masks):
+        self.masks = masks
+
+    def may_skip(self, layer, branch, T):
+        return True
 
     def active(self, importance, valid, layer, branch):
         return self.masks[(layer, branch)]
@@ -146,8 +150,8 @@ def test_sparse_gather_scatter_equals_dense_compute_and_mask(scale_output):
     gen = torch.Generator().manual_seed(5)
     masks = {(i, b): torch.rand(2, 9, generator=gen) < 0.6 for i in range(4) for b in (0, 1)}
     masks[(2, 0)][:] = False  # a branch nobody runs
-    policy = FixedMasks(masks, budget=0.5, scale_output=scale_output)
-    got = m.engine(ids, m.engine.new_cache(2, 12), m.gates, policy)
+    m.gates.config = dataclasses.replace(m.gates.config, scale_output=scale_output)
+    got = m.engine(ids, m.engine.new_cache(2, 12), m.gates, FixedMasks(masks))
     torch.testing.assert_close(got, _dense_masked_reference(m, ids, masks, scale_output))
 
 
@@ -165,11 +169,11 @@ def test_gated_full_compute_scales_branches_and_starts_near_original():
 def test_budget_one_passes_the_residual_through():
     m = tiny("llama", gates=True)
     ids = _ids()
-    spec = m.engine.spec
+    w = m.engine.weights
     counter = SkipCounter()
-    got = m.engine(ids, m.engine.new_cache(2, 16), m.gates, SkipPolicy(budget=1.0), counter=counter)
-    h = torch.nn.functional.embedding(ids, spec.embed)  # nothing ran: h is the embedding
-    expected = torch.nn.functional.linear(torch.nn.functional.rms_norm(h, (64,), spec.final_norm, spec.eps), spec.lm_head)
+    got = m.engine(ids, m.engine.new_cache(2, 16), m.gates, BudgetPolicy(budget=1.0), counter=counter)
+    h = torch.nn.functional.embedding(ids, w.embed)  # nothing ran: h is the embedding
+    expected = torch.nn.functional.linear(torch.nn.functional.rms_norm(h, (64,), w.final_norm, w.eps), w.lm_head)
     torch.testing.assert_close(got, expected)
     assert counter.fraction == 1.0 and counter.total == 2 * 4 * 2 * 11
 
@@ -180,7 +184,7 @@ def test_budget_skips_the_requested_share_of_valid_tokens():
     cache = m.engine.new_cache(2, 12)
     cache.reset(torch.tensor([0, 4]))  # 16 valid tokens, padding never counted
     counter = SkipCounter()
-    m.engine(ids, cache, m.gates, SkipPolicy(budget=0.25), counter=counter)
+    m.engine(ids, cache, m.gates, BudgetPolicy(budget=0.25), counter=counter)
     assert counter.total == 16 * 8 and counter.skipped == 4 * 8
 
 
@@ -189,7 +193,7 @@ def test_kv_fill_at_skipped_positions(kv_fill):
     m = tiny("llama", gates=True)
     ids = _ids(1, 6)
     cache = m.engine.new_cache(1, 8)
-    m.engine(ids, cache, m.gates, SkipPolicy(budget=1.0, kv_fill=kv_fill, scale_output=False))
+    m.engine(ids, cache, m.gates, BudgetPolicy(budget=1.0), kv_fill=kv_fill)
     k = torch.stack(cache.k)[:, 0, :, :6]  # (L, kv_heads, 6, hd)
     assert k.abs().sum(-1).gt(0).all(), "every layer's K at every position is filled"
     if kv_fill == "copy_below":
@@ -219,7 +223,7 @@ def test_single_token_steps_use_thresholds():
         cache = m.engine.new_cache(1, 8)
         m.engine(ids[:, :5], cache, m.gates)
         counter = SkipCounter()
-        results[name] = m.engine(ids[:, 5:], cache, m.gates, SkipPolicy(budget=0.5, thresholds=th), counter=counter)
+        results[name] = m.engine(ids[:, 5:], cache, m.gates, BudgetPolicy(budget=0.5, thresholds=th), counter=counter)
         assert counter.fraction == (0.0 if name == "off" else 1.0)
     cache = m.engine.new_cache(1, 8)
     gated = m.engine(ids, cache, m.gates)[:, -1:]
@@ -228,7 +232,7 @@ def test_single_token_steps_use_thresholds():
     cache = m.engine.new_cache(1, 8)
     m.engine(ids[:, :5], cache, m.gates)
     counter = SkipCounter()
-    m.engine(ids[:, 5:], cache, m.gates, SkipPolicy(budget=0.5), counter=counter)
+    m.engine(ids[:, 5:], cache, m.gates, BudgetPolicy(budget=0.5), counter=counter)
     assert counter.skipped == 0
 
 
@@ -240,10 +244,12 @@ def test_gates_off_is_exactly_the_original_model():
 
 @pytest.mark.parametrize("kv_fill", ["project", "copy_below"])
 def test_gradients_reach_the_gates_through_the_cached_forward(kv_fill):
+    """Gates that scale their branches learn through the engine's cached forward too (gates that
+    only decide learn at skipped tokens, which only the dense training forward computes)."""
     m = tiny("llama", gates=True)
     ids = _ids()
     with torch.enable_grad():
-        out = m.engine(ids, m.engine.new_cache(2, 11), m.gates, SkipPolicy(budget=0.3, kv_fill=kv_fill, scale_output=False))
+        out = m.engine(ids, m.engine.new_cache(2, 11), m.gates, BudgetPolicy(budget=0.3), kv_fill=kv_fill)
         out.logsumexp(-1).mean().backward()
     grads = [p.grad for p in m.gates.parameters()]
     assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0

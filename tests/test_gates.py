@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny
 
-from specgate import Gate, SkipPolicy, load_gates, save_gates
+from specgate import BudgetPolicy, Gate, load_gates, save_gates
 
 
 @pytest.mark.parametrize("kind,out", [("full", 64), ("lowrank", 64), ("scalar", 1)])
@@ -35,7 +35,7 @@ def test_save_load_round_trip_with_thresholds(tmp_path):
     with pytest.raises(ValueError, match="calibrated for budgets"):
         loaded.policy(0.5)
     ids = torch.randint(3, 100, (1, 6))
-    run = lambda g: m.engine(ids, m.engine.new_cache(1, 8), g, SkipPolicy(budget=0.5))  # noqa: E731
+    run = lambda g: m.engine(ids, m.engine.new_cache(1, 8), g, BudgetPolicy(budget=0.5))  # noqa: E731
     torch.testing.assert_close(run(m.gates), run(loaded))
 
 
@@ -66,6 +66,7 @@ def test_broken_gate_files_are_refused(tmp_path):
 
 def test_policy_validates_its_arguments():
     with pytest.raises(ValueError, match="budget"):
-        SkipPolicy(budget=1.5)
+        BudgetPolicy(budget=1.5)
+    m = tiny("llama", gates=True)
     with pytest.raises(ValueError, match="kv_fill"):
-        SkipPolicy(kv_fill="zeros")
+        m.engine(torch.ones(1, 2, dtype=torch.long), m.engine.new_cache(1, 4), m.gates, BudgetPolicy(0.5), kv_fill="zeros")

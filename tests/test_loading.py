@@ -1,9 +1,11 @@
 """Loading models by name, and the errors a user meets."""
 
+from pathlib import Path
+
 import pytest
 
 import specgate
-from specgate.adapters import build_spec
+from specgate.adapters import read_weights
 from specgate.loading import resolve
 
 
@@ -24,10 +26,12 @@ def test_unsupported_architecture_lists_the_families():
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(NotImplementedError, match="Llama family"):
-        build_spec(model)
+        read_weights(model)
 
 
 def test_default_alias_resolves_to_the_installed_gguf():
-    folder, gguf = resolve("smollm2-135m-instruct")
-    assert gguf.endswith(".gguf")
-    assert specgate.loading.DEFAULT_MODEL == "smollm2-135m-instruct"
+    folder, gguf = resolve(specgate.loading.DEFAULT_MODEL)
+    path = Path(folder) / gguf
+    assert path.is_file() and path.suffix == ".gguf"
+    with open(path, "rb") as f:
+        assert f.read(4) == b"GGUF"  # the GGUF magic number

@@ -8,6 +8,7 @@ from conftest import VOCAB, left_padded, tiny
 
 import specgate.generation
 import specgate.speculative
+from specgate.generation import sample
 from specgate.speculative import SpecConfig, greedy_accept, rejection_sample
 
 NO_EOS = dict(eos_token_id=None, pad_token_id=0)
@@ -207,14 +208,24 @@ def test_rejection_sample_with_forced_logits():
     assert nxt.tolist() == [6, 4]  # early mismatch: recovered from max(p - q, 0)
 
 
-def test_rejection_sample_is_deterministic_under_a_seed():
-    g = torch.Generator().manual_seed(0)
-    q = torch.rand(64, 3, 8, generator=g).softmax(-1)
-    p = torch.rand(64, 4, 8, generator=g).softmax(-1)
-    d = torch.multinomial(q.view(-1, 8), 1, generator=g).view(64, 3)
-    a = rejection_sample(d, q, p, torch.Generator().manual_seed(7))
-    b = rejection_sample(d, q, p, torch.Generator().manual_seed(7))
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+def test_rejection_sample_accepts_with_min_1_p_over_q_and_recovers_from_the_residual():
+    """One draft token x ~ q: accepted with probability min(1, p(x)/q(x)); after a rejection the
+    token comes from normalised max(p - q, 0), after an acceptance the bonus token from p_1."""
+    V, N = 5, 200_000
+    g = torch.Generator().manual_seed(3)
+    q1 = (torch.rand(V, generator=g) * 3).softmax(-1)
+    p1 = (torch.rand(2, V, generator=g) * 3).softmax(-1)
+    assert (p1[0] < q1).any() and (p1[0] > q1).any()  # some drafts are always accepted, some not
+    drafts = torch.multinomial(q1, N, replacement=True, generator=g)[:, None]  # (N, 1)
+    n, nxt = rejection_sample(drafts, q1.expand(N, 1, V), p1.expand(N, 2, V), g)
+    accepted = n == 1
+    for x in range(V):
+        rate = accepted[drafts[:, 0] == x].float().mean()
+        assert float(rate) == pytest.approx(min(1.0, float(p1[0, x] / q1[x])), abs=0.02), x
+    residual = (p1[0] - q1).clamp(min=0)
+    tv = lambda tokens, want: 0.5 * float((torch.bincount(tokens, minlength=V) / len(tokens) - want).abs().sum())  # noqa: E731
+    assert tv(nxt[~accepted], residual / residual.sum()) < 0.02
+    assert tv(nxt[accepted], p1[1]) < 0.02
 
 
 def _emitted(drafts, n, nxt, position):
@@ -242,6 +253,51 @@ def test_rejection_sampling_output_follows_the_verifier(k):
         freq = torch.bincount(tok, minlength=V).float() / len(tok)
         assert 0.5 * (freq - p1[pos]).abs().sum() < 0.02, (pos, freq, p1[pos])
     assert 0.5 * (q1[0] - p1[0]).abs().sum() > 0.1  # q is far from p: emitting drafts as-is would fail
+
+
+def _first_two_tokens_tv(N: int = 6000) -> tuple[float, float, float]:
+    """Sample the first two new tokens of N copies of one prompt with speculative sampling; return
+    the total variation distance of each from the verifier's exact distribution, and alpha. The
+    first comes from the prefill; the second is the one draft token of the first round, accepted
+    or replaced, so the draft (which skips the last MLP) shapes what is proposed there."""
+    m = tiny("llama", seed=0, gates=True)
+    m.gates.thresholds[0.5] = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 2.0]])
+    ids = _prompt(T=5)
+    sampling = specgate.generation.Sampling(True, temperature=0.05)  # random weights: flat logits, sharpened
+    with torch.inference_mode():
+        p0 = specgate.generation.probabilities(m.engine(ids, m.engine.new_cache(1, 5))[0, -1], sampling)
+        both = torch.cat([ids.expand(VOCAB, -1), torch.arange(VOCAB)[:, None]], 1)  # prompt + every first token
+        p1 = specgate.generation.probabilities(m.engine(both, m.engine.new_cache(VOCAB, 6))[:, -1], sampling)
+    out = m.generate(
+        ids.expand(N, -1), speculative=True, draft_budget=0.5, max_draft=1, do_sample=True, temperature=0.05,
+        top_k=0, max_new_tokens=2, return_dict_in_generate=True, generator=torch.Generator().manual_seed(0), **NO_EOS,
+    )  # fmt: skip
+    new = out.sequences[:, -2:]
+    tv = lambda tokens, want: 0.5 * float((torch.bincount(tokens, minlength=VOCAB) / N - want).abs().sum())  # noqa: E731
+    return tv(new[:, 0], p0), tv(new[:, 1], p0 @ p1), out.spec_stats.alpha
+
+
+def test_sampled_speculative_output_follows_the_verifier():
+    tv0, tv1, alpha = _first_two_tokens_tv()
+    assert 0.1 < alpha < 0.9  # the draft differs from the verifier, and its tokens are used
+    assert tv0 < 0.06 and tv1 < 0.06  # sampling noise alone is about 0.025 at N=6000
+
+
+def _always_accept(drafts, draft_probs, target_probs, generator=None):
+    return torch.full_like(drafts[:, 0], drafts.shape[1]), sample(target_probs[:, -1], generator)
+
+
+def _resample_from_p(drafts, draft_probs, target_probs, generator=None):
+    """The right acceptance test, but a rejected draft is replaced by a sample of p, not of max(p - q, 0)."""
+    n, _ = rejection_sample(drafts, draft_probs, target_probs, generator)
+    return n, sample(target_probs.gather(1, n[:, None, None].expand(-1, 1, target_probs.shape[2])).squeeze(1), generator)
+
+
+@pytest.mark.parametrize("broken", [_always_accept, _resample_from_p])
+def test_the_distribution_check_catches_a_wrong_sampler(monkeypatch, broken):
+    monkeypatch.setattr(specgate.speculative, "rejection_sample", broken)
+    tv0, tv1, _ = _first_two_tokens_tv()
+    assert tv0 < 0.06 and tv1 > 0.06  # the first token does not involve the draft; the second does
 
 
 def test_unmodified_hf_model_through_custom_generate(tmp_path):

@@ -1,0 +1,262 @@
+"""The gradient objectives of gate training: ``paper`` and ``distill``.
+
+- ``paper``: next-token cross-entropy + lambda * mean over branches of mean(g^2), with hard skipping
+  at an importance quantile that warms up from 0 to ``budget_max``.
+- ``distill``: KL(original model || skipping model) of the next-token distributions, at budgets
+  sampled in [``budget_min``, ``budget_max``] (plus the same L2 term): what draft acceptance against
+  the original model rewards. The original model's pass (no grad) also gives this batch's
+  importances, whose budget quantile decides how many tokens each branch skips.
+
+Both run :func:`gated_forward`, the dense forward of :mod:`specgate.layers` with every branch
+computed and then masked (a masked branch adds exactly what a skipped one adds: nothing), so the
+gate's gradient follows :func:`specgate.layers.branch_factor`. Budgets are spread over branches by
+``allocation`` (see :data:`specgate.policy.Allocation`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .engine import Engine
+from .gates import GateSet, save_gates
+from .layers import branch_factor, dense_forward
+from .data import padding_id
+from .loop import run_steps, save_atomic
+from .policy import budget_quantile, skip_lowest
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+# decide(importance (B, T), layer, branch) -> run mask (B, T) bool, or None: every token runs
+Decide = Callable[[torch.Tensor, int, int], "torch.Tensor | None"]
+
+
+@dataclass
+class ForwardRecord:
+    """What one :func:`gated_forward` saw: per branch the importances and skip masks (B, T)."""
+
+    importance: list[torch.Tensor] = field(default_factory=list)  # 2L entries, order (layer, branch)
+    run: list[torch.Tensor | None] = field(default_factory=list)
+    sq: list[torch.Tensor] = field(default_factory=list)  # mean_j g_j^2, (B, T), with grad
+
+
+def gated_forward(
+    engine: Engine,
+    input_ids: torch.Tensor,
+    gates: GateSet | None = None,
+    decide: Decide | None = None,
+    record: ForwardRecord | None = None,
+) -> torch.Tensor:
+    """Differentiable dense forward over whole sequences (B, T) from position 0 -> logits (B, T, V).
+
+    The same model as ``engine(ids, fresh_cache, gates, policy)`` with ``kv_fill="project"`` when
+    ``decide`` picks the same tokens; gates scale the branches if their config says so.
+    """
+    if gates is None:
+        return dense_forward(engine.weights, input_ids)
+    scale = gates.config.scale_output
+
+    def add(h, x, o, i, branch):
+        g = gates.gate(i, branch)(x)  # (B, T, d|1)
+        imp = g.mean(-1)
+        run = decide(imp.detach(), i, branch) if decide is not None else None
+        if record is not None:
+            record.importance.append(imp.detach())
+            record.run.append(run)
+            record.sq.append(g.pow(2).mean(-1))
+        factor = branch_factor(g, run, scale)
+        return h + (o if factor is None else factor * o)
+
+    return dense_forward(engine.weights, input_ids, add)
+
+
+def quantile_decider(
+    budget: float,
+    valid: torch.Tensor,
+    allocation: str,
+    never_skip=frozenset(),
+    threshold: float | None = None,
+    counts: dict[tuple[int, int], int] | None = None,
+) -> Decide | None:
+    """Skip decisions of one training step.
+
+    ``branch``: each branch skips the floor(budget * n_valid) lowest-importance valid tokens of the
+    batch (the paper's per-batch quantile). ``global``: every branch skips the tokens with
+    importance <= ``threshold``, one value for all branches (the budget's quantile of all
+    importances of the previous step). ``counts`` ((layer, branch) -> tokens to skip) fixes how many
+    tokens each branch skips (the lowest-importance ones): distill takes them from the original
+    model's pass, so the step skips exactly its budget even when skipping lowers the importances of
+    later branches.
+    """
+    if budget <= 0:
+        return None
+    n_valid = int(valid.sum())
+
+    def decide(imp: torch.Tensor, layer: int, branch: int) -> torch.Tensor | None:
+        if (layer, branch) in never_skip:
+            return None
+        if counts is not None:
+            return skip_lowest(imp, valid, counts.get((layer, branch), 0))
+        if allocation == "global":
+            return None if threshold is None else (imp > threshold) | ~valid
+        return skip_lowest(imp, valid, int(budget * n_valid))
+
+    return decide
+
+
+@dataclass(frozen=True)
+class StepStats:
+    loss: float  # objective term (CE or KL), without the sparsity term
+    sparsity: float  # mean over branches of mean(g^2)
+    gate_mean: float  # mean importance
+    skipped: float  # share of valid (token, branch) evaluations skipped
+    budget: float  # the budget of this step
+    tokens: int  # valid tokens in the batch
+
+
+def step_budget(config, step: int) -> float:
+    """The skip budget of a step: the warm-up ramp (paper), or a seeded draw in the ramped range."""
+    ramp = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps > 0 else 1.0
+    if config.objective == "paper":
+        return ramp * config.budget_max
+    u = float(torch.rand(1, generator=torch.Generator().manual_seed(config.seed * 7919 + step)))
+    return ramp * (config.budget_min + u * (config.budget_max - config.budget_min))
+
+
+def train_step(
+    engine: Engine,
+    gates: GateSet,
+    ids: torch.Tensor,
+    valid: torch.Tensor,
+    config,
+    budget: float,
+    threshold: float | None,
+) -> tuple[torch.Tensor, StepStats, torch.Tensor]:
+    """Loss (with grad), its stats, and the flat importances of valid (token, branch) pairs."""
+    counts, target_logp = None, None
+    if config.objective == "distill":
+        with torch.no_grad():  # the original model (gates read along, nothing skipped or scaled)
+            full = ForwardRecord()
+            target_logp = dense_forward(engine.weights, ids, _recorder(gates, full)).float().log_softmax(-1)
+        if config.allocation == "global" and threshold is None:
+            # this batch's quantile at full compute says how many tokens each branch skips
+            imp_full = torch.stack(full.importance)[:, valid]  # (2L, n_valid), order (layer, branch)
+            below = (imp_full <= budget_quantile(imp_full, budget)).sum(1).tolist()
+            counts = {(k // 2, k % 2): int(n) for k, n in enumerate(below)}
+    record = ForwardRecord()
+    decide = quantile_decider(budget, valid, config.allocation, frozenset(config.never_skip), threshold, counts)
+    logits = gated_forward(engine, ids, gates, decide, record).float()
+    if config.objective == "distill":
+        kl = (target_logp.exp() * (target_logp - logits.log_softmax(-1))).sum(-1)  # (B, T)
+        loss = kl[valid].mean()
+    else:
+        mask = valid[:, 1:] & valid[:, :-1]
+        loss = F.cross_entropy(logits[:, :-1][mask], ids[:, 1:][mask])
+    sparsity = torch.stack(record.sq)[:, valid].mean()  # (2L, B, T) -> mean
+    imp = torch.stack(record.importance)[:, valid]  # (2L, n_valid)
+    runs = [r[valid] if r is not None else torch.ones_like(valid[valid]) for r in record.run]
+    skipped = 1.0 - float(torch.stack(runs).float().mean())
+    stats = StepStats(float(loss.detach()), float(sparsity.detach()), float(imp.mean()), skipped, budget, int(valid.sum()))
+    return loss + config.sparsity * sparsity, stats, imp.flatten()
+
+
+def _recorder(gates: GateSet, record: ForwardRecord):
+    """A dense-forward hook that runs every branch unchanged and records the gates' importances."""
+
+    def add(h, x, o, i, branch):
+        record.importance.append(gates.gate(i, branch)(x).mean(-1))
+        return h + o
+
+    return add
+
+
+def train_gradient(model, config, gates: GateSet, pieces: Callable[[], list[list[int]]], out: Path, accelerator) -> GateSet:
+    """The loop of ``paper`` and ``distill``: seeded batches, loss, backward, (all-reduce), update.
+    ``out/checkpoint.pt`` holds gates, optimizer and step; the gates also go to ``out/gates``."""
+    for p in model.hf_model.parameters():
+        p.requires_grad_(False)
+    if config.init_order:
+        init_from_order(gates, [tuple(x) for x in json.loads(Path(config.init_order).read_text())])
+    optimizer = make_optimizer(gates, config)
+    state = {"step": 0, "prev_imp": None}
+    ckpt = out / CHECKPOINT_NAME
+    if config.resume and ckpt.is_file():
+        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if saved["gate_config"] != gates.config.__dict__:
+            raise ValueError(f"{ckpt} holds gates of another shape ({saved['gate_config']}): use another output_dir")
+        gates.load_state_dict(saved["gates"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state = {"step": saved["step"], "prev_imp": saved["prev_imp"]}
+    world = accelerator.num_processes
+
+    def step(i: int, ids: torch.Tensor, valid: torch.Tensor) -> dict:
+        budget = step_budget(config, i)
+        threshold = None  # distill: the quantile of this batch's importances (see train_step)
+        if config.objective == "paper" and config.allocation == "global" and budget > 0:
+            if state["prev_imp"] is None:
+                with torch.no_grad():  # first step: importances of the gated model at full compute
+                    rec = ForwardRecord()
+                    gated_forward(model.engine, ids, gates, None, rec)
+                    state["prev_imp"] = torch.stack(rec.importance)[:, valid].flatten().cpu()
+            threshold = float(budget_quantile(state["prev_imp"], budget))  # the previous step's quantile
+        loss, stats, imp = train_step(model.engine, gates, ids, valid, config, budget, threshold)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        for p in gates.parameters():
+            if p.grad is None:
+                continue
+            if world > 1:  # gates are called branch by branch, not through a DDP wrapper: sync by hand
+                p.grad = accelerator.reduce(p.grad, reduction="mean")
+            if config.optimizer == "sgd":
+                torch.nn.utils.clip_grad_norm_(p, config.clip)
+        optimizer.step()
+        state["prev_imp"] = imp.cpu()
+        return {"loss": f"{stats.loss:.4f}", "sparsity": f"{stats.sparsity:.3f}", "skip": f"{stats.skipped:.3f}",
+                "budget": f"{stats.budget:.2f}"}  # fmt: skip
+
+    def save(done: int) -> None:
+        if accelerator.is_main_process:
+            save_atomic({"gates": gates.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
+                         "prev_imp": state["prev_imp"], "config": asdict(config),
+                         "gate_config": gates.config.__dict__}, ckpt)  # fmt: skip
+            save_gates(gates, out / "gates")
+
+    data = pieces() if state["step"] < config.steps else []
+    run_steps(config, data, state["step"], accelerator, step, save, padding_id(model.tokenizer))
+    return gates
+
+
+def init_from_order(gates: GateSet, order: list[tuple[int, int]], spread: float = 4.0) -> None:
+    """Start the gates as a static skip order: gate biases rise linearly from -spread (the first,
+    least harmful branch of ``order``) to +spread, and the weights start at zero, so a global
+    threshold at budget b first skips whole branches in this order (the Draft & Verify draft);
+    training then makes the choice token-wise. Branches missing from ``order`` get +spread."""
+    n = 2 * gates.config.num_layers
+    with torch.no_grad():
+        for i in range(gates.config.num_layers):
+            for b in (0, 1):
+                gate = gates.gate(i, b)
+                last = gate.proj[-1] if isinstance(gate.proj, torch.nn.Sequential) else gate.proj
+                rank = order.index((i, b)) if (i, b) in order else n - 1
+                last.bias.fill_(-spread + 2 * spread * rank / (n - 1))
+                last.weight.zero_()
+
+
+def make_optimizer(gates: GateSet, config) -> torch.optim.Optimizer:
+    """SGD with momentum (default) or AdamW over the gate parameters.
+
+    Why SGD: the ranking of (token, branch) pairs across branches is what the global threshold
+    uses, and it must follow how much each skip costs. Adam divides every parameter's step by its
+    own gradient scale, so a gate whose branch barely matters moves as fast as one whose skipping
+    destroys the prediction, and the ranking across branches is lost (measured here: importances
+    stayed within +-0.01 of each other and KL at 5% skipped stayed > 1). SGD steps are
+    proportional to the gradient (clipped per tensor, for the first catastrophic skips).
+    """
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(gates.parameters(), lr=config.lr, momentum=0.9)
+    return torch.optim.AdamW(gates.parameters(), lr=config.lr, weight_decay=0.0)

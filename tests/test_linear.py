@@ -1,0 +1,160 @@
+"""The small-M CPU linear kernel against F.linear, and the measured backend selection of specgate.linear."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import specgate.linear as L
+from specgate.kernels import cpu_linear
+
+
+@pytest.fixture
+def kernel():
+    op = cpu_linear.load()
+    if op is None:
+        if shutil.which("c++") and shutil.which("ninja"):
+            pytest.fail("the small-M kernel did not build although a C++ compiler and ninja are here")
+        pytest.skip("no C++ compiler / ninja: the kernel cannot be built here")
+    return op
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """Selection state of a new process, its disk cache in tmp_path, no forced backend."""
+    monkeypatch.setenv("SPECGATE_CACHE", str(tmp_path))
+    monkeypatch.delenv("SPECGATE_LINEAR", raising=False)
+    for name in ("_choice", "_report", "_disk"):
+        monkeypatch.setattr(L, name, {})
+    L.available.cache_clear()
+    yield tmp_path
+    L.available.cache_clear()
+
+
+def spy(monkeypatch, backend: str) -> list[int]:
+    """Count the calls that reach one backend."""
+    calls, run = [], L.RUN[backend]
+    monkeypatch.setitem(L.RUN, backend, lambda *a: calls.append(1) or run(*a))
+    return calls
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 11])
+@pytest.mark.parametrize("d", [83, 600])  # a scalar tail after the vectors; no tail
+def test_kernel_matches_f_linear(kernel, rows, d, bias):
+    torch.manual_seed(rows)
+    x, w = torch.randn(rows, d), torch.randn(131, d)  # odd n: a leftover row after the row blocks
+    b = torch.randn(131) if bias else None
+    torch.testing.assert_close(kernel(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+
+
+def test_kernel_non_contiguous_x_and_sliced_weight_rows(kernel):
+    torch.manual_seed(0)
+    x = torch.randn(3, 77, 2).transpose(1, 2)  # (3, 2, 77): six rows, not contiguous
+    big_w, big_b = torch.randn(300, 77), torch.randn(300)
+    w, b = big_w[100:233], big_b[100:233]  # a row slice of a bigger buffer, as the fused q/k/v weights
+    y = kernel(x, w, b)
+    assert y.shape == (3, 2, 133)
+    torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+    column_slice = big_w[:50, 10:60]  # rows not adjacent in memory (row stride 77)
+    torch.testing.assert_close(kernel(x[..., :50], column_slice), F.linear(x[..., :50], column_slice))
+
+
+def test_forced_smallm_falls_back_for_strided_weight_columns(kernel, fresh, monkeypatch):
+    monkeypatch.setenv("SPECGATE_LINEAR", "smallm")
+    calls = spy(monkeypatch, "torch")
+    x, w = torch.randn(2, 40), torch.randn(40, 30).t()  # weight (30, 40) with stride(1) == 30
+    torch.testing.assert_close(L.linear(x, w), F.linear(x, w))
+    assert L.RUN["smallm"](x, w, None).shape == (2, 30) and not calls  # falls back inside, not by dispatch
+    x20 = torch.randn(20, 40)
+    torch.testing.assert_close(L.linear(x20, w), F.linear(x20, w))
+    assert calls  # more than 8 rows: the forced kernel does not apply, F.linear does
+
+
+def test_selection_without_kernel_or_onednn(fresh, monkeypatch):
+    monkeypatch.setattr(cpu_linear, "load", lambda: None)
+    x, w = torch.randn(3, 64), torch.randn(48, 64)
+    y = L.linear(x, w)
+    torch.testing.assert_close(y, F.linear(x, w))
+    assert L.available()["smallm"] is False
+    (entry,) = L.choices()["choices"].values()
+    assert entry["backend"] in ("torch", "onednn") and "smallm" not in entry["us"]
+
+    L.available.cache_clear()
+    monkeypatch.setattr(L, "probe_onednn", lambda: False)
+    calls = spy(monkeypatch, "torch")
+    L.linear(torch.randn(3, 64), torch.randn(56, 64))  # a new shape: chosen among what is left, torch alone
+    report = L.choices()["choices"][f"56x64 float32 M=3 threads={torch.get_num_threads()}"]
+    assert calls and report["backend"] == "torch"
+
+
+def test_forced_unavailable_backend_is_a_clear_error(fresh, monkeypatch):
+    monkeypatch.setattr(cpu_linear, "load", lambda: None)
+    monkeypatch.setenv("SPECGATE_LINEAR", "smallm")
+    with pytest.raises(RuntimeError, match="SPECGATE_LINEAR=smallm.*did not build"):
+        L.linear(torch.randn(1, 8), torch.randn(4, 8))
+    monkeypatch.setenv("SPECGATE_LINEAR", "mkl")
+    with pytest.raises(ValueError, match="auto, torch, onednn, smallm"):
+        L.linear(torch.randn(1, 8), torch.randn(4, 8))
+    monkeypatch.setattr(L, "probe_onednn", lambda: False)
+    L.available.cache_clear()
+    monkeypatch.setenv("SPECGATE_LINEAR", "onednn")
+    with pytest.raises(RuntimeError, match="no working oneDNN"):
+        L.linear(torch.randn(1, 8), torch.randn(4, 8))
+
+
+@pytest.mark.parametrize("backend", ["torch", "onednn", "smallm"])
+def test_forced_backend_is_used(fresh, monkeypatch, backend):
+    if not L.available()[backend]:
+        pytest.skip(f"{backend} is not available here")
+    monkeypatch.setenv("SPECGATE_LINEAR", backend)
+    calls = spy(monkeypatch, backend)
+    x, w, b = torch.randn(4, 50), torch.randn(70, 50), torch.randn(70)
+    torch.testing.assert_close(L.linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+    assert calls == [1]
+
+
+def test_autograd_takes_f_linear(fresh, monkeypatch):
+    calls = [spy(monkeypatch, b) for b in L.BACKENDS]
+    x = torch.randn(2, 16, requires_grad=True)
+    L.linear(x, torch.randn(8, 16)).sum().backward()
+    assert x.grad is not None and not any(calls)
+
+
+def test_disk_cache_round_trip(fresh, monkeypatch):
+    x, w = torch.randn(2, 96), torch.randn(80, 96)
+    L.linear(x, w)
+    name = "80x96 float32 M=2"
+    saved = json.loads(L.cache_file().read_text())
+    assert L.cache_file().parent == fresh and saved["choices"][name]["backend"] in L.BACKENDS
+
+    # plant a choice on disk; a new process must use it without measuring
+    saved["choices"][name] = {"backend": "torch", "us": {"torch": 1.0}}
+    L.cache_file().write_text(json.dumps(saved))
+    for state in (L._choice, L._report, L._disk):
+        state.clear()
+    monkeypatch.setattr(L, "measure", lambda *a, **k: pytest.fail("measured although the disk cache holds the choice"))
+    calls = spy(monkeypatch, "torch")
+    L.linear(x, w)
+    assert calls == [1]
+    report = L.choices()["choices"][f"{name} threads={torch.get_num_threads()}"]
+    assert report["backend"] == "torch" and report["source"] == "disk"
+
+
+def test_disk_choice_of_a_missing_backend_is_measured_again(fresh, monkeypatch):
+    monkeypatch.setattr(cpu_linear, "load", lambda: None)
+    L.cache_file().parent.mkdir(parents=True, exist_ok=True)
+    L.cache_file().write_text(json.dumps({"choices": {"24x32 float32 M=1": {"backend": "smallm", "us": {}}}}))
+    L.linear(torch.randn(1, 32), torch.randn(24, 32))
+    (entry,) = L.choices()["choices"].values()
+    assert entry["source"] == "measured" and entry["backend"] != "smallm"
+
+
+def test_probe_threads_restores_thread_count():
+    before = torch.get_num_threads()
+    assert L.probe_threads(counts=(1, 2), shape=(256, 128), reps=2) in (1, 2)
+    assert torch.get_num_threads() == before
