@@ -63,9 +63,11 @@ def _add_stats(extra: dict, s) -> None:
         extra[key] = extra.get(key, 0) + getattr(s, key)
     extra["round_tokens"] = extra.get("round_tokens", 0) + s.tau * s.rounds
     extra["skipped_x_rounds"] = extra.get("skipped_x_rounds", 0) + s.skip_fraction * s.drafted
+    extra["compute_x_rounds"] = extra.get("compute_x_rounds", 0) + s.compute_skipped * s.drafted
     extra["tau"] = round(extra["round_tokens"] / max(1, extra["rounds"]), 3)
     extra["alpha"] = round(extra["accepted"] / max(1, extra["drafted"]), 3)
     extra["skip_fraction"] = round(extra["skipped_x_rounds"] / max(1, extra["drafted"]), 3)
+    extra["compute_skipped"] = round(extra["compute_x_rounds"] / max(1, extra["drafted"]), 3)
 
 
 def run(encoded: list[torch.Tensor], methods: dict, warmup: bool = True) -> dict[str, MethodResult]:
@@ -128,7 +130,8 @@ def report(results: dict[str, MethodResult], reference: str = "transformers") ->
         if r.extra:
             e = r.extra
             lines.append(
-                f"    tau {e['tau']}  alpha {e['alpha']}  draft skip {e['skip_fraction']}  rounds {e['rounds']}  "
+                f"    tau {e['tau']}  alpha {e['alpha']}  draft skip {e['skip_fraction']} (compute {e['compute_skipped']})  "
+                f"rounds {e['rounds']}  "
                 f"draft {e['draft_s']:.1f}s  verify {e['verify_s']:.1f}s"
             )
     return "\n".join(lines)

@@ -1,5 +1,8 @@
 """Calibration: per-branch importance thresholds so that single-token draft steps skip at a budget.
 
+A budget is the share of the draft's layer compute skipped (weights not read; see
+``Engine.branch_costs``): skipping an MLP branch counts about three times skipping attention.
+
 A single-token step has no batch to take a quantile over, so the draft decides with thresholds
 measured beforehand: skip branch (b, l) when the token's importance is at or below
 ``thresholds[b, l]``. The importances a draft step sees depend on what earlier layers skipped, so
@@ -66,7 +69,7 @@ def draft_steps(
     """Teacher-forced draft rounds over ids (B, N) after a ``prefix`` prefilled by the original model.
 
     Returns the importances (2, L, n) of every single-token (token, branch) evaluation, and the share
-    of them skipped under ``thresholds`` (2, L) (None: nothing is skipped)."""
+    of the layer compute skipped under ``thresholds`` (2, L) (None: nothing is skipped)."""
     B, N = ids.shape
     L = engine.num_layers
     cache = engine.new_cache(B, N)
@@ -81,7 +84,7 @@ def draft_steps(
         cache.rewind(lengths)  # 2. the original model's pass over the round replaces their K/V
         engine(ids[:, start:stop], cache, logits_to_keep=1)
     imp = torch.stack([torch.stack([torch.cat(policy.log[(b, i)]) for i in range(L)]) for b in range(2)])
-    return imp, counter.fraction
+    return imp, counter.compute_fraction
 
 
 def _thresholds(imp: torch.Tensor, budget: float, allocation: Allocation) -> torch.Tensor:
@@ -137,7 +140,7 @@ def calibrate(
 
 
 def measure(model, gates: GateSet, samples, budget: float, prefix: int = 24, draft_len: int = 4) -> float:
-    """Share of single-token (token, branch) evaluations skipped at ``budget`` on ``samples``."""
+    """Share of the layer compute single-token draft steps skip at ``budget`` on ``samples``."""
     engine: Engine = model.engine if hasattr(model, "engine") else model
     _, fraction = draft_steps(engine, gates, _stack(samples, prefix), gates.policy(budget).thresholds, prefix, draft_len)
     return fraction

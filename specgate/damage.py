@@ -91,20 +91,32 @@ def poisson_fit(x: torch.Tensor, y: torch.Tensor, ridge: float = 1.0, iterations
     return W, B
 
 
-def gates_from_fit(config: GateConfig, w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, top: float = 0.95) -> GateSet:
-    """Scalar gates whose importance is sigmoid(w . x + b - c) per branch (row 2 * layer + branch
-    of w, b): the predicted log damage, shifted by c, the ``top`` quantile of the predictions over
-    the inputs x. Below c the sigmoid is close to exp, so importances keep their ratios (and their
+def gates_from_fit(
+    config: GateConfig, w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, saved: torch.Tensor | None = None, top: float = 0.95
+) -> GateSet:
+    """Scalar gates whose importance is sigmoid(w . x + b - log saved - c) per branch (row
+    2 * layer + branch of w, b, saved): the predicted log damage per unit of compute a skip saves
+    (``saved``, see ``Engine.branch_costs``; None: per skip), shifted by c, the ``top`` quantile of
+    the predictions over the inputs x. A global threshold then skips the least damage per unit of
+    compute first. Below c the sigmoid is close to exp, so importances keep their ratios (and their
     ranking) in float16 and bfloat16 too, over the whole range where budgets put a threshold."""
+    if saved is not None:
+        b = b - (saved / saved.mean()).log()
     pred = torch.einsum("gnd,gd->gn", x[:, :: max(1, x.shape[1] // 4096)].float(), w) + b[:, None]
-    c, s = float(pred.flatten().quantile(top)), 1.0
+    c = float(pred.flatten().quantile(top))
     gates = GateSet(config)
     with torch.no_grad():
         for k in range(2 * config.num_layers):
             proj = gates.gate(k // 2, k % 2).proj
-            proj.weight.copy_(w[k][None] / s)
-            proj.bias.fill_((float(b[k]) - c) / s)
+            proj.weight.copy_(w[k][None])
+            proj.bias.fill_(float(b[k]) - c)
     return gates
+
+
+def compute_saved(engine: Engine) -> torch.Tensor:
+    """(2L,) the compute a skip saves per branch, rows in (layer, branch) order as the fit's."""
+    _, saved = engine.branch_costs()
+    return torch.tensor(saved).T.flatten()
 
 
 def train_damage(model, config, gate_config: GateConfig, pieces: Callable[[], list[list[int]]], out: Path, accelerator) -> GateSet:
@@ -152,7 +164,7 @@ def _fit_and_save(engine: Engine, labels: dict, config, gate_config: GateConfig,
     ]
     x = torch.cat(xs, 1)
     w, b = poisson_fit(x, torch.cat(labels["damage"], 1), ridge=config.ridge)
-    gates = gates_from_fit(gate_config, w, b, x)
+    gates = gates_from_fit(gate_config, w, b, x, compute_saved(engine))
     if accelerator.is_main_process:
         save_gates(gates, out / "gates")
     return gates

@@ -84,15 +84,30 @@ class _Selection:
 
 
 class SkipCounter:
-    """Counts (token, branch) evaluations run and skipped over one or more forwards."""
+    """Counts (token, branch) evaluations and the layer compute they stand for, run and skipped,
+    over one or more forwards. Compute is counted in weights read (decoding is memory-bound)."""
 
     def __init__(self):
-        self.total = 0
-        self.skipped = 0
+        self.total = self.skipped = 0
+        self.compute_total = self.compute_skipped = 0.0
+
+    def add(self, valid: int, skipped: int, cost: float, saved: float) -> None:
+        """One branch of one pass: ``valid`` tokens, ``skipped`` of them skipped; a branch costs
+        ``cost`` per token, and skipping it saves ``saved`` per token."""
+        self.total += valid
+        self.skipped += skipped
+        self.compute_total += valid * cost
+        self.compute_skipped += skipped * saved
 
     @property
     def fraction(self) -> float:
+        """Share of the (token, branch) evaluations skipped."""
         return self.skipped / self.total if self.total else 0.0
+
+    @property
+    def compute_fraction(self) -> float:
+        """Share of the layer compute skipped (the LM head not counted)."""
+        return self.compute_skipped / self.compute_total if self.compute_total else 0.0
 
 
 class Engine:
@@ -103,10 +118,25 @@ class Engine:
         self.config = model.config
         self.dtype = self.weights.embed.dtype
         self.device = self.weights.embed.device
+        self._costs: dict[str, tuple] = {}  # kv_fill -> branch_costs(kv_fill)
 
     @property
     def num_layers(self) -> int:
         return len(self.weights.layers)
+
+    def branch_costs(self, kv_fill: KVFill = "project") -> tuple[list[list[float]], list[list[float]]]:
+        """(cost, saved): per branch (row 0 attention, 1 MLP) and layer, the weights a token reads
+        when it runs the branch, and those it does not read when it skips it (a token that skips
+        attention still projects its K/V with ``kv_fill="project"``), as shares of all layers'
+        weights. Skipping an MLP saves about three times what skipping attention saves in SmolLM2."""
+        w = self.weights
+        q_dim = w.n_heads * w.head_dim
+        attn = [lw.qkv_w.shape[0] * lw.qkv_w.shape[1] + lw.o_w.numel() for lw in w.layers]
+        mlp = [lw.gate_up_w.numel() + lw.down_w.numel() for lw in w.layers]
+        attn_saved = attn if kv_fill == "copy_below" else [q_dim * lw.qkv_w.shape[1] + lw.o_w.numel() for lw in w.layers]
+        total = sum(attn) + sum(mlp)
+        share = lambda xs: [x / total for x in xs]  # noqa: E731
+        return [share(attn), share(mlp)], [share(attn_saved), share(mlp)]
 
     def new_cache(self, batch: int, max_len: int) -> StaticKVCache:
         w = self.weights
@@ -166,18 +196,25 @@ class Engine:
         if p.gates is None:
             return None, None
         scale = p.gates.config.scale_output
-        if p.counter is not None:
-            p.counter.total += p.n_valid
         if p.policy is not None and not scale and not p.policy.may_skip(i, branch, x.shape[1]):
+            self._count(p, i, branch, None)
             return None, None  # the gate would neither skip nor scale anything: do not run it
         g = p.gates.gate(i, branch)(x)
         active = p.policy.active(g.mean(-1), p.valid, i, branch) if p.policy is not None else None
-        if p.counter is not None and active is not None:
-            p.counter.skipped += p.n_valid - int((active & p.valid).sum())
+        self._count(p, i, branch, active)
         if active is not None and bool(active.all()):
             active = None
         factor = layers.branch_factor(g, active, scale)  # computed on all tokens, used on the active ones
         return factor, None if active is None else _Selection.of(active)
+
+    def _count(self, p: _Pass, i: int, branch: int, active: torch.Tensor | None) -> None:
+        if p.counter is None:
+            return
+        skipped = 0 if active is None else p.n_valid - int((active & p.valid).sum())
+        if p.kv_fill not in self._costs:
+            self._costs[p.kv_fill] = self.branch_costs(p.kv_fill)
+        cost, saved = self._costs[p.kv_fill]
+        p.counter.add(p.n_valid, skipped, cost[branch][i], saved[branch][i])
 
     def _attention(self, h: torch.Tensor, i: int, lw: LayerWeights, p: _Pass) -> torch.Tensor:
         w = self.weights

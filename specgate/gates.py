@@ -22,6 +22,7 @@ from .policy import BudgetPolicy
 
 GateKind = Literal["full", "lowrank", "scalar"]
 WEIGHTS_NAME, CONFIG_NAME = "gates.safetensors", "gate_config.json"
+RANKING_KEY = "token_ranking"  # the draft vocabulary's ranking, stored with the gates
 
 
 class Gate(nn.Module):
@@ -63,7 +64,9 @@ class GateSet(nn.Module):
 
     ``thresholds`` maps a budget (share of single-token branch evaluations to skip) to a
     (2, num_layers) tensor of importance thresholds, row 0 attention, row 1 MLP, measured by
-    calibration; a branch with importance at or below its threshold is skipped.
+    calibration; a branch with importance at or below its threshold is skipped. ``token_ranking``:
+    every token id, most frequent in the model's own outputs first, for the draft vocabulary
+    (:mod:`specgate.vocab`); None if the gates were saved without one.
     """
 
     def __init__(self, config: GateConfig):
@@ -73,6 +76,7 @@ class GateSet(nn.Module):
         self.attn = nn.ModuleList(make() for _ in range(config.num_layers))
         self.mlp = nn.ModuleList(make() for _ in range(config.num_layers))
         self.thresholds: dict[float, torch.Tensor] = {}
+        self.token_ranking: torch.Tensor | None = None
 
     def gate(self, layer: int, branch: int) -> Gate:
         return (self.attn if branch == 0 else self.mlp)[layer]
@@ -98,6 +102,8 @@ def save_gates(gates: GateSet, path: str | Path) -> Path:
     tensors = {k: v.detach().contiguous() for k, v in gates.state_dict().items()}
     for budget, t in gates.thresholds.items():
         tensors[f"thresholds.{budget:.4f}"] = t.detach().float().contiguous()
+    if gates.token_ranking is not None:
+        tensors[RANKING_KEY] = gates.token_ranking.to(torch.int32).contiguous()
     (path / WEIGHTS_NAME).write_bytes(save(tensors))  # the umask's mode: safetensors' save_file writes 0600
     (path / CONFIG_NAME).write_text(json.dumps(gates.config.__dict__, indent=2) + "\n")
     return path
@@ -128,6 +134,13 @@ def load_gates(path: str | Path, model_config=None, dtype: torch.dtype | None = 
         ) from e
     for key in [k for k in tensors if k.startswith("thresholds.")]:
         gates.thresholds[float(key.split(".", 1)[1])] = tensors.pop(key)
+    if RANKING_KEY in tensors:
+        gates.token_ranking = tensors.pop(RANKING_KEY).long()
+        if model_config is not None and len(gates.token_ranking) != model_config.vocab_size:
+            raise ValueError(
+                f"the token ranking in {path / WEIGHTS_NAME} covers {len(gates.token_ranking)} tokens, the model has "
+                f"{model_config.vocab_size}: these gates were made for another tokenizer"
+            )
     expected = {k: v.shape for k, v in gates.state_dict().items()}
     found = {k: v.shape for k, v in tensors.items()}
     if expected != found:

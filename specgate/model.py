@@ -17,6 +17,7 @@ from .gates import GateConfig, GateSet, check_fits, load_gates
 from .generation import Sampling, plain_generate, warp
 from .output import Emitter
 from .speculative import SpecConfig, SpecStats, speculative_generate
+from .vocab import DraftHead
 from .loading import DEFAULT_MODEL, default_gates, load_hf
 
 # GenerationConfig features we do not implement, with the value that means "off". A call that
@@ -45,6 +46,7 @@ class SpecGateModel:
         self.engine = Engine(hf_model)
         self.name = name
         self.gates = gates.to(self.engine.dtype).to(self.engine.device) if gates is not None else None
+        self._draft_heads: dict[tuple[int, int], DraftHead] = {}
 
     @property
     def config(self):
@@ -55,6 +57,18 @@ class SpecGateModel:
         c = self.config
         config = GateConfig(c.hidden_size, c.num_hidden_layers, kind, rank, model_type=c.model_type, model_name=self.name)
         return GateSet(config).to(self.engine.dtype).to(self.engine.device)
+
+    def draft_head(self, n: int) -> DraftHead:
+        """The LM head over the n tokens the gates' ranking puts first (built once per n)."""
+        if self.gates is None or self.gates.token_ranking is None:
+            raise ValueError(
+                "a draft vocabulary needs gates saved with a token ranking (`specgate train` stores one; "
+                "eval/draft_vocab.py adds one to existing gates): pass draft_vocab=None for the full head"
+            )
+        key = (n, self.gates.token_ranking.data_ptr())  # other gates, another ranking: another head
+        if key not in self._draft_heads:
+            self._draft_heads[key] = DraftHead(self.engine.weights, self.gates.token_ranking[:n])
+        return self._draft_heads[key]
 
     def encode_chat(self, prompt: str) -> torch.Tensor:
         """(1, T) ids of one user turn, through the chat template when the tokenizer has one."""
@@ -116,8 +130,9 @@ class SpecGateModel:
             spec = spec_config or SpecConfig()
             overrides = {"draft_budget": draft_budget, "max_draft": max_draft}
             spec = replace(spec, **{k: v for k, v in overrides.items() if v is not None})
+            head = self.draft_head(spec.draft_vocab) if spec.draft_vocab else None
             stats = speculative_generate(
-                self.engine, self.gates, input_ids, attention_mask, out, sampling, spec, generator
+                self.engine, self.gates, input_ids, attention_mask, out, sampling, spec, generator, head
             )
         else:
             plain_generate(self.engine, input_ids, attention_mask, out, sampling, generator)

@@ -26,6 +26,7 @@ from .gates import GateSet
 from .generation import Sampling, next_token, prefill, probabilities, sample
 from .output import Emitter
 from .policy import SkipPolicy
+from .vocab import DraftHead
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class SpecConfig:
     min_draft_prob: float = 0.0  # stop drafting once the draft's top-1 probability is below this
     verifier: Literal["original", "gated"] = "original"
     kv_fill: KVFill = "project"
+    draft_vocab: int | None = None  # draft LM head over the n tokens the model writes most; None: all
 
     def __post_init__(self):
         if self.verifier not in ("original", "gated"):
@@ -53,6 +55,8 @@ class SpecConfig:
             )
         if not 0.0 <= self.min_draft_prob < 1.0:
             raise ValueError(f"min_draft_prob must be in [0, 1), got {self.min_draft_prob}")
+        if self.draft_vocab is not None and self.draft_vocab < 1:
+            raise ValueError(f"draft_vocab must be a number of tokens >= 1 (or None: the full vocabulary), got {self.draft_vocab}")
 
     @property
     def first_draft(self) -> int:
@@ -65,7 +69,8 @@ class SpecStats:
     """What speculation bought in one ``generate`` call (all sequences of the batch together).
 
     tau: tokens emitted per verify pass and sequence, bonus token included. alpha: accepted /
-    drafted. skip_fraction: share of the draft's (token, branch) evaluations skipped.
+    drafted. skip_fraction: share of the draft's (token, branch) evaluations skipped;
+    compute_skipped: share of the draft's layer compute skipped (weights not read).
     verifier_logprob / draft_logprob: mean log-likelihood per emitted token under the verifier, and
     under the draft where it proposed a distribution (not for bonus tokens after a full accept).
     """
@@ -77,6 +82,7 @@ class SpecStats:
     tau: float
     alpha: float
     skip_fraction: float
+    compute_skipped: float
     draft_s: float
     verify_s: float
     other_s: float
@@ -140,15 +146,18 @@ def speculative_generate(
     sampling: Sampling,
     config: SpecConfig = SpecConfig(),
     generator: torch.Generator | None = None,
+    head: DraftHead | None = None,
 ) -> SpecStats:
-    """Decode into ``out`` by drafting and verifying; returns the statistics of the call."""
+    """Decode into ``out`` by drafting and verifying; returns the statistics of the call. ``head``:
+    the draft vocabulary's LM head (:mod:`specgate.vocab`), None for the full one."""
     start_time = time.perf_counter()
-    policy = draft_policy(gates, config)
+    counter = SkipCounter()
+    draft = _Drafter(engine, gates, draft_policy(gates, config), head, sampling, config, generator, counter)
     verifier = gates if config.verifier == "gated" else None
     max_len = input_ids.shape[1] + out.max_new + config.max_draft + 2
     cache, logits = prefill(engine, input_ids, attention_mask, max_len, verifier)
     last = next_token(logits, sampling, generator)  # (B,) the first new token comes from the verifier
-    tot, counter, k = _Totals(), SkipCounter(), config.first_draft
+    tot, k = _Totals(), config.first_draft
     for b, t in enumerate(last.tolist()):
         out.emit(b, [t], logits[b : b + 1])
         tot.verifier_lp.append(float(logits[b].float().log_softmax(-1)[t]))
@@ -158,7 +167,7 @@ def speculative_generate(
         start = cache.lengths.clone()
         # 1. Draft up to k tokens with the skipping model.
         t0 = time.perf_counter()
-        drafts, draft_logits = _draft(engine, gates, policy, cache, last, k, sampling, config, generator, counter)
+        drafts, draft_logits = draft(cache, last, k)
         # 2. Verify the last token and the drafts in one full-compute pass.
         t1 = time.perf_counter()
         cache.rewind(start)
@@ -194,19 +203,33 @@ def draft_policy(gates: GateSet, config: SpecConfig) -> SkipPolicy:
     return policy
 
 
-def _draft(engine, gates, policy, cache, last, k, sampling, config, generator, counter):
-    """Up to k single-token passes of the skipping model: tokens (B, n) and their logits (B, n, V)."""
-    tokens, logits = [], []
-    token = last
-    for _ in range(k):
-        step = engine(token[:, None], cache, gates, policy, kv_fill=config.kv_fill, counter=counter)[:, -1]  # (B, V)
-        probs = probabilities(step, sampling)
-        token = sample(probs, generator) if sampling.do_sample else step.argmax(-1)
-        tokens.append(token)
-        logits.append(step)
-        if config.min_draft_prob and bool((probs.max(-1).values < config.min_draft_prob).all()):
-            break
-    return torch.stack(tokens, 1), torch.stack(logits, 1)
+@dataclass
+class _Drafter:
+    """The draft: the skipping model with its policy, K/V fill and (draft vocabulary) head."""
+
+    engine: Engine
+    gates: GateSet
+    policy: SkipPolicy
+    head: DraftHead | None
+    sampling: Sampling
+    config: SpecConfig
+    generator: torch.Generator | None
+    counter: SkipCounter
+
+    def __call__(self, cache, last: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Up to k single-token passes after token ``last`` (B,): tokens (B, n) and logits (B, n, V)."""
+        tokens, logits = [], []
+        token = last
+        for _ in range(k):
+            step = self.engine(token[:, None], cache, self.gates, self.policy, kv_fill=self.config.kv_fill,
+                               counter=self.counter, head=self.head)[:, -1]  # fmt: skip
+            probs = probabilities(step, self.sampling)
+            token = sample(probs, self.generator) if self.sampling.do_sample else step.argmax(-1)
+            tokens.append(token)
+            logits.append(step)
+            if self.config.min_draft_prob and bool((probs.max(-1).values < self.config.min_draft_prob).all()):
+                break
+        return torch.stack(tokens, 1), torch.stack(logits, 1)
 
 
 def _emit_round(out: Emitter, tot: _Totals, active, drafts, n_acc, last, draft_logits, target_logits) -> None:
@@ -239,6 +262,7 @@ def _stats(tot: _Totals, out: Emitter, counter: SkipCounter, seconds: float) -> 
         tau=tot.round_tokens / tot.seq_rounds if tot.seq_rounds else 0.0,
         alpha=tot.accepted / tot.drafted if tot.drafted else 0.0,
         skip_fraction=counter.fraction,
+        compute_skipped=counter.compute_fraction,
         draft_s=tot.draft_s,
         verify_s=tot.verify_s,
         other_s=seconds - tot.draft_s - tot.verify_s,

@@ -16,6 +16,7 @@ gates as a static skip order (least harmful branches first, measured by ``eval/g
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 from dataclasses import asdict, dataclass
@@ -26,9 +27,10 @@ import torch
 
 from . import damage, gradient
 from .data import chunk, default_corpus, load_documents
-from .gates import CONFIG_NAME, GateConfig, GateSet, load_gates
+from .gates import CONFIG_NAME, GateConfig, GateSet, load_gates, save_gates
 from .loop import check_run
 from .policy import ALLOCATIONS, Allocation
+from .vocab import rank_tokens
 
 Objective = Literal["paper", "distill", "damage"]
 # Settings a resumed run may change: everything else must match what the checkpoints were made from.
@@ -112,14 +114,21 @@ def train(model_or_name, config: TrainConfig = TrainConfig(), documents: list[li
         _warn_if_calibrated(out / "gates")
     accelerator.wait_for_everyone()
 
+    docs = functools.cache(lambda: training_documents(model, config, out, documents))
+
     def pieces() -> list[list[int]]:
-        return training_pieces(model, config, out, documents)
+        return chunk(docs(), config.seq_len)
 
     if config.objective == "damage":  # no gradient: labels, then a convex fit per gate
-        return damage.train_damage(model, config, gate_config(model, config), pieces, out, accelerator)
-    torch.manual_seed(config.seed)
-    gates = GateSet(gate_config(model, config)).to(accelerator.device)
-    return gradient.train_gradient(model, config, gates, pieces, out, accelerator)
+        gates = damage.train_damage(model, config, gate_config(model, config), pieces, out, accelerator)
+    else:
+        torch.manual_seed(config.seed)
+        gates = GateSet(gate_config(model, config)).to(accelerator.device)
+        gates = gradient.train_gradient(model, config, gates, pieces, out, accelerator)
+    gates.token_ranking = rank_tokens(docs(), model.config.vocab_size)  # the draft vocabulary's order
+    if accelerator.is_main_process:
+        save_gates(gates, out / "gates")
+    return gates
 
 
 def _warn_if_calibrated(gates_dir: Path) -> None:
@@ -154,19 +163,17 @@ def made_from(model, config: TrainConfig, documents) -> dict:
     }  # fmt: skip
 
 
-def training_pieces(model, config: TrainConfig, out: Path, documents: list[list[int]] | None = None) -> list[list[int]]:
-    """The training sequences: ``documents``, else ``config.data``, else the default corpus (cached
-    in ``out``), cut into pieces of at most ``seq_len`` tokens."""
-    if documents is None:
-        if config.data:
-            documents = load_documents(config.data, model.tokenizer)
-        else:
-            documents = default_corpus(
-                model, out / "corpus.jsonl", answers_per_prompt=config.answers_per_prompt,
-                answer_tokens=config.answer_tokens, pydoc_share=config.pydoc_share,
-                max_doc_tokens=4 * config.seq_len, seed=config.seed,
-            )  # fmt: skip
-    return chunk(documents, config.seq_len)
+def training_documents(model, config: TrainConfig, out: Path, documents: list[list[int]] | None = None) -> list[list[int]]:
+    """The training text: ``documents``, else ``config.data``, else the default corpus (cached in
+    ``out``). The draft vocabulary is ranked on it too."""
+    if documents is not None:
+        return documents
+    if config.data:
+        return load_documents(config.data, model.tokenizer)
+    return default_corpus(
+        model, out / "corpus.jsonl", answers_per_prompt=config.answers_per_prompt, answer_tokens=config.answer_tokens,
+        pydoc_share=config.pydoc_share, max_doc_tokens=4 * config.seq_len, seed=config.seed,
+    )  # fmt: skip
 
 
 def gate_config(model, config: TrainConfig) -> GateConfig:

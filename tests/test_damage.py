@@ -65,6 +65,8 @@ def test_damage_gates_skip_better_than_random_and_resume_after_ctrl_c(trainee, t
     gates = T.train(trainee, config, documents=docs)
     assert gates.config.kind == "scalar" and not gates.config.scale_output
     assert (tmp_path / "run" / CHECKPOINT_NAME).is_file() and (tmp_path / "run" / "gates").is_dir()
+    most_frequent = torch.tensor([t for d in docs for t in d]).bincount().argmax()
+    assert specgate.load_gates(tmp_path / "run" / "gates").token_ranking[0] == most_frequent  # the draft vocabulary
 
     # fitted gates beat gates that rank (token, branch) pairs at random, at the same budget
     ids = torch.tensor([d[:32] for d in own_docs(trainee, n=8)])
