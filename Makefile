@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.specgate-installed
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo tune test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -15,7 +15,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/specgate generate "Explain photosynthesis in one sentence."
+	$(VENV)/bin/specgate generate "Explain photosynthesis in one sentence." --speculative
+
+# measure this machine's step costs and acceptance; store the fastest speculation settings (a few minutes)
+tune: $(STAMP)
+	$(VENV)/bin/specgate tune
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q

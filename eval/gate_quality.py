@@ -1,23 +1,23 @@
 """How good are the shipped gates as a draft? SmolLM2-135M-Instruct, held-out prompts.
 
-For each budget (share of (token, branch) evaluations skipped) and three ways of choosing what to
-skip at that budget:
+For each budget (share of the draft's layer compute skipped, ``Engine.branch_costs``) and three
+ways of choosing what to skip at that budget:
 
-- ``gateskip``: the shipped gates with their calibrated single-token thresholds;
+- ``gateskip``: the gates with their calibrated single-token thresholds;
 - ``random``: every (token, branch) skipped with probability ``budget``;
-- ``static``: whole branches skipped for every token (Draft & Verify style): the
-  ``round(budget * 2L)`` branches whose removal alone costs least top-1 agreement on calibration
-  text (the train-split answers, not the held-out ones).
+- ``static``: whole branches skipped for every token (Draft & Verify style): the branches whose
+  removal alone costs least top-1 agreement on calibration text (the train-split answers, not the
+  held-out ones), in that order until they make up ``budget`` of the layer compute.
 
 we measure, teacher-forced over the full model's own greedy answers to the held-out prompts of
 :mod:`specgate.prompts` (never in the training corpus): the mean per-token log-likelihood of the
 text and the top-1 agreement with the full model, for the *first draft token of a round*: each
 position runs as one single-token skipping step against a cache holding the full model's K/V of
 everything before it, as in the acceptance loop after a verify pass. The skip share each method
-really reached is counted too. At the end, if ``SpecGateModel.generate(speculative=True)`` exists,
-the acceptance loop's alpha and tau at budgets 0.3, 0.5, 0.7.
+really reached is counted too (evaluations and compute). At the end, the acceptance loop's alpha
+and tau at the ``--accept-budgets`` (with the ``--draft-vocab`` head if given).
 
-    .venv/bin/python eval/gate_quality.py [--gates DIR] [--prompts 34] [--answer-tokens 128]
+    .venv/bin/python eval/gate_quality.py [--gates DIR] [--prompts 34] [--answer-tokens 128] [--draft-vocab 8192]
 
 Writes results/gate_quality.json and results/gate_quality.png (with matplotlib installed).
 """
@@ -71,21 +71,25 @@ class StaticPolicy:
 
 
 class RowCounter:
-    """Wraps a policy; counts (token, branch) evaluations and skips of the rows in ``rows`` only
-    (the engine's SkipCounter counts every row of a step, prompt positions included)."""
+    """Wraps a policy; counts (token, branch) evaluations, skips and the layer compute they stand
+    for (``Engine.branch_costs``), of the rows in ``rows`` only (the engine's SkipCounter counts
+    every row of a step, prompt positions included)."""
 
-    def __init__(self, policy: SkipPolicy, num_branches: int):
-        self.policy, self.num_branches = policy, num_branches
-        self.rows, self.total, self.skipped = None, 0, 0
+    def __init__(self, policy: SkipPolicy, costs: tuple[list[list[float]], list[list[float]]]):
+        self.policy, (self.cost, self.saved) = policy, costs
+        self.rows, self.total, self.skipped, self.compute_total, self.compute_skipped = None, 0, 0, 0.0, 0.0
 
     def step(self, rows: torch.Tensor) -> None:
         self.rows = rows
-        self.total += int(rows.sum()) * self.num_branches
+        self.total += int(rows.sum()) * 2 * len(self.cost[0])
+        self.compute_total += int(rows.sum()) * sum(map(sum, self.cost))
 
     def active(self, importance, valid, layer, branch):
         run = self.policy.active(importance, valid, layer, branch)
         if run is not None:
-            self.skipped += int((~run[:, 0] & self.rows).sum())
+            n = int((~run[:, 0] & self.rows).sum())
+            self.skipped += n
+            self.compute_skipped += n * self.saved[branch][layer]
         return run
 
     def may_skip(self, layer, branch, T):
@@ -94,6 +98,10 @@ class RowCounter:
     @property
     def fraction(self) -> float:
         return self.skipped / self.total if self.total else 0.0
+
+    @property
+    def compute_fraction(self) -> float:
+        return self.compute_skipped / self.compute_total if self.compute_total else 0.0
 
 
 def samples(m, prompts: list[str], answer_tokens: int) -> list[tuple[list[int], int]]:
@@ -132,9 +140,9 @@ def first_draft_scores(m, batch, gates, policy) -> dict:
     full_ll = full.gather(-1, nxt[..., None])[..., 0]
     full_top = full.argmax(-1)
     if policy is None:
-        return {"ll": full_ll[target].tolist(), "agree": [1.0] * int(target.sum()), "skipped": 0.0}
+        return {"ll": full_ll[target].tolist(), "agree": [1.0] * int(target.sum()), "skipped": 0.0, "compute": 0.0}
     k, v = [t.clone() for t in cache.k], [t.clone() for t in cache.v]  # the full model's K/V, per layer
-    counted, ll, agree = RowCounter(policy, 2 * eng.num_layers), [], []
+    counted, ll, agree = RowCounter(policy, eng.branch_costs()), [], []
     first = int(target.float().argmax(1).min())
     for t in range(first, N - 1):
         rows = target[:, t]
@@ -147,7 +155,8 @@ def first_draft_scores(m, batch, gates, policy) -> dict:
             cache.k[i][:, :, t], cache.v[i][:, :, t] = k[i][:, :, t], v[i][:, :, t]
         ll += logp.gather(-1, nxt[:, t, None])[rows, 0].tolist()
         agree += (logp.argmax(-1) == full_top[:, t])[rows].float().tolist()
-    return {"ll": ll, "agree": agree, "skipped": counted.fraction, "full_ll": full_ll[target].tolist()}
+    return {"ll": ll, "agree": agree, "skipped": counted.fraction, "compute": counted.compute_fraction,
+            "full_ll": full_ll[target].tolist()}  # fmt: skip
 
 
 @torch.no_grad()
@@ -175,7 +184,20 @@ def _dummy_gates(m):
     return _dummy_gates.g
 
 
-def acceptance(m, prompts: list[str], budgets: list[float], max_new_tokens: int) -> dict | None:
+def static_branches(order: list[tuple[int, int]], budget: float, saved: list[list[float]]) -> frozenset:
+    """The first branches of ``order`` whose skipping saves ``budget`` of the layer compute (the
+    last one is taken if that comes closer)."""
+    chosen, total = [], 0.0
+    for layer, branch in order:
+        share = saved[branch][layer]
+        if total + share / 2 > budget:
+            break
+        chosen.append((layer, branch))
+        total += share
+    return frozenset(chosen)
+
+
+def acceptance(m, prompts: list[str], budgets: list[float], max_new_tokens: int, draft_vocab=None) -> dict | None:
     """alpha, tau of the speculative loop per budget, if the loop exists (else None)."""
     if not prompts:
         return None
@@ -185,7 +207,8 @@ def acceptance(m, prompts: list[str], budgets: list[float], max_new_tokens: int)
         for p in prompts:
             ids = m.encode_chat(p)
             try:
-                res = m.generate(ids, max_new_tokens=max_new_tokens, speculative=True, draft_budget=budget,
+                config = specgate.SpecConfig(draft_budget=budget, draft_vocab=draft_vocab)
+                res = m.generate(ids, max_new_tokens=max_new_tokens, speculative=True, spec_config=config,
                                  return_dict_in_generate=True)  # fmt: skip
             except (NotImplementedError, TypeError, ValueError) as e:
                 print(f"acceptance loop not available ({type(e).__name__}: {e}); skipped", file=sys.stderr)
@@ -199,9 +222,11 @@ def acceptance(m, prompts: list[str], budgets: list[float], max_new_tokens: int)
             "alpha": sum(float(s.alpha) for s in stats) / len(stats),
             "tau": sum(float(s.tau) for s in stats) / len(stats),
             "skip_fraction": sum(float(s.skip_fraction) for s in stats) / len(stats),
+            "compute_skipped": sum(float(s.compute_skipped) for s in stats) / len(stats),
         }
         r = out[budget]
-        print(f"budget {budget:.1f}: alpha {r['alpha']:.3f}  tau {r['tau']:.2f}  decode skips {r['skip_fraction']:.3f}")
+        print(f"budget {budget:.1f}: alpha {r['alpha']:.3f}  tau {r['tau']:.2f}  decode skips {r['skip_fraction']:.3f}"
+              f" (compute {r['compute_skipped']:.3f})")  # fmt: skip
     return out
 
 
@@ -213,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budgets", default="0,0.1,0.2,0.3,0.4,0.5,0.6")
     ap.add_argument("--batch", type=int, default=17)
     ap.add_argument("--accept-prompts", type=int, default=8)
+    ap.add_argument("--accept-budgets", default="0.3,0.5,0.7")
+    ap.add_argument("--draft-vocab", type=int, default=None, help="draft vocabulary size in the acceptance loop")
     ap.add_argument("--out", default=str(ROOT / "results" / "gate_quality"))
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
@@ -236,32 +263,35 @@ def main(argv: list[str] | None = None) -> int:
         cache.write_text(json.dumps(order) + "\n")
     print(f"[answers and static ranking: {time.perf_counter() - t0:.0f} s]", file=sys.stderr)
     batches = [held[i : i + args.batch] for i in range(0, len(held), args.batch)]
-    n_branches = 2 * m.engine.num_layers
+    _, saved = m.engine.branch_costs()
 
     def run(policy) -> dict:
         parts = [first_draft_scores(m, b, m.gates, policy) for b in batches]
         ll = [x for p in parts for x in p["ll"]]
         agree = [x for p in parts for x in p["agree"]]
-        return {"ll": sum(ll) / len(ll), "agree": sum(agree) / len(agree),
-                "skipped": sum(p["skipped"] * len(p["ll"]) for p in parts) / len(ll), "tokens": len(ll)}  # fmt: skip
+        share = lambda key: sum(p[key] * len(p["ll"]) for p in parts) / len(ll)  # noqa: E731
+        return {"ll": sum(ll) / len(ll), "agree": sum(agree) / len(agree), "skipped": share("skipped"),
+                "compute": share("compute"), "tokens": len(ll)}  # fmt: skip
 
     full = run(None)
     results = {"full_model": full, "methods": {"gateskip": {}, "random": {}, "static": {}}, "static_order": order}
-    header = f"{'budget':>6} | {'method':>8} | {'skipped':>7} | {'log-lik':>8} | {'d vs full':>9} | {'top-1 agree':>11}"
+    header = f"{'budget':>6} | {'method':>8} | {'skipped':>7} | {'compute':>7} | {'log-lik':>8} | {'d vs full':>9} | {'top-1 agree':>11}"
     print(f"full model: mean log-lik {full['ll']:.3f} over {full['tokens']} held-out answer tokens\n{header}")
     for budget in budgets:
         policies = {
             "gateskip": m.gates.policy(budget) if budget > 0 else None,
             "random": RandomPolicy(budget, seed=0) if budget > 0 else None,
-            "static": StaticPolicy(frozenset(order[: round(budget * n_branches)])) if budget > 0 else None,
+            "static": StaticPolicy(static_branches(order, budget, saved)) if budget > 0 else None,
         }
         for name, policy in policies.items():
             r = full if policy is None else run(policy)
-            results["methods"][name][budget] = {k: r[k] for k in ("ll", "agree", "skipped")}
-            print(f"{budget:6.2f} | {name:>8} | {r['skipped']:7.3f} | {r['ll']:8.3f} | {r['ll'] - full['ll']:9.3f} | {r['agree']:11.3f}")
+            results["methods"][name][budget] = {k: r[k] for k in ("ll", "agree", "skipped", "compute")}
+            print(f"{budget:6.2f} | {name:>8} | {r['skipped']:7.3f} | {r['compute']:7.3f} | {r['ll']:8.3f} | "
+                  f"{r['ll'] - full['ll']:9.3f} | {r['agree']:11.3f}")  # fmt: skip
     print(f"[quality table: {time.perf_counter() - t0:.0f} s]", file=sys.stderr)
 
-    results["acceptance"] = acceptance(m, heldout[: args.accept_prompts], [0.3, 0.5, 0.7], 64)
+    accept_budgets = [float(b) for b in args.accept_budgets.split(",")]
+    results["acceptance"] = acceptance(m, heldout[: args.accept_prompts], accept_budgets, 64, args.draft_vocab)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str) + "\n")
@@ -280,11 +310,11 @@ def _plot(results: dict, budgets: list[float], path: Path) -> None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for name, rows in results["methods"].items():
-        xs = [rows[b]["skipped"] if b > 0 else 0.0 for b in budgets]
+        xs = [rows[b]["compute"] if b > 0 else 0.0 for b in budgets]
         axes[0].plot(xs, [rows[b]["ll"] for b in budgets], marker="o", label=name)
         axes[1].plot(xs, [rows[b]["agree"] for b in budgets], marker="o", label=name)
-    axes[0].set(xlabel="share of (token, branch) evaluations skipped", ylabel="mean log-likelihood of held-out answers")
-    axes[1].set(xlabel="share of (token, branch) evaluations skipped", ylabel="top-1 agreement with the full model")
+    axes[0].set(xlabel="share of the draft's layer compute skipped", ylabel="mean log-likelihood of held-out answers")
+    axes[1].set(xlabel="share of the draft's layer compute skipped", ylabel="top-1 agreement with the full model")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()

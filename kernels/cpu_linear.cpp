@@ -3,8 +3,9 @@
 // A decode step or a short verify pass multiplies 1-8 token rows by every weight matrix of the
 // model, so the time is the time to stream the weights from memory. This kernel reads each weight
 // row once for all token rows (the token rows stay in L1), keeps one accumulator per (weight row,
-// token row) in vector registers, prefetches the weight stream ahead and splits the output rows
-// over torch's threads. It is compiled on the user's machine with -march=native, so the vector
+// token row) in vector registers, sums the accumulators of a block of rows with one
+// transpose-and-add tree, prefetches the weight stream ahead and splits the output rows over
+// torch's threads. It is compiled on the user's machine with -march=native, so the vector
 // width below is the widest the build machine has.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -26,47 +27,96 @@ constexpr int64_t kPrefetch = 2048;  // floats ahead of the current weight eleme
 #if defined(__AVX512F__)
 using Vec = __m512;
 constexpr int kLanes = 16;
-constexpr int kRegs = 32;
 inline Vec vzero() { return _mm512_setzero_ps(); }
 inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline float vsum(Vec v) { return _mm512_reduce_add_ps(v); }
 #elif defined(__AVX2__) && defined(__FMA__)
 using Vec = __m256;
 constexpr int kLanes = 8;
-constexpr int kRegs = 16;
 inline Vec vzero() { return _mm256_setzero_ps(); }
 inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
-inline float vsum(Vec v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
 #else
 using Vec = float;  // no vector unit we know: plain scalar code, still one pass over the weights
 constexpr int kLanes = 1;
-constexpr int kRegs = 16;
 inline Vec vzero() { return 0.0f; }
 inline Vec vload(const float* p) { return *p; }
 inline Vec vfma(Vec a, Vec b, Vec c) { return a * b + c; }
-inline float vsum(Vec v) { return v; }
 #endif
 
-// Weight rows per block: two reuse each token-row load while the accumulators (R * M) stay in
-// registers; on an AMD EPYC (Zen 4) 2 rows with an 8 KB prefetch into L2 beat 1 and 4 rows and
-// shorter prefetches for cold weights (the choice among backends is measured anyway).
+// Weight rows per block: as many as keep all R * M accumulators within one reduction tree
+// (R * M <= kLanes), at most 8. With AVX-512 that is 8 rows for 1-2 token rows, 5 for 3, 4 for 4,
+// 3 for 5 and 2 for 6-8: the accumulators plus the weight and token vectors fit the 32 registers,
+// each token-row load feeds R FMAs, and the horizontal sums of a block cost one tree. With AVX2
+// (16 registers, 8 lanes) the same rule gives 8, 4, 2, 2, then 1 row.
 template <int M>
 constexpr int block_rows() {
-  return std::max(1, std::min(2, (kRegs - 6) / M));
+  return std::clamp(kLanes / M, 1, 8);
+}
+
+// out[i] = the sum of the lanes of v[i] for i < N <= kLanes (out has room for kLanes floats).
+// A transpose-and-add tree: each level adds pairs of vectors after interleaving them, halving the
+// vector count and doubling the sums per vector, so N accumulators cost ~3 instructions each where a
+// horizontal sum per accumulator costs ~8 plus a long dependency chain. Missing inputs (i >= N) are
+// zeros, and levels whose inputs are all zero are skipped at compile time.
+template <int N>
+inline void hsums(const Vec* v, float* out) {
+  static_assert(N >= 1 && N <= kLanes, "one tree reduces at most kLanes accumulators");
+#if defined(__AVX512F__)
+  const __m512 z = _mm512_setzero_ps();
+  auto in = [&](int i) { return i < N ? v[i] : z; };
+  __m512 a[8], b[4], c[2];
+  // a[i], per 128-bit lane: {v[2i] (2 partial sums), v[2i+1] (2)} interleaved
+  for (int i = 0; i < 8; ++i)
+    a[i] = 2 * i < N ? _mm512_add_ps(_mm512_unpacklo_ps(in(2 * i), in(2 * i + 1)),
+                                     _mm512_unpackhi_ps(in(2 * i), in(2 * i + 1)))
+                     : z;
+  // b[i], per 128-bit lane: the lane's sums of v[4i .. 4i+3]
+  for (int i = 0; i < 4; ++i)
+    b[i] = 4 * i < N ? _mm512_add_ps(_mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0x44),
+                                     _mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0xEE))
+                     : z;
+  // c[i]: 128-bit lanes {v[8i .. 8i+3] half sums, other halves, v[8i+4 .. 8i+7] half sums, other halves}
+  for (int i = 0; i < 2; ++i)
+    c[i] = 8 * i < N ? _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
+                                     _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD))
+                     : z;
+  _mm512_storeu_ps(out, _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD)));
+#elif defined(__AVX2__) && defined(__FMA__)
+  const __m256 z = _mm256_setzero_ps();
+  auto in = [&](int i) { return i < N ? v[i] : z; };
+  __m256 a[4], b[2];
+  for (int i = 0; i < 4; ++i)
+    a[i] = 2 * i < N ? _mm256_add_ps(_mm256_unpacklo_ps(in(2 * i), in(2 * i + 1)),
+                                     _mm256_unpackhi_ps(in(2 * i), in(2 * i + 1)))
+                     : z;
+  for (int i = 0; i < 2; ++i)
+    b[i] = 4 * i < N ? _mm256_add_ps(_mm256_shuffle_ps(a[2 * i], a[2 * i + 1], 0x44),
+                                     _mm256_shuffle_ps(a[2 * i], a[2 * i + 1], 0xEE))
+                     : z;
+  // b[i], per 128-bit lane: that lane's sums of v[4i .. 4i+3]; add the two lanes
+  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(b[0], b[1], 0x20), _mm256_permute2f128_ps(b[0], b[1], 0x31)));
+#else
+  for (int i = 0; i < N; ++i) out[i] = v[i];
+#endif
+}
+
+// hsums over any number of accumulators, one tree per kLanes of them (only the scalar build, where
+// kLanes is 1, has blocks with more accumulators than lanes).
+template <int N, int I = 0>
+inline void hsums_all(const Vec* v, float* out) {
+  if constexpr (I < N) {
+    hsums<std::min(kLanes, N - I)>(v + I, out + I);
+    hsums_all<N, I + kLanes>(v, out);
+  }
 }
 
 // R output rows [w, w + R * ldw) for M token rows x (M, d), written to y[m * ldy + r].
 template <int M, int R>
 void rows_block(const float* x, int64_t d, const float* w, int64_t ldw, const float* bias, float* y, int64_t ldy) {
-  Vec acc[R][M];
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) acc[r][m] = vzero();
+  constexpr int N = R * M;
+  Vec acc[N];  // acc[r * M + m]: weight row r times token row m
+  for (int i = 0; i < N; ++i) acc[i] = vzero();
   int64_t k = 0;
   for (; k + kLanes <= d; k += kLanes) {
     Vec wv[R];
@@ -76,13 +126,15 @@ void rows_block(const float* x, int64_t d, const float* w, int64_t ldw, const fl
     }
     for (int m = 0; m < M; ++m) {
       const Vec xv = vload(x + m * d + k);
-      for (int r = 0; r < R; ++r) acc[r][m] = vfma(wv[r], xv, acc[r][m]);
+      for (int r = 0; r < R; ++r) acc[r * M + m] = vfma(wv[r], xv, acc[r * M + m]);
     }
   }
+  float sums[(N + kLanes - 1) / kLanes * kLanes];
+  hsums_all<N>(acc, sums);
   for (int r = 0; r < R; ++r) {
     for (int m = 0; m < M; ++m) {
-      float s = vsum(acc[r][m]);
-      for (int64_t kk = k; kk < d; ++kk) s += w[r * ldw + kk] * x[m * d + kk];
+      float s = sums[r * M + m];
+      for (int64_t kk = k; kk < d; ++kk) s += w[r * ldw + kk] * x[m * d + kk];  // d % kLanes leftover
       y[m * ldy + r] = bias ? s + bias[r] : s;
     }
   }

@@ -63,6 +63,7 @@ def _add_stats(extra: dict, s) -> None:
         extra[key] = extra.get(key, 0) + getattr(s, key)
     extra["round_tokens"] = extra.get("round_tokens", 0) + s.tau * s.rounds
     extra["skipped_x_rounds"] = extra.get("skipped_x_rounds", 0) + s.skip_fraction * s.drafted
+    extra["settings"] = s.settings
     extra["compute_x_rounds"] = extra.get("compute_x_rounds", 0) + s.compute_skipped * s.drafted
     extra["tau"] = round(extra["round_tokens"] / max(1, extra["rounds"]), 3)
     extra["alpha"] = round(extra["accepted"] / max(1, extra["drafted"]), 3)
@@ -109,8 +110,9 @@ def bench_decode(
         "transformers": lambda ids: stock.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos),
         "plain": lambda ids: m.generate(ids, max_new_tokens=max_new_tokens),
     }
-    for spec in speculative or []:  # SpecConfig each
-        methods[f"speculative b={spec.draft_budget}"] = lambda ids, spec=spec: m.generate(
+    for spec in speculative or []:  # a SpecConfig, or None: the settings generate() chooses (tuned, else defaults)
+        name = "speculative" if spec is None else f"speculative b={spec.draft_budget}"
+        methods[name] = lambda ids, spec=spec: m.generate(
             ids, max_new_tokens=max_new_tokens, speculative=True, spec_config=spec, return_dict_in_generate=True
         )
     return run(encoded, methods)
@@ -132,8 +134,13 @@ def report(results: dict[str, MethodResult], reference: str = "transformers") ->
             lines.append(
                 f"    tau {e['tau']}  alpha {e['alpha']}  draft skip {e['skip_fraction']} (compute {e['compute_skipped']})  "
                 f"rounds {e['rounds']}  "
-                f"draft {e['draft_s']:.1f}s  verify {e['verify_s']:.1f}s"
+                f"draft {e['draft_s']:.1f}s  verify {e['verify_s']:.1f}s  settings: {e['settings']}"
             )
+    from . import linear
+
+    chosen = linear.choices()
+    backends = sorted({c["backend"] for c in chosen["choices"].values()})
+    lines.append(f"CPU {chosen['cpu']}, {torch.get_num_threads()} threads; linear products on: {', '.join(backends) or '-'}")
     return "\n".join(lines)
 
 
@@ -141,4 +148,7 @@ def save(results: dict[str, MethodResult], path: str | Path, **meta) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = {n: {**asdict(r), "tokens_per_s": r.tokens_per_s} for n, r in results.items()}
+    from . import linear
+
+    meta = {**meta, "linear": linear.choices()}  # which products ran where: explains the figures
     path.write_text(json.dumps({"meta": meta, "results": rows}, indent=1) + "\n")

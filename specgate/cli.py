@@ -1,4 +1,4 @@
-"""The ``specgate`` command: generate, bench, train, calibrate.
+"""The ``specgate`` command: generate, bench, train, calibrate, tune.
 
 Every ``train`` flag is a :class:`specgate.train.TrainConfig` field and the speculation flags are
 :class:`specgate.speculative.SpecConfig` fields, with their defaults read from there, so the
@@ -78,15 +78,23 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _spec_args(p: argparse.ArgumentParser) -> None:
+    """The speculation flags; each left out keeps what ``generate()`` would choose (the settings
+    `specgate tune` stored for this machine, else the SpecConfig defaults shown here)."""
     d = SpecConfig()
-    p.add_argument("--draft-budget", type=_budget, default=d.draft_budget, help=f"share of the draft's branch evaluations to skip (default {d.draft_budget})")
-    p.add_argument("--max-draft", type=_positive_int, default=d.max_draft, help=f"most tokens drafted per round (default {d.max_draft})")
-    p.add_argument("--verifier", choices=["original", "gated"], default=d.verifier, help="original: output equals the model's own (default)")
-    p.add_argument("--kv-fill", choices=["project", "copy_below"], default=d.kv_fill, help="K/V of tokens that skip attention in the draft")
+    p.add_argument("--draft-budget", type=_budget, default=None, help=f"share of the draft's layer compute to skip (default {d.draft_budget})")
+    p.add_argument("--max-draft", type=_positive_int, default=None, help=f"most tokens drafted per round (default {d.max_draft})")
+    p.add_argument("--draft-vocab", type=_positive_int, default=None, help="draft LM head over the N tokens the model writes most (default: full head)")
+    p.add_argument("--verifier", choices=["original", "gated"], default=None, help="original: output equals the model's own (default)")
+    p.add_argument("--kv-fill", choices=["project", "copy_below"], default=None, help=f"K/V of tokens that skip attention in the draft (default {d.kv_fill})")
 
 
-def _spec_config(args) -> SpecConfig:
-    return SpecConfig(draft_budget=args.draft_budget, max_draft=args.max_draft, verifier=args.verifier, kv_fill=args.kv_fill)
+SPEC_FLAGS = ("draft_budget", "max_draft", "draft_vocab", "verifier", "kv_fill")
+
+
+def _spec_config(args) -> SpecConfig | None:
+    """The flags given, over the SpecConfig defaults; None when none was given."""
+    given = {k: getattr(args, k) for k in SPEC_FLAGS if getattr(args, k) is not None}
+    return SpecConfig(**given) if given else None
 
 
 def _load(args, gates: str | None = None):
@@ -121,7 +129,8 @@ def cmd_generate(args) -> int:
     new = (out.sequences if stats else out).shape[1] - ids.shape[1]
     print(f"[{new} tokens in {seconds:.2f} s, {new / seconds:.1f} tokens/s]", file=sys.stderr)
     if stats:
-        print(f"[tau {stats.tau:.2f}, alpha {stats.alpha:.2f}, draft skipped {stats.skip_fraction:.0%}]", file=sys.stderr)
+        print(f"[tau {stats.tau:.2f}, alpha {stats.alpha:.2f}, draft skipped {stats.compute_skipped:.0%} of its compute; "
+              f"settings: {stats.settings}]", file=sys.stderr)  # fmt: skip
     return 0
 
 
@@ -133,8 +142,13 @@ def cmd_bench(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     bench.mtbench_prompts(args.prompts)  # a bad count fails now, not after loading two models
-    budgets = [] if args.no_speculative else args.budgets or [args.draft_budget]
-    speculative = [dataclasses.replace(_spec_config(args), draft_budget=b) for b in budgets]
+    base = _spec_config(args)
+    if args.no_speculative:
+        speculative = []
+    elif args.budgets:
+        speculative = [dataclasses.replace(base or SpecConfig(), draft_budget=b) for b in args.budgets]
+    else:
+        speculative = [base]  # None: what generate() chooses (tuned settings, else the defaults)
     gates = None if args.gates == "none" else args.gates
     results = bench.bench_decode(args.model, args.prompts, args.max_new_tokens, speculative, getattr(torch, args.dtype), gates)
     print(bench.report(results))
@@ -266,11 +280,39 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+# -- tune ------------------------------------------------------------------------------------------
+
+
+def _sizes(text: str) -> list[int]:
+    """Draft vocabulary sizes, comma-separated; "none" for the full head only."""
+    return [] if text.strip().lower() == "none" else [_positive_int(n) for n in text.split(",") if n]
+
+
+def cmd_tune(args) -> int:
+    from . import tune
+
+    config = tune.TuneConfig(
+        budgets=tuple(args.budgets) if args.budgets else None, vocabs=tuple(args.vocab) if args.vocab is not None else None,
+        max_draft=args.max_draft, prompts=args.prompts, tokens=args.tokens, rounds=args.rounds,
+    )  # fmt: skip
+    m = _load(args)
+    start = time.perf_counter()
+    result = tune.tune(m, config)
+    print(tune.report(result))
+    path = tune.save(result, tune.tune_file(m))
+    print(f"stored in {path} (used by generate(speculative=True) without explicit settings); "
+          f"tuned in {time.perf_counter() - start:.0f} s")  # fmt: skip
+    if args.out:
+        print(f"saved a copy to {tune.save(result, Path(args.out))}")
+    return 0
+
+
 # -- the parser ------------------------------------------------------------------------------------
 
 
 def parser() -> argparse.ArgumentParser:
     from .calibrate import CalibrateConfig
+    from .tune import DEFAULT_VOCABS, TuneConfig
 
     top = argparse.ArgumentParser(prog="specgate", description="Lossless self-speculative decoding with GateSkip gates")
     sub = top.add_subparsers(dest="command", required=True)
@@ -317,6 +359,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--half", action=argparse.BooleanOptionalAction, default=True,
                    help="store gate weights as float16 (half the file; calibrated on the rounded weights)")  # fmt: skip
     p.set_defaults(func=cmd_calibrate)
+
+    t = TuneConfig()
+    p = sub.add_parser("tune", help="measure this machine's step costs and acceptance; store the fastest speculation settings")
+    _model_args(p)
+    p.add_argument("--budgets", type=_budgets, default=None, metavar="B1,B2", help="draft budgets to try (default: every calibrated one)")
+    p.add_argument("--max-draft", type=_positive_int, default=t.max_draft, help=f"try draft lengths 1..this (default {t.max_draft})")
+    p.add_argument("--vocab", type=_sizes, default=None, metavar="N1,N2",
+                   help=f"draft vocabulary sizes to try besides the full head, or 'none' (default {','.join(map(str, DEFAULT_VOCABS))} "
+                        "when the gates rank tokens)")  # fmt: skip
+    p.add_argument("--prompts", type=_positive_int, default=t.prompts, help=f"calibration prompts for the acceptance runs (default {t.prompts})")
+    p.add_argument("--tokens", type=_positive_int, default=t.tokens, help=f"new tokens per acceptance run (default {t.tokens})")
+    p.add_argument("--rounds", type=_positive_int, default=t.rounds, help=f"timed repetitions of each step (default {t.rounds})")
+    p.add_argument("--out", type=_output_file, default=None, help="also write the result as JSON to this file")
+    p.set_defaults(func=cmd_tune)
     return top
 
 

@@ -75,9 +75,10 @@ class _Selection:
     active: torch.Tensor  # (B, T) bool
 
     @staticmethod
-    def of(active: torch.Tensor) -> "_Selection":
+    def of(active: torch.Tensor, n_run: int) -> "_Selection":
+        """The selection of ``active`` (B, T), of which ``n_run`` tokens are True."""
         counts = active.sum(1)
-        n = int(counts.max())
+        n = n_run if active.shape[0] == 1 else int(counts.max())
         order = (~active).to(torch.int8).argsort(dim=1, stable=True)[:, :n]  # active tokens first
         keep = torch.arange(n, device=active.device)[None] < counts[:, None]
         return _Selection(order, keep, active)
@@ -197,20 +198,24 @@ class Engine:
             return None, None
         scale = p.gates.config.scale_output
         if p.policy is not None and not scale and not p.policy.may_skip(i, branch, x.shape[1]):
-            self._count(p, i, branch, None)
+            self._count(p, i, branch, 0)
             return None, None  # the gate would neither skip nor scale anything: do not run it
         g = p.gates.gate(i, branch)(x)
         active = p.policy.active(g.mean(-1), p.valid, i, branch) if p.policy is not None else None
-        self._count(p, i, branch, active)
-        if active is not None and bool(active.all()):
+        n_run = p.n_valid
+        if active is not None:
+            if p.padded:  # padding tokens need no branch: their K/V are never read
+                active = active & p.valid
+            n_run = int(active.sum())  # the host reads each skip decision once
+        self._count(p, i, branch, p.n_valid - n_run)
+        if n_run == x.shape[0] * x.shape[1]:
             active = None
         factor = layers.branch_factor(g, active, scale)  # computed on all tokens, used on the active ones
-        return factor, None if active is None else _Selection.of(active)
+        return factor, None if active is None else _Selection.of(active, n_run)
 
-    def _count(self, p: _Pass, i: int, branch: int, active: torch.Tensor | None) -> None:
+    def _count(self, p: _Pass, i: int, branch: int, skipped: int) -> None:
         if p.counter is None:
             return
-        skipped = 0 if active is None else p.n_valid - int((active & p.valid).sum())
         if p.kv_fill not in self._costs:
             self._costs[p.kv_fill] = self.branch_costs(p.kv_fill)
         cost, saved = self._costs[p.kv_fill]

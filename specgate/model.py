@@ -17,6 +17,7 @@ from .gates import GateConfig, GateSet, check_fits, load_gates
 from .generation import Sampling, plain_generate, warp
 from .output import Emitter
 from .speculative import SpecConfig, SpecStats, speculative_generate
+from .tune import resolve as resolve_settings
 from .vocab import DraftHead
 from .loading import DEFAULT_MODEL, default_gates, load_hf
 
@@ -127,13 +128,13 @@ class SpecGateModel:
         if speculative:
             if self.gates is None:
                 raise ValueError("speculative decoding needs gates: load trained gates (gates=PATH) or `specgate train`")
-            spec = spec_config or SpecConfig()
-            overrides = {"draft_budget": draft_budget, "max_draft": max_draft}
-            spec = replace(spec, **{k: v for k, v in overrides.items() if v is not None})
+            # spec_config, else what `specgate tune` stored for this machine, else the defaults
+            spec, settings = resolve_settings(self, spec_config, {"draft_budget": draft_budget, "max_draft": max_draft})
             head = self.draft_head(spec.draft_vocab) if spec.draft_vocab else None
             stats = speculative_generate(
                 self.engine, self.gates, input_ids, attention_mask, out, sampling, spec, generator, head
             )
+            stats = replace(stats, settings=settings)
         else:
             plain_generate(self.engine, input_ids, attention_mask, out, sampling, generator)
         out.close()

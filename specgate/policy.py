@@ -58,6 +58,11 @@ class BudgetPolicy:
         return self.budget > 0
 
     @cached_property
+    def _threshold_values(self) -> list[list[float]]:
+        """The thresholds as Python numbers: a comparison with one costs one operation per step."""
+        return self.thresholds.tolist()
+
+    @cached_property
     def _single_skippable(self) -> frozenset[tuple[int, int]]:
         """Branches a single-token step can skip: importance is in (0, 1), so a threshold below 0
         is never reached. Read once, not per step: a tensor read per branch costs a host sync."""
@@ -69,7 +74,7 @@ class BudgetPolicy:
         if (layer, branch) in self.never_skip:
             return None
         if importance.shape[1] == 1 and self.thresholds is not None:
-            return importance > self.thresholds[branch, layer].to(importance.dtype)
+            return importance > self._threshold_values[branch][layer]
         return skip_lowest(importance, valid, int(self.budget * int(valid.sum())))
 
 

@@ -73,6 +73,8 @@ class SpecStats:
     compute_skipped: share of the draft's layer compute skipped (weights not read).
     verifier_logprob / draft_logprob: mean log-likelihood per emitted token under the verifier, and
     under the draft where it proposed a distribution (not for bonus tokens after a full accept).
+    settings: where the speculation settings came from ("defaults", "spec_config", "tuned (FILE)",
+    plus per-call overrides), set by ``SpecGateModel.generate``.
     """
 
     rounds: int
@@ -89,6 +91,7 @@ class SpecStats:
     tokens_per_s: float
     verifier_logprob: float
     draft_logprob: float
+    settings: str = "spec_config"
 
 
 def greedy_accept(draft_tokens: torch.Tensor, target_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

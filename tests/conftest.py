@@ -59,6 +59,15 @@ def tiny(family: str = "llama", seed: int = 0, gates: bool = False) -> specgate.
     return m
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory):
+    """What `specgate tune` stored in the user's cache must not change what the tests see."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("SPECGATE_CACHE", str(tmp_path_factory.mktemp("specgate-cache")))
+    yield
+    patch.undo()
+
+
 FAMILIES = ["llama", "qwen2", "qwen3", "gemma3"]
 
 

@@ -9,9 +9,14 @@ PACKAGE = Path(specgate.__file__).parent
 
 
 def _imports(path: Path) -> set[str]:
-    """The specgate modules a file imports, wherever in the file the import is."""
+    """The specgate modules a file imports, wherever in the file the import is (but for imports
+    that only type checkers run, under ``if TYPE_CHECKING:``)."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            node.body = []
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.level == 1:
             found |= {node.module} if node.module else {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("specgate."):

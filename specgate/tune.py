@@ -1,0 +1,350 @@
+"""``specgate tune``: the speculation settings that pay on this machine, for this model and these gates.
+
+Whether drafting with the gated model beats plain decoding depends on what a draft step and a verify
+pass cost here (CPU, threads, torch build) relative to a plain step, and on how often drafts are
+accepted (the gates, the budget, the draft vocabulary). :func:`tune` measures both and picks the
+``(draft_budget, max_draft, draft_vocab)`` with the highest predicted speed-up
+
+    E / (k c + v),   E = (1 - a^(k+1)) / (1 - a) tokens per round,
+
+for k drafts, per-position acceptance a, draft-step cost c and verify cost v of k + 1 tokens, both
+relative to a plain step; plain decoding (1.0x) is one of the options. The choice is stored in
+``<cache>/tune-<key>.json``; the key hashes the model, the gates' tensors, the CPU, torch and the
+thread count, so anything that changes the costs or the acceptance makes the stored choice unused.
+``SpecGateModel.generate(speculative=True)`` without explicit settings uses it (:func:`resolve`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .kernels.cpu_linear import cache_dir
+from .linear import machine_key, probe_threads
+from .prompts import split
+from .speculative import SpecConfig
+
+if TYPE_CHECKING:
+    from .model import SpecGateModel
+
+log = logging.getLogger("specgate")
+
+DEFAULT_VOCABS = (4096, 8192, 16384)  # draft vocabulary sizes tried when the gates rank tokens
+_logged: set[str] = set()  # settings labels already logged by this process
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """What to try and how long to measure."""
+
+    budgets: tuple[float, ...] | None = None  # None: every budget the gates are calibrated for
+    vocabs: tuple[int, ...] | None = None  # restricted draft vocabularies; None: DEFAULT_VOCABS (full head always)
+    max_draft: int = 8  # k is chosen in 1..max_draft
+    prompts: int = 6  # calibration prompts (train split) for the acceptance runs
+    tokens: int = 64  # new tokens per acceptance run
+    rounds: int = 20  # timed repetitions of every kind of step
+
+    def __post_init__(self):
+        for name in ("max_draft", "prompts", "tokens", "rounds"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be 1 or more, got {getattr(self, name)}")
+
+
+# -- the choice --------------------------------------------------------------------------------------
+
+
+def expected_tokens(a: float, k: int) -> float:
+    """Tokens one round emits on average: the accepted drafts plus the verifier's token, when each
+    of k drafts is accepted with probability a given that the ones before it were."""
+    return float(k + 1) if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
+
+
+def speedup(a: float, k: int, c: float, v: float) -> float:
+    """Predicted speed-up over plain decoding: tokens per round over the round's cost in plain steps."""
+    return expected_tokens(a, k) / (k * c + v)
+
+
+def best_k(a: float, c: float, verify: dict[int, float]) -> tuple[int, float]:
+    """The draft length (a key of ``verify``: k -> cost of verifying k + 1 tokens) with the highest
+    predicted speed-up, and that speed-up."""
+    return max(((k, speedup(a, k, c, v)) for k, v in verify.items()), key=lambda kv: kv[1])
+
+
+# -- measuring ---------------------------------------------------------------------------------------
+
+
+def candidates(m: SpecGateModel, config: TuneConfig) -> list[tuple[float, int | None]]:
+    """(budget, draft vocabulary) pairs to try: calibrated budgets (filtered by ``config.budgets``)
+    times the full head and the restricted vocabularies smaller than the model's."""
+    gates = m.gates
+    if gates is None or not gates.thresholds:
+        raise ValueError("tuning needs calibrated gates: pass --gates DIR, and run `specgate calibrate --gates DIR` first")
+    calibrated = sorted(gates.thresholds)
+    budgets = calibrated if config.budgets is None else sorted(set(config.budgets))
+    missing = [b for b in budgets if not any(abs(b - c) < 1e-6 for c in calibrated)]
+    if missing:
+        raise ValueError(
+            f"the gates are not calibrated for budgets {missing}: pick from {calibrated} or run `specgate calibrate --budgets ...`"
+        )
+    budgets = [c for c in calibrated if any(abs(b - c) < 1e-6 for b in budgets)]  # the stored keys, exactly
+    vocabs: list[int | None] = [None]
+    if gates.token_ranking is None:
+        if config.vocabs:
+            log.warning("the gates have no token ranking: tuning the full draft head only (eval/draft_vocab.py adds one)")
+    else:
+        wanted = DEFAULT_VOCABS if config.vocabs is None else config.vocabs
+        vocabs += sorted({n for n in wanted if n < len(gates.token_ranking)})
+    return [(b, v) for b in budgets for v in vocabs]
+
+
+def prompt_ids(m: SpecGateModel, n: int) -> list[torch.Tensor]:
+    """The first n calibration prompts (the train split, never the held-out one), chat-encoded."""
+    train = split()[0]
+    if not 1 <= n <= len(train):
+        raise ValueError(f"--prompts must be 1 to {len(train)} (the calibration prompts there are), got {n}")
+    if m.tokenizer is None:
+        raise ValueError("the model has no tokenizer to encode the calibration prompts: pass prompt ids to tune()")
+    return [m.encode_chat(p) for p in train[:n]]
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so a timer measures the step and not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def step_costs(m: SpecGateModel, ids: torch.Tensor, settings: list[tuple[float, int | None]], max_draft: int,
+               rounds: int) -> dict[str, float]:  # fmt: skip
+    """Median time of each kind of step over a plain step's: "plain", "verify k" (k + 1 tokens) for
+    k in 1..max_draft, "draft b v" per setting; "plain_ms" in milliseconds.
+
+    The kinds run in turn, ``rounds`` times (a busy neighbour slows all alike). Single-token steps
+    cycle over the prompt's last max_draft + 1 positions, so the draft's skips are those of several
+    tokens, not of one."""
+    tail = max_draft + 1
+    if ids.shape[1] <= tail:
+        raise ValueError(f"the timing prompt has {ids.shape[1]} tokens: it needs more than max_draft + 1 = {tail}")
+    engine, gates = m.engine, m.gates
+    cache = engine.new_cache(1, ids.shape[1])
+    engine(ids[:, :-tail], cache)
+    base = cache.lengths.clone()
+
+    def run(j: int, T: int = 1, policy=None, head=None) -> None:
+        """T tokens from tail position j on, against the prompt's cache up to there."""
+        cache.rewind(base + j)
+        start = ids.shape[1] - tail + j
+        engine(ids[:, start : start + T], cache, gates if policy else None, policy, head=head)
+
+    steps: dict[str, Callable[[int], None]] = {"plain": run}
+    for k in range(1, max_draft + 1):
+        steps[f"verify {k}"] = lambda j, k=k: run(0, T=k + 1)
+    for b, v in settings:
+        policy, head = gates.policy(b), (m.draft_head(v) if v else None)
+        steps[draft_name(b, v)] = lambda j, p=policy, h=head: run(j, policy=p, head=h)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(rounds + 2):  # two warm-up rounds: backend probes, kernel builds, caches
+        for name, fn in steps.items():
+            _sync(engine.device)
+            t = time.perf_counter()
+            fn(r % tail)
+            _sync(engine.device)
+            if r >= 2:
+                times[name].append(time.perf_counter() - t)
+    plain = statistics.median(times["plain"])
+    return {"plain_ms": plain * 1e3, **{name: statistics.median(ts) / plain for name, ts in times.items()}}
+
+
+def draft_name(budget: float, vocab: int | None) -> str:
+    """The step-cost entry of a draft setting."""
+    return f"draft {budget:g} {vocab or 'full'}"
+
+
+class _RoundSizes:
+    """A streamer that records how many tokens each ``put`` carries: speculative decoding puts the
+    prompt, then the first token, then each round's accepted drafts plus the verifier's token."""
+
+    def __init__(self):
+        self.sizes: list[int] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.sizes.append(value.numel())
+
+    def end(self) -> None:
+        pass
+
+
+def acceptance(m: SpecGateModel, prompts: list[torch.Tensor], budget: float, vocab: int | None, max_draft: int,
+               tokens: int) -> dict[str, float]:  # fmt: skip
+    """Per-position acceptance at one setting: every round drafts max_draft tokens; a round that
+    accepted n < max_draft drafts tested n + 1 positions and accepted n, a full one tested and
+    accepted all. Pooled over the prompts' rounds (the last one of each, maybe cut short by the
+    token limit, left out); greedy decoding, as the choice assumes."""
+    spec = SpecConfig(draft_budget=budget, max_draft=max_draft, init_draft=max_draft, draft_vocab=vocab, adaptive=False)
+    accepted = tested = 0
+    skipped: list[float] = []
+    for ids in prompts:
+        sizes = _RoundSizes()
+        out = m.generate(ids, max_new_tokens=tokens, do_sample=False, speculative=True, spec_config=spec,
+                         streamer=sizes, return_dict_in_generate=True)  # fmt: skip
+        for size in sizes.sizes[2:-1]:
+            accepted += size - 1
+            tested += min(size, max_draft)
+        skipped.append(out.spec_stats.skip_fraction)
+    if tested == 0:
+        raise ValueError(f"{tokens} new tokens gave no complete speculation round to count: raise --tokens")
+    return {"a": accepted / tested, "tested": tested, "skip_fraction": statistics.mean(skipped)}
+
+
+# -- tuning, storing, loading ------------------------------------------------------------------------
+
+
+def gates_hash(m: SpecGateModel) -> str:
+    """Hash of everything in the gates that changes the draft: config, weights, thresholds, ranking."""
+    g = m.gates
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(g.config), sort_keys=True).encode())
+    tensors = sorted(g.state_dict().items()) + sorted((f"thresholds.{b!r}", t) for b, t in g.thresholds.items())
+    if g.token_ranking is not None:
+        tensors.append(("token_ranking", g.token_ranking))
+    for name, t in tensors:
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def tune_key(m: SpecGateModel, threads: int | None = None) -> str:
+    """What a stored choice is valid for: model, dtype, device, gates, CPU, torch and thread count."""
+    text = "\n".join([m.name, str(m.engine.dtype), str(m.engine.device), gates_hash(m), machine_key(threads)])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def tune_file(m: SpecGateModel) -> Path:
+    return cache_dir() / f"tune-{tune_key(m)}.json"
+
+
+def tune(m: SpecGateModel, config: TuneConfig = TuneConfig(), prompts: list[torch.Tensor] | None = None) -> dict:
+    """Measure costs and acceptance, choose, and return the result (what :func:`save` stores).
+    prompts: (1, T) ids for the acceptance runs (default: ``config.prompts`` calibration prompts)."""
+    settings = candidates(m, config)
+    prompts = prompt_ids(m, config.prompts) if prompts is None else prompts
+    threads = torch.get_num_threads()
+    costs = step_costs(m, prompts[0], settings, config.max_draft, config.rounds)
+    verify = {k: costs[f"verify {k}"] for k in range(1, config.max_draft + 1)}
+    rows = []
+    for b, v in settings:
+        acc = acceptance(m, prompts, b, v, config.max_draft, config.tokens)
+        c = costs[draft_name(b, v)]
+        k, s = best_k(acc["a"], c, verify)
+        rows.append({"budget": b, "vocab": v, "draft_cost": c, **acc, "k": k, "verify_cost": verify[k], "speedup": s})
+    best = max(rows, key=lambda r: r["speedup"])
+    spec = SpecConfig(draft_budget=best["budget"], max_draft=best["k"], init_draft=best["k"], adaptive=False,
+                      draft_vocab=best["vocab"])  # fmt: skip
+    return {
+        "key": tune_key(m, threads),
+        "model": m.name,
+        "gates": gates_hash(m),
+        "threads": threads,
+        "fastest_threads": probe_threads(_thread_counts(threads)),
+        "torch": torch.__version__,
+        "costs": costs,
+        "settings": rows,
+        "speculate": best["speedup"] > 1.0,
+        "predicted_speedup": max(1.0, best["speedup"]),
+        "spec_config": dataclasses.asdict(spec),
+        "config": dataclasses.asdict(config),
+    }
+
+
+def _thread_counts(current: int) -> tuple[int, ...]:
+    """Thread counts worth probing: 1, 2 and every core (those there are), and the one in use."""
+    cores = os.cpu_count() or 1
+    return tuple(sorted({n for n in (1, 2, cores) if n <= cores} | {current}))
+
+
+def save(result: dict, path: Path) -> Path:
+    """Write the result as JSON, atomically (a reader never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load_tuned(m: SpecGateModel) -> tuple[SpecConfig, Path] | None:
+    """The stored best speculative settings for this model, gates and machine, and their file; None
+    if ``specgate tune`` has not been run for them. An unreadable file warns and counts as none."""
+    if m.gates is None:
+        return None
+    path = tune_file(m)
+    if not path.is_file():
+        return None
+    try:
+        return SpecConfig(**json.loads(path.read_text())["spec_config"]), path
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        warnings.warn(f"{path} is unreadable ({e}): using the default speculation settings; run `specgate tune` again",
+                      stacklevel=3)  # fmt: skip
+        return None
+
+
+def resolve(m: SpecGateModel, spec_config: SpecConfig | None, overrides: dict[str, float | int | None]) -> tuple[SpecConfig, str]:
+    """The speculation settings of one ``generate`` call and where they came from: ``spec_config``,
+    else the tuned ones when no override is given either, else the defaults; then the overrides.
+    Each distinct origin is logged once per process."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    tuned = load_tuned(m) if spec_config is None and not given else None
+    if spec_config is not None:
+        spec, label = spec_config, "spec_config"
+    elif tuned is not None:
+        spec, label = tuned[0], f"tuned ({_home(tuned[1])})"
+    else:
+        spec, label = SpecConfig(), "defaults"
+    if given:
+        spec = dataclasses.replace(spec, **given)
+        label += " + " + ", ".join(f"{k}={v}" for k, v in given.items())
+    if label not in _logged:
+        _logged.add(label)
+        log.info("speculation settings: %s: %s", label, spec)
+    return spec, label
+
+
+def _home(path: Path) -> str:
+    """A path with the home folder written ~, as a user would type it."""
+    home = str(Path.home())
+    return "~" + str(path)[len(home) :] if str(path).startswith(home + os.sep) else str(path)
+
+
+def report(result: dict) -> str:
+    """The measured table, the choice and what it predicts, for the terminal."""
+    c = result["costs"]
+    verify = "  ".join(f"k={k}: {c[f'verify {k}']:.2f}" for k in range(1, result["config"]["max_draft"] + 1))
+    lines = [
+        f"plain step {c['plain_ms']:.2f} ms at {result['threads']} threads; verify k+1 tokens (x plain): {verify}",
+        f"{'budget':>6} {'vocab':>6} {'draft cost':>10} {'skipped':>8} {'accept a':>9} {'best k':>6} {'speed-up':>9}",
+    ]
+    for r in result["settings"]:
+        lines.append(f"{r['budget']:>6g} {r['vocab'] or 'full':>6} {r['draft_cost']:>9.2f}x {r['skip_fraction']:>8.1%} "
+                     f"{r['a']:>9.2f} {r['k']:>6} {r['speedup']:>8.2f}x")  # fmt: skip
+    s = result["spec_config"]
+    best = f"draft_budget={s['draft_budget']:g}, max_draft={s['max_draft']}, draft_vocab={s['draft_vocab'] or 'full'}"
+    if result["speculate"]:
+        lines.append(f"choice: {best}, predicted {result['predicted_speedup']:.2f}x plain decoding")
+    else:
+        top = max(r["speedup"] for r in result["settings"])
+        lines.append(f"choice: plain decoding: speculation does not pay here (best setting, {best}, predicts {top:.2f}x); "
+                     "`generate(speculative=True)` still uses that best setting")  # fmt: skip
+    if result["fastest_threads"] != result["threads"]:
+        lines.append(f"note: a decode product ran fastest at {result['fastest_threads']} threads; tuned at {result['threads']} "
+                     f"(tune again with --threads {result['fastest_threads']} and decode with it)")  # fmt: skip
+    return "\n".join(lines)

@@ -1,0 +1,108 @@
+"""`specgate tune`: the choice formula, an end-to-end run on a tiny model, and when a stored choice is reused."""
+
+import json
+import logging
+
+import pytest
+import torch
+from conftest import VOCAB, tiny
+
+from specgate import linear, tune
+from specgate.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SMALL = tune.TuneConfig(vocabs=(50,), max_draft=3, tokens=16, rounds=2)
+
+
+@pytest.fixture
+def cache(monkeypatch, tmp_path):
+    """Tuned choices go to tmp_path; the small-M kernel is found in (or built into) the user's cache
+    first, not rebuilt there (~15 s)."""
+    linear.available()
+    monkeypatch.setenv("SPECGATE_CACHE", str(tmp_path))
+    return tmp_path
+
+
+def _model():
+    m = tiny("llama", gates=True)
+    m.gates.thresholds[0.3] = torch.full((2, 4), 0.5)
+    m.gates.thresholds[0.5] = torch.full((2, 4), 1.0)
+    m.gates.token_ranking = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(3))
+    return m
+
+
+def _prompts():
+    return [torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+
+
+def test_the_choice_drafts_several_tokens_when_they_are_accepted_and_cheap():
+    k, s = tune.best_k(0.8, 0.3, {k: 1.1 for k in range(1, 9)})
+    assert (k, s) == (3, pytest.approx((1 - 0.8**4) / 0.2 / (3 * 0.3 + 1.1)))  # 2.95 tokens for 2.0 steps: 1.48x
+    assert tune.expected_tokens(0.8, 1) == pytest.approx(1.8)
+    assert tune.expected_tokens(1.0, 4) == 5.0
+    assert tune.best_k(0.0, 0.3, {k: 1.1 for k in range(1, 9)})[1] < 1.0  # nothing accepted: plain wins
+
+
+def test_tune_stores_a_choice_that_generate_uses_losslessly(cache, caplog):
+    m = _model()
+    assert tune.load_tuned(m) is None
+    result = tune.tune(m, SMALL, prompts=_prompts())
+    assert {(r["budget"], r["vocab"]) for r in result["settings"]} == {(0.3, None), (0.3, 50), (0.5, None), (0.5, 50)}
+    assert all(0.0 <= r["a"] <= 1.0 and 1 <= r["k"] <= 3 for r in result["settings"])
+    assert result["predicted_speedup"] >= 1.0 and result["costs"]["plain"] == 1.0
+    assert "choice:" in tune.report(result)
+    path = tune.save(result, tune.tune_file(m))
+    assert path.parent == cache and json.loads(path.read_text())["key"] == tune.tune_key(m)
+
+    spec, where = tune.load_tuned(m)
+    assert where == path and spec.max_draft == spec.first_draft and not spec.adaptive
+    ids = _prompts()[0]
+    plain = m.generate(ids, max_new_tokens=20, eos_token_id=None, pad_token_id=0)
+    with caplog.at_level(logging.INFO, logger="specgate"):
+        out = m.generate(ids, max_new_tokens=20, eos_token_id=None, pad_token_id=0, speculative=True, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, plain)
+    assert out.spec_stats.settings.startswith("tuned (") and path.name in out.spec_stats.settings
+    assert path.name in caplog.text
+    given = m.generate(ids, max_new_tokens=5, speculative=True, draft_budget=0.5, return_dict_in_generate=True)
+    assert given.spec_stats.settings == "defaults + draft_budget=0.5"
+
+
+def test_changed_gates_or_threads_do_not_reuse_the_stored_choice(cache):
+    m = _model()
+    tune.save(tune.tune(m, SMALL, prompts=_prompts()), tune.tune_file(m))
+    assert tune.load_tuned(m) is not None
+    torch.set_num_threads(2)  # tuned with one (the one_thread fixture)
+    try:
+        assert tune.load_tuned(m) is None
+    finally:
+        torch.set_num_threads(1)
+    m.gates.thresholds[0.1] = torch.full((2, 4), 0.2)  # calibrated for one more budget: the defaults' 0.1
+    assert tune.load_tuned(m) is None
+    out = m.generate(_prompts()[0], max_new_tokens=5, speculative=True, return_dict_in_generate=True)
+    assert out.spec_stats.settings == "defaults"
+
+
+def test_an_unreadable_stored_choice_warns_and_falls_back_to_the_defaults(cache):
+    m = _model()
+    tune.tune_file(m).write_text("{not json")
+    with pytest.warns(UserWarning, match="specgate tune"):
+        assert tune.load_tuned(m) is None
+
+
+def test_uncalibrated_budgets_are_refused_with_what_to_do():
+    m = _model()
+    with pytest.raises(ValueError, match="specgate calibrate"):
+        tune.candidates(m, tune.TuneConfig(budgets=(0.7,)))
+    m.gates.thresholds = {}
+    with pytest.raises(ValueError, match="specgate calibrate"):
+        tune.candidates(m, tune.TuneConfig())
+
+
+def test_the_tune_command_takes_its_flags_and_refuses_bad_ones(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["tune", "--help"])
+    assert exit.value.code == 0 and "--vocab" in capsys.readouterr().out
+    for argv in (["tune", "--vocab", "many"], ["tune", "--max-draft", "0"], ["tune", "--budgets", "x"]):
+        with pytest.raises(SystemExit):
+            main(argv)
