@@ -177,25 +177,6 @@ _HELP = {
 }
 
 
-def _pairs(text: str) -> tuple[tuple[int, int], ...]:
-    try:
-        pairs = tuple((int(a), int(b)) for a, b in (item.split(":") for item in text.split(",") if item))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LAYER:BRANCH pairs such as 0:1,1:0, got {text!r}") from None
-    if any(b not in (0, 1) for _, b in pairs):
-        raise argparse.ArgumentTypeError("branch must be 0 (attention) or 1 (MLP)")
-    return pairs
-
-
-def _budgets(text: str) -> list[float]:
-    try:
-        return [float(b) for b in text.split(",") if b]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated budgets such as 0.3,0.5, got {text!r}") from None
-
-
-
-
 def _add_config_flags(p: argparse.ArgumentParser, config_class, help_: dict[str, str]) -> None:
     """One flag per dataclass field, its type and default read from the field (``--threads`` is
     one of the model flags already)."""

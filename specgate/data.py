@@ -73,10 +73,8 @@ def self_answers(
                 for p in prompts[i : i + batch_size]
             ]
             enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            out = model.generate(
-                enc.input_ids, enc.attention_mask, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                temperature=temperature or None, top_p=1.0, top_k=0, generator=generator,
-            )  # fmt: skip
+            sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0} if temperature > 0 else {"do_sample": False}
+            out = model.generate(enc.input_ids, enc.attention_mask, max_new_tokens=max_new_tokens, generator=generator, **sampling)
             answers += tok.batch_decode(out[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
     finally:
         tok.padding_side = side

@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-from . import layers
+from . import dispatch, layers
 from .adapters import LayerWeights, ModelWeights, read_weights
 from .cache import StaticKVCache
 from .gates import GateSet
@@ -45,6 +45,8 @@ class _Pass:
     kv_fill: KVFill = "project"
     counter: "SkipCounter | None" = None
     masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)  # built on first use
+    kernels: "dispatch.TritonKernels | None" = None  # the Triton path of this pass (None: PyTorch)
+    skips: list = field(default_factory=list)  # the Triton routes' skip counts, on the device
 
     def mask(self, window: int | None) -> torch.Tensor | None:
         """(B, 1, T, S) bool, True where a query may look, for a sliding window (None: global);
@@ -112,14 +114,18 @@ class SkipCounter:
 
 
 class Engine:
-    """Runs a Hugging Face decoder (see :mod:`specgate.adapters`) with a :class:`StaticKVCache`."""
+    """Runs a Hugging Face decoder (see :mod:`specgate.adapters`) with a :class:`StaticKVCache`.
 
-    def __init__(self, model: torch.nn.Module):
+    ``kernels``: ``"auto"``, ``"torch"`` or ``"triton"``, what runs the draft's sparse work (see
+    :mod:`specgate.dispatch`); ``self.kernels`` is the Triton dispatch, or None for PyTorch."""
+
+    def __init__(self, model: torch.nn.Module, kernels: str = "auto"):
         self.weights: ModelWeights = read_weights(model)
         self.config = model.config
         self.dtype = self.weights.embed.dtype
         self.device = self.weights.embed.device
         self._costs: dict[str, tuple] = {}  # kv_fill -> branch_costs(kv_fill)
+        self.kernels = dispatch.make(kernels, self.weights)
 
     @property
     def num_layers(self) -> int:
@@ -166,10 +172,14 @@ class Engine:
             raise ValueError(f"kv_fill must be one of {KV_FILLS}, got {kv_fill!r}")
         p = self._prepare(input_ids, cache)
         p.gates, p.policy, p.kv_fill, p.counter = gates, policy, kv_fill, counter
+        if self.kernels is not None and self.kernels.applies(gates, policy):
+            p.kernels = self.kernels
         h = layers.embed(self.weights, input_ids)
         for i, lw in enumerate(self.weights.layers):
             h = self._attention(h, i, lw, p)
             h = self._mlp(h, i, lw, p)
+        if p.kernels is not None:
+            p.kernels.finish(p)
         cache.lengths += T
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
@@ -224,6 +234,8 @@ class Engine:
     def _attention(self, h: torch.Tensor, i: int, lw: LayerWeights, p: _Pass) -> torch.Tensor:
         w = self.weights
         x = layers.norm(w, h, lw.attn_norm)  # (B, T, d)
+        if p.kernels is not None:
+            return p.kernels.attention(self, h, x, i, lw, p)
         g, sel = self._select(x, i, 0, p)
         cos, sin = p.rope[lw.rope]
 
@@ -255,6 +267,8 @@ class Engine:
 
     def _mlp(self, h: torch.Tensor, i: int, lw: LayerWeights, p: _Pass) -> torch.Tensor:
         x = layers.norm(self.weights, h, lw.mlp_norm)
+        if p.kernels is not None:
+            return p.kernels.mlp(self, h, x, i, lw, p)
         g, sel = self._select(x, i, 1, p)
         if sel is not None:
             if sel.order.shape[1] == 0:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from .dispatch import resolve as resolve_kernels
 from .engine import Engine
 from .gates import GateConfig, GateSet, check_fits, load_gates
 from .generation import Sampling, plain_generate, warp
@@ -41,10 +42,12 @@ _SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
 class SpecGateModel:
     """What :func:`load` returns. ``hf_model`` shares its weights with ``engine`` (never copied)."""
 
-    def __init__(self, hf_model: nn.Module, tokenizer=None, gates: GateSet | None = None, name: str = ""):
+    def __init__(
+        self, hf_model: nn.Module, tokenizer=None, gates: GateSet | None = None, name: str = "", kernels: str = "auto"
+    ):
         self.hf_model = hf_model
         self.tokenizer = tokenizer
-        self.engine = Engine(hf_model)
+        self.engine = Engine(hf_model, kernels=kernels)
         self.name = name
         self.gates = gates.to(self.engine.dtype).to(self.engine.device) if gates is not None else None
         self._draft_heads: dict[tuple[int, int], DraftHead] = {}
@@ -241,6 +244,7 @@ def load(
     gates: str | Path | GateSet | None = "default",
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
+    kernels: str = "auto",
 ) -> SpecGateModel:
     """Load a model for speculative decoding.
 
@@ -248,8 +252,12 @@ def load(
         (``smollm2-135m-instruct``, ``gemma-3-270m``).
     gates: ``"default"`` (the gates shipped for an alias, if any), a gate directory, a
         :class:`GateSet`, or None.
+    kernels: what runs the draft's sparse work: ``"auto"`` (the Triton kernels on CUDA when Triton
+        imports, else PyTorch), ``"torch"``, or ``"triton"`` (on the CPU only under
+        ``TRITON_INTERPRET=1``, set before Python imports torch; slow, for tests).
     """
     _check_device(device)
+    resolve_kernels(kernels, device)  # a path that cannot run here fails before the model loads
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     if isinstance(gates, str) and gates == "default":
@@ -259,4 +267,4 @@ def load(
     hf_model, tokenizer = load_hf(name_or_path, dtype, device)
     if gates is not None:
         check_fits(gates.config, hf_model.config)
-    return SpecGateModel(hf_model, tokenizer, gates, name=name_or_path)
+    return SpecGateModel(hf_model, tokenizer, gates, name=name_or_path, kernels=kernels)

@@ -68,7 +68,7 @@ class BudgetPolicy:
         is never reached. Read once, not per step: a tensor read per branch costs a host sync."""
         if self.thresholds is None:
             return frozenset()
-        return frozenset((int(l), int(b)) for b, l in (self.thresholds >= 0).nonzero().tolist())
+        return frozenset((int(layer), int(b)) for b, layer in (self.thresholds >= 0).nonzero().tolist())
 
     def active(self, importance: torch.Tensor, valid: torch.Tensor, layer: int, branch: int) -> torch.Tensor | None:
         if (layer, branch) in self.never_skip:

@@ -177,11 +177,13 @@ def speculative_generate(
         target_logits = engine(torch.cat([last[:, None], drafts], 1), cache, verifier)  # (B, n+1, V)
         t2 = time.perf_counter()
         # 3. Accept the agreed prefix and one more token from the verifier.
+        kern = engine.kernels  # the Triton kernels, or None: the PyTorch functions above
         if sampling.do_sample:
             q, p = probabilities(draft_logits, sampling), probabilities(target_logits, sampling)
-            n_acc, last = rejection_sample(drafts, q, p, generator)
+            accept = rejection_sample if kern is None else kern.rejection_sample
+            n_acc, last = accept(drafts, q, p, generator)
         else:
-            n_acc, last = greedy_accept(drafts, target_logits)
+            n_acc, last = greedy_accept(drafts, target_logits) if kern is None else kern.greedy_accept(drafts, target_logits)
         # 4. Keep the accepted tokens: the cache already holds their exact K/V; rewind past them.
         _emit_round(out, tot, active, drafts, n_acc, last, draft_logits, target_logits)
         running = torch.tensor(active, device=start.device)

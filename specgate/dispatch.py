@@ -1,0 +1,224 @@
+"""Which code runs the draft's sparse work: the PyTorch path or the Triton kernels (``kernels=``).
+
+``load(..., kernels=)`` / ``Engine(model, kernels=)`` take ``"auto"`` (Triton on CUDA tensors when
+Triton imports, PyTorch elsewhere), ``"torch"`` (always the PyTorch path) or ``"triton"`` (the
+kernels of :mod:`specgate.kernels`; on the CPU only under ``TRITON_INTERPRET=1``, set before Python
+imports torch). This module is the one place that chooses: :func:`resolve` names the path, and the
+engine holds a :class:`TritonKernels` (or None: the PyTorch path, the engine's own code, unchanged).
+
+What the Triton path covers: passes with gates and the engine's own :class:`BudgetPolicy`, run
+without autograd (the draft steps, and multi-token skipping passes):
+
+1. routing, gate importance -> active rows (thresholds for single tokens, budget ranking otherwise);
+2. the gathered projections of the active rows (attention q/k/v and o, MLP gate_up + act + down);
+3. the gated scatter-add into the residual stream (in place);
+4. the K/V of the tokens that skip attention (``kv_fill="project"`` and ``"copy_below"``);
+5. greedy acceptance and speculative sampling in the speculative loop.
+
+Everything else (prefill, plain decode, verify passes, attention itself, norms, the LM head and a
+draft vocabulary's head, passes with a custom :class:`SkipPolicy`) runs the PyTorch code on the
+same device. The routes keep the number of active rows on the device: a Triton draft step reads
+no skip decision on the host (see :meth:`TritonKernels.finish` for the skip counts).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from . import layers
+from .policy import BudgetPolicy
+
+if TYPE_CHECKING:
+    from .adapters import LayerWeights, ModelWeights
+    from .engine import _Pass
+
+KERNELS = ("auto", "torch", "triton")
+
+
+def resolve(kernels: str, device: torch.device | str) -> str:
+    """``"torch"`` or ``"triton"``: the path ``kernels`` means on ``device``. ``"triton"`` where the
+    kernels cannot run raises a RuntimeError that says what to do."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+    if kernels == "torch":
+        return "torch"
+    from .kernels import require_triton, triton_available
+
+    if kernels == "auto":
+        return "triton" if torch.device(device).type == "cuda" and triton_available(device) else "torch"
+    require_triton(device)
+    return "triton"
+
+
+def make(kernels: str, weights: "ModelWeights") -> "TritonKernels | None":
+    """What the engine holds: None for the PyTorch path, else the Triton dispatch."""
+    return TritonKernels(weights) if resolve(kernels, weights.embed.device) == "triton" else None
+
+
+def _activation_name(act) -> str:
+    """The kernels' name of the model's MLP activation, told by its values."""
+    t = torch.linspace(-4, 4, 33)
+    with torch.no_grad():
+        y = act(t)
+    for name, ref in (("silu", F.silu(t)), ("gelu_tanh", F.gelu(t, approximate="tanh"))):
+        if torch.allclose(y, ref, atol=1e-5):
+            return name
+    raise ValueError(f"the Triton MLP kernel has no activation like {act}: use kernels='torch'")
+
+
+class TritonKernels:
+    """The Triton implementations the engine calls at its sparse points (see the module docstring)."""
+
+    name = "triton"
+
+    def __init__(self, weights: "ModelWeights"):
+        from .kernels import accept, kv_fill, projection, residual, route
+
+        self._accept, self._kv, self._proj, self._res, self._route = accept, kv_fill, projection, residual, route
+        self.weights = weights
+        self.device = weights.embed.device
+        self.act = _activation_name(weights.act)
+        self._thresholds: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (host, device float32)
+        self._budgets: dict[float, torch.Tensor] = {}
+        self._identity: dict[int, torch.Tensor] = {}
+
+    def applies(self, gates, policy) -> bool:
+        """Whether a forward with these gates and policy takes the Triton path."""
+        return gates is not None and isinstance(policy, BudgetPolicy) and not torch.is_grad_enabled()
+
+    # -- 1. routing --------------------------------------------------------------------------------
+
+    def route(self, engine, x: torch.Tensor, i: int, branch: int, p: "_Pass"):
+        """(factor, route): the gate values that scale the branch output (None: 1) and the Route of
+        the rows that run it (None: all rows), as the engine's ``_select`` decides with a
+        :class:`BudgetPolicy`. Skip counts stay on the device until :meth:`finish`."""
+        policy: BudgetPolicy = p.policy
+        scale = p.gates.config.scale_output
+        T = x.shape[1]
+        may = policy.may_skip(i, branch, T)
+        if not may and not scale:
+            self._count(engine, p, i, branch, None, 0)
+            return None, None
+        pre = p.gates.gate(i, branch).proj(x)  # Gate.forward before its sigmoid
+        g = torch.sigmoid(pre)
+        factor = g if scale else None
+        r = None
+        if (i, branch) in policy.never_skip:
+            pass
+        elif T == 1 and policy.thresholds is not None:
+            if may:  # else the threshold is below 0: every token runs
+                r = self._route.route_threshold(pre, self._threshold(policy.thresholds)[branch, i])
+        elif int(policy.budget * p.n_valid):  # the same floor(budget * n_valid) the kernel takes
+            r = self._route.route_budget(g.mean(-1), p.valid, self._budget(policy.budget))
+        self._count(engine, p, i, branch, r, x.shape[0] * T)
+        return factor, r
+
+    def _threshold(self, thresholds: torch.Tensor) -> torch.Tensor:
+        key = id(thresholds)
+        if key not in self._thresholds or self._thresholds[key][0] is not thresholds:
+            self._thresholds[key] = (thresholds, thresholds.to(self.device, torch.float32))
+        return self._thresholds[key][1]
+
+    def _budget(self, budget: float) -> torch.Tensor:
+        if budget not in self._budgets:  # one copy to the device per budget, not one per pass
+            self._budgets[budget] = torch.tensor([budget], dtype=torch.float64, device=self.device)
+        return self._budgets[budget]
+
+    def _count(self, engine, p: "_Pass", i: int, branch: int, r, n_rows: int) -> None:
+        if p.counter is None:
+            return
+        engine._count(p, i, branch, 0)  # the evaluations; the skipped ones are added by finish()
+        if r is not None:
+            p.skips.append((r.count, n_rows, engine._costs[p.kv_fill][1][branch][i]))
+
+    def finish(self, p: "_Pass") -> None:
+        """End of a forward: the skip counts of its routes into the counter, in one host read."""
+        if p.counter is None or not p.skips:
+            return
+        counts = torch.cat([c for c, _, _ in p.skips]).tolist()
+        for active, (_, n_rows, saved) in zip(counts, p.skips):
+            skipped = n_rows - active  # skipped rows are valid ones: padding is never skipped
+            p.counter.skipped += skipped
+            p.counter.compute_skipped += skipped * saved
+        p.skips.clear()
+
+    # -- 2.-4. the branches ------------------------------------------------------------------------
+
+    def attention(self, engine, h: torch.Tensor, x: torch.Tensor, i: int, lw: "LayerWeights", p: "_Pass") -> torch.Tensor:
+        """The engine's ``_attention`` after the norm: x (B, T, d) is the branch's normed input."""
+        w = self.weights
+        g, r = self.route(engine, x, i, 0, p)
+        cos, sin = p.rope[lw.rope]
+        B, T, _ = x.shape
+        if r is None:  # every token runs the branch: the engine's dense code
+            q, k, v = layers.qkv(w, lw, x, cos, sin)
+        else:
+            # q, k, v of the active rows in one gathered product, put back in row order; the
+            # skipped rows are zeros here and get their K/V from the fill below.
+            fused = self._unpermute(self._proj.gathered_linear(x, lw.qkv_w, lw.qkv_b, r.order, r.count), r).view(B, T, -1)
+            q_dim = w.n_heads * w.head_dim
+            q = layers._finish_q(w, lw, fused[..., :q_dim], cos, sin)
+            k, v = layers._finish_kv(w, lw, fused[..., q_dim:], cos, sin)
+        p.cache.write(i, p.slots, k, v, p.uniform)
+        if r is not None:
+            ck, cv = p.cache.k[i], p.cache.v[i]
+            if p.kv_fill == "copy_below" and i > 0:
+                self._kv.kv_fill_copy_below(p.slots, r.order, r.count, p.cache.k[i - 1], p.cache.v[i - 1], ck, cv)
+            else:
+                b = None if lw.qkv_b is None else lw.qkv_b[w.n_heads * w.head_dim :]
+                self._kv.kv_fill_project(
+                    x, lw.qkv_w[w.n_heads * w.head_dim :], b, cos, sin, p.slots, r.order, r.count, ck, cv, lw.k_norm, w.eps
+                )
+        # Attention for every row (a skipped row's output is never read): no gather of masks.
+        causal = p.causal and (lw.window is None or p.S <= lw.window)
+        mask = None if causal else p.mask(lw.window)
+        k, v = p.cache.k[i][:, :, : p.S], p.cache.v[i][:, :, : p.S]
+        o = layers.attend(w, q, k, v, mask, causal)  # (B, heads, T, hd)
+        if r is None:
+            o = layers.attention_output(w, lw, o)
+            return h + (o if g is None else g * o)
+        o = o.transpose(1, 2).reshape(B * T, -1)
+        y = self._proj.gathered_linear(o, lw.o_w, lw.o_b, r.order, r.count)  # route order
+        return self._residual(h, layers._post(w, y, lw.post_attn_norm), r, g)
+
+    def mlp(self, engine, h: torch.Tensor, x: torch.Tensor, i: int, lw: "LayerWeights", p: "_Pass") -> torch.Tensor:
+        """The engine's ``_mlp`` after the norm."""
+        w = self.weights
+        g, r = self.route(engine, x, i, 1, p)
+        if r is None:
+            o = layers.mlp(w, lw, x)
+            return h + (o if g is None else g * o)
+        a = self._proj.gathered_gate_up(x, lw.gate_up_w, r.order, r.count, self.act)  # (N, ff) route order
+        y = self._proj.gathered_linear(a, lw.down_w, None, self._arange(a.shape[0]), r.count)
+        return self._residual(h, layers._post(w, y, lw.post_mlp_norm), r, g)
+
+    def _residual(self, h: torch.Tensor, y: torch.Tensor, r, g: torch.Tensor | None) -> torch.Tensor:
+        h = h.contiguous()
+        return self._res.residual_add_(h, y, r.order, r.count, gate=g)
+
+    def _unpermute(self, y: torch.Tensor, r) -> torch.Tensor:
+        """(N, M) rows in route order (the first ``count`` valid) -> row order, zeros where skipped."""
+        rows = torch.empty_like(y).index_copy_(0, r.order.long(), y)
+        return rows.masked_fill_(~r.active[:, None], 0)
+
+    def _arange(self, n: int) -> torch.Tensor:
+        if n not in self._identity:
+            self._identity[n] = torch.arange(n, dtype=torch.int32, device=self.device)
+        return self._identity[n]
+
+    # -- 5. acceptance -----------------------------------------------------------------------------
+
+    def greedy_accept(self, draft_tokens: torch.Tensor, target_logits: torch.Tensor):
+        """:func:`specgate.speculative.greedy_accept` on the device."""
+        return self._accept.greedy_accept(draft_tokens, target_logits.contiguous())
+
+    def rejection_sample(self, draft_tokens, draft_probs, target_probs, generator: torch.Generator | None = None):
+        """:func:`specgate.speculative.rejection_sample` on the device, its uniforms drawn with
+        ``generator`` (reproducible; not the same draws as the PyTorch function's)."""
+        B, k = draft_tokens.shape
+        u = torch.rand(B, k, generator=generator, device=draft_tokens.device)
+        u_next = torch.rand(B, generator=generator, device=draft_tokens.device)
+        return self._accept.rejection_sample(draft_tokens, draft_probs.contiguous(), target_probs.contiguous(), u, u_next)
