@@ -62,7 +62,7 @@ class GateConfig:
 class GateSet(nn.Module):
     """The gates of a whole model: ``attn[i]`` and ``mlp[i]`` for decoder layer ``i``.
 
-    ``thresholds`` maps a budget (share of single-token branch evaluations to skip) to a
+    ``thresholds`` maps a budget (share of the single-token draft's layer compute to skip) to a
     (2, num_layers) tensor of importance thresholds, row 0 attention, row 1 MLP, measured by
     calibration; a branch with importance at or below its threshold is skipped. ``token_ranking``:
     every token id, most frequent in the model's own outputs first, for the draft vocabulary

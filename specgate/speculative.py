@@ -34,7 +34,7 @@ class SpecConfig:
     """Speculation settings; the one source of defaults (the CLI reads them too)."""
 
     # defaults: the best of eval/sweep_spec.py with the shipped SmolLM2 gates (see README)
-    draft_budget: float = 0.1  # share of the draft's branch evaluations to skip
+    draft_budget: float = 0.1  # share of the draft's layer compute to skip (see Engine.branch_costs)
     max_draft: int = 4  # most tokens drafted per round
     init_draft: int | None = None  # tokens drafted in the first round; None: min(3, max_draft)
     adaptive: bool = True  # after a fully accepted round draft one more, after a rejection one fewer
