@@ -140,9 +140,8 @@ class TritonKernels:
             return
         counts = torch.cat([c for c, _, _ in p.skips]).tolist()
         for active, (_, n_rows, saved) in zip(counts, p.skips):
-            skipped = n_rows - active  # skipped rows are valid ones: padding is never skipped
-            p.counter.skipped += skipped
-            p.counter.compute_skipped += skipped * saved
+            # skipped rows are valid ones (padding is never skipped); their evaluations were counted
+            p.counter.add(0, n_rows - active, 0.0, saved)
         p.skips.clear()
 
     # -- 2.-4. the branches ------------------------------------------------------------------------
@@ -160,8 +159,8 @@ class TritonKernels:
             # skipped rows are zeros here and get their K/V from the fill below.
             fused = self._unpermute(self._proj.gathered_linear(x, lw.qkv_w, lw.qkv_b, r.order, r.count), r).view(B, T, -1)
             q_dim = w.n_heads * w.head_dim
-            q = layers._finish_q(w, lw, fused[..., :q_dim], cos, sin)
-            k, v = layers._finish_kv(w, lw, fused[..., q_dim:], cos, sin)
+            q = layers.finish_queries(w, lw, fused[..., :q_dim], cos, sin)
+            k, v = layers.finish_keys_values(w, lw, fused[..., q_dim:], cos, sin)
         p.cache.write(i, p.slots, k, v, p.uniform)
         if r is not None:
             ck, cv = p.cache.k[i], p.cache.v[i]
@@ -182,7 +181,7 @@ class TritonKernels:
             return h + (o if g is None else g * o)
         o = o.transpose(1, 2).reshape(B * T, -1)
         y = self._proj.gathered_linear(o, lw.o_w, lw.o_b, r.order, r.count)  # route order
-        return self._residual(h, layers._post(w, y, lw.post_attn_norm), r, g)
+        return self._residual(h, layers.post_norm(w, y, lw.post_attn_norm), r, g)
 
     def mlp(self, engine, h: torch.Tensor, x: torch.Tensor, i: int, lw: "LayerWeights", p: "_Pass") -> torch.Tensor:
         """The engine's ``_mlp`` after the norm."""
@@ -193,7 +192,7 @@ class TritonKernels:
             return h + (o if g is None else g * o)
         a = self._proj.gathered_gate_up(x, lw.gate_up_w, r.order, r.count, self.act)  # (N, ff) route order
         y = self._proj.gathered_linear(a, lw.down_w, None, self._arange(a.shape[0]), r.count)
-        return self._residual(h, layers._post(w, y, lw.post_mlp_norm), r, g)
+        return self._residual(h, layers.post_norm(w, y, lw.post_mlp_norm), r, g)
 
     def _residual(self, h: torch.Tensor, y: torch.Tensor, r, g: torch.Tensor | None) -> torch.Tensor:
         h = h.contiguous()

@@ -36,20 +36,20 @@ def queries(w: ModelWeights, lw: LayerWeights, x: torch.Tensor, cos, sin) -> tor
     """x (B, n, d) -> q (B, heads, n, hd): projection, per-head norm, RoPE."""
     q_dim = w.n_heads * w.head_dim
     q = linear(x, lw.qkv_w[:q_dim], _rows(lw.qkv_b, 0, q_dim))
-    return _finish_q(w, lw, q, cos, sin)
+    return finish_queries(w, lw, q, cos, sin)
 
 
 def keys_values(w: ModelWeights, lw: LayerWeights, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
     """x (B, n, d) -> k, v (B, kv_heads, n, hd): projections, per-head norm of k, RoPE of k."""
     q_dim = w.n_heads * w.head_dim
-    return _finish_kv(w, lw, linear(x, lw.qkv_w[q_dim:], _rows(lw.qkv_b, q_dim, None)), cos, sin)
+    return finish_keys_values(w, lw, linear(x, lw.qkv_w[q_dim:], _rows(lw.qkv_b, q_dim, None)), cos, sin)
 
 
 def qkv(w: ModelWeights, lw: LayerWeights, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, ...]:
     """:func:`queries` and :func:`keys_values` of the same tokens in one product."""
     q_dim = w.n_heads * w.head_dim
     fused = linear(x, lw.qkv_w, lw.qkv_b)
-    return (_finish_q(w, lw, fused[..., :q_dim], cos, sin), *_finish_kv(w, lw, fused[..., q_dim:], cos, sin))
+    return (finish_queries(w, lw, fused[..., :q_dim], cos, sin), *finish_keys_values(w, lw, fused[..., q_dim:], cos, sin))
 
 
 def attend(w: ModelWeights, q, k, v, mask: torch.Tensor | None, causal: bool = False) -> torch.Tensor:
@@ -78,13 +78,13 @@ def attention_output(w: ModelWeights, lw: LayerWeights, o: torch.Tensor) -> torc
     """o (B, heads, n, hd) -> the branch output (B, n, d): output projection, then post-norm."""
     B, _, n, _ = o.shape
     o = linear(o.transpose(1, 2).reshape(B, n, w.n_heads * w.head_dim), lw.o_w, lw.o_b)
-    return _post(w, o, lw.post_attn_norm)
+    return post_norm(w, o, lw.post_attn_norm)
 
 
 def mlp(w: ModelWeights, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
     """The MLP branch's output (post-norm included) for its normed input x (B, n, d)."""
     gate, up = linear(x, lw.gate_up_w).chunk(2, dim=-1)
-    return _post(w, linear(w.act(gate) * up, lw.down_w), lw.post_mlp_norm)
+    return post_norm(w, linear(w.act(gate) * up, lw.down_w), lw.post_mlp_norm)
 
 
 def head(w: ModelWeights, h: torch.Tensor) -> torch.Tensor:
@@ -166,10 +166,11 @@ def dense_forward(w: ModelWeights, ids: torch.Tensor, add: BranchAdd | None = No
     return head(w, h)
 
 
-# -- helpers ---------------------------------------------------------------------------------------
+# -- after a projection (also for projections computed elsewhere, e.g. gathered by a kernel) -------
 
 
-def _finish_q(w: ModelWeights, lw: LayerWeights, q: torch.Tensor, cos, sin) -> torch.Tensor:
+def finish_queries(w: ModelWeights, lw: LayerWeights, q: torch.Tensor, cos, sin) -> torch.Tensor:
+    """Projected queries (B, n, q_dim) -> (B, heads, n, hd): per-head norm, RoPE."""
     B, n, _ = q.shape
     q = q.reshape(B, n, w.n_heads, w.head_dim).transpose(1, 2)
     if lw.q_norm is not None:
@@ -177,7 +178,8 @@ def _finish_q(w: ModelWeights, lw: LayerWeights, q: torch.Tensor, cos, sin) -> t
     return apply_rope(q, cos, sin)
 
 
-def _finish_kv(w: ModelWeights, lw: LayerWeights, kv: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+def finish_keys_values(w: ModelWeights, lw: LayerWeights, kv: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projected keys and values (B, n, 2 kv_dim) -> k, v (B, kv_heads, n, hd): norm and RoPE of k."""
     B, n, _ = kv.shape
     k, v = kv.reshape(B, n, 2, w.n_kv_heads, w.head_dim).permute(2, 0, 3, 1, 4)  # 2 x (B, kv_heads, n, hd)
     if lw.k_norm is not None:
@@ -185,7 +187,8 @@ def _finish_kv(w: ModelWeights, lw: LayerWeights, kv: torch.Tensor, cos, sin) ->
     return apply_rope(k, cos, sin), v
 
 
-def _post(w: ModelWeights, o: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+def post_norm(w: ModelWeights, o: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """A branch output's post-norm (Gemma), if the layer has one."""
     return o if weight is None else rms_norm(o, weight, w.eps)
 
 
