@@ -172,6 +172,8 @@ _HELP = {
     "scale_output": "gates scale branch outputs (the GateSkip model) instead of only deciding skips",
     "never_skip": "branches that always run, as LAYER:BRANCH pairs (branch 0 attention, 1 MLP), e.g. 0:1,1:0",
     "ridge": "damage: L2 penalty on the standardized gate weights of the Poisson fit",
+    "standin_rank": "fit stand-ins for skipped branches of this rank (0: each branch's mean output) and train "
+    "the gates with them in place",
     "time_limit_s": "stop with a checkpoint after this many seconds",
     "resume": "continue from the checkpoints in OUTPUT_DIR (refused if they were made from another model, data or settings)",
 }

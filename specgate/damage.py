@@ -28,7 +28,8 @@ import torch
 
 from .engine import Engine
 from .gates import GateConfig, GateSet, save_gates
-from .layers import attention_branch, dense_rope_masks, embed, head, mlp_branch
+from .layers import attention_branch, dense_rope_masks, embed, head, mlp_branch, norm
+from .standin import StandIns
 from .data import padding_id
 from .loop import run_steps, save_atomic
 
@@ -36,11 +37,14 @@ CHECKPOINT_NAME = "labels.pt"
 
 
 @torch.no_grad()
-def removal_damage(engine: Engine, ids: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def removal_damage(
+    engine: Engine, ids: torch.Tensor, keep: torch.Tensor, standins: StandIns | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and removal damage of every branch at the ``keep`` positions of ids (B, T).
 
     Returns x (2L, n, d), the normed input of branch k = 2 * layer + (0 attention, 1 MLP) at the
-    n kept positions, and damage (2L, n): KL(original || branch k skipped at that token alone).
+    n kept positions, and damage (2L, n): KL(original || branch k skipped at that token alone),
+    with its stand-in in its place if ``standins`` are given (what the draft would add).
     """
     s = engine.weights
     rope, masks = dense_rope_masks(s, ids)
@@ -48,10 +52,12 @@ def removal_damage(engine: Engine, ids: torch.Tensor, keep: torch.Tensor) -> tup
     full = head(s, h[keep]).float().log_softmax(-1)  # (n, V)
     p_full = full.exp()
     damage = []
-    for k, h in enumerate(before):  # skip branch k: the residual stream passes it unchanged
-        layer = k // 2
+    for k, h in enumerate(before):  # skip branch k: the residual stream passes it (plus its stand-in)
+        layer, lw = k // 2, s.layers[k // 2]
+        if standins is not None:
+            h = h + standins(norm(s, h, lw.mlp_norm if k % 2 else lw.attn_norm), layer, k % 2)
         if k % 2 == 0:
-            h = h + mlp_branch(s, s.layers[layer], h)[1]
+            h = h + mlp_branch(s, lw, h)[1]
         for i in range(layer + 1, len(s.layers)):
             h = h + attention_branch(s, s.layers[i], h, rope, masks, kvs[i])[1]
             h = h + mlp_branch(s, s.layers[i], h)[1]
@@ -119,12 +125,16 @@ def compute_saved(engine: Engine) -> torch.Tensor:
     return torch.tensor(saved).T.flatten()
 
 
-def train_damage(model, config, gate_config: GateConfig, pieces: Callable[[], list[list[int]]], out: Path, accelerator) -> GateSet:
+def train_damage(
+    model, config, gate_config: GateConfig, pieces: Callable[[], list[list[int]]], out: Path, accelerator,
+    standins: StandIns | None = None,
+) -> GateSet:
     """The ``damage`` objective's loop: label ``batch_size`` sequences per step, ``steps`` steps,
-    then fit the gates (``out/gates``) to all labels. Labels are checkpointed (``out/labels.pt``)
-    every ``checkpoint_every`` steps; Ctrl-C saves them and fits the gates. A resumed run continues
-    labelling (with ``steps`` already reached, it only refits, e.g. with another ``ridge``). The
-    sequences of each step are a pure function of (seed, step)."""
+    then fit the gates (``out/gates``) to all labels. Each skip is priced with its stand-in in
+    place if ``standins`` are given (they are saved with the gates). Labels are checkpointed
+    (``out/labels.pt``) every ``checkpoint_every`` steps; Ctrl-C saves them and fits the gates. A
+    resumed run continues labelling (with ``steps`` already reached, it only refits, e.g. with
+    another ``ridge``). The sequences of each step are a pure function of (seed, step)."""
     from accelerate.utils import gather_object
 
     engine = model.engine
@@ -134,7 +144,7 @@ def train_damage(model, config, gate_config: GateConfig, pieces: Callable[[], li
         labels = torch.load(ckpt, map_location="cpu", weights_only=True)
 
     def step(i: int, ids: torch.Tensor, valid: torch.Tensor) -> dict:
-        _, damage = removal_damage(engine, ids, valid)  # every process labels its share of the batch
+        _, damage = removal_damage(engine, ids, valid, standins)  # every process labels its share of the batch
         labels["ids"].append(torch.cat(gather_object([ids.masked_fill(~valid, -1).cpu()])))
         labels["damage"].append(torch.cat(gather_object([damage.cpu()]), 1))  # rows in rank order, as ids
         labels["step"] = i + 1
@@ -149,14 +159,14 @@ def train_damage(model, config, gate_config: GateConfig, pieces: Callable[[], li
         run_steps(config, data, labels["step"], accelerator, step, save, padding_id(model.tokenizer))
     except KeyboardInterrupt as e:
         if labels["ids"]:
-            _fit_and_save(engine, labels, config, gate_config, out, accelerator)
+            _fit_and_save(engine, labels, config, gate_config, out, accelerator, standins)
         raise e
     if not labels["ids"]:
         raise ValueError("no labels: the damage objective needs at least one step")
-    return _fit_and_save(engine, labels, config, gate_config, out, accelerator)
+    return _fit_and_save(engine, labels, config, gate_config, out, accelerator, standins)
 
 
-def _fit_and_save(engine: Engine, labels: dict, config, gate_config: GateConfig, out: Path, accelerator) -> GateSet:
+def _fit_and_save(engine: Engine, labels: dict, config, gate_config: GateConfig, out: Path, accelerator, standins) -> GateSet:
     """Fit the gates to every label so far and save them in ``out/gates``."""
     xs = [
         branch_inputs(engine, ids.clamp_min(0).to(engine.device), (ids >= 0).to(engine.device)).half().cpu()
@@ -165,6 +175,7 @@ def _fit_and_save(engine: Engine, labels: dict, config, gate_config: GateConfig,
     x = torch.cat(xs, 1)
     w, b = poisson_fit(x, torch.cat(labels["damage"], 1), ridge=config.ridge)
     gates = gates_from_fit(gate_config, w, b, x, compute_saved(engine))
+    gates.standins = standins
     if accelerator.is_main_process:
         save_gates(gates, out / "gates")
     return gates

@@ -157,6 +157,11 @@ def collate(pieces: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, tor
     return ids, valid
 
 
+def batched(pieces: list[list[int]], size: int) -> list[list[list[int]]]:
+    """Consecutive groups of ``size`` pieces (the last one shorter)."""
+    return [pieces[i : i + size] for i in range(0, len(pieces), size)]
+
+
 def padding_id(tokenizer) -> int:
     """The id that pads batches (0 when the tokenizer has none: padding is masked anyway)."""
     return getattr(tokenizer, "pad_token_id", None) or 0

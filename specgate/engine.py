@@ -252,7 +252,7 @@ class Engine:
         else:
             p.cache.write(i, p.slots, *layers.keys_values(w, lw, x, cos, sin), p.uniform)
         if sel is not None and sel.order.shape[1] == 0:
-            return h  # every token skips attention
+            return self._stand_in(h, x, i, 0, sel, p)  # every token skips attention
 
         # 2. Queries of the active tokens attend to the cache.
         causal = p.causal and sel is None and (lw.window is None or p.S <= lw.window)
@@ -263,18 +263,27 @@ class Engine:
                 mask = mask.gather(2, sel.order[:, None, :, None].expand(-1, 1, -1, p.S))
         k, v = p.cache.k[i][:, :, : p.S], p.cache.v[i][:, :, : p.S]  # (B, n_kv, S, hd)
         o = layers.attention_output(w, lw, layers.attend(w, q, k, v, mask, causal))  # (B, n, d)
-        return self._residual(h, o, g, sel)
+        return self._residual(self._stand_in(h, x, i, 0, sel, p), o, g, sel)
 
     def _mlp(self, h: torch.Tensor, i: int, lw: LayerWeights, p: _Pass) -> torch.Tensor:
         x = layers.norm(self.weights, h, lw.mlp_norm)
         if p.kernels is not None:
             return p.kernels.mlp(self, h, x, i, lw, p)
         g, sel = self._select(x, i, 1, p)
+        h = self._stand_in(h, x, i, 1, sel, p)
         if sel is not None:
             if sel.order.shape[1] == 0:
                 return h
             x = gather_tokens(x, sel.order)
         return self._residual(h, layers.mlp(self.weights, lw, x), g, sel)
+
+    @staticmethod
+    def _stand_in(h: torch.Tensor, x: torch.Tensor, i: int, branch: int, sel: _Selection | None, p: _Pass) -> torch.Tensor:
+        """h plus the branch's stand-in (:mod:`specgate.standin`) at the tokens that skip it."""
+        if sel is None or p.gates.standins is None:
+            return h
+        fill = p.gates.standins(x, i, branch)
+        return h + (fill if sel.order.shape[1] == 0 else fill * (~sel.active)[..., None].to(fill.dtype))
 
     @staticmethod
     def _residual(h: torch.Tensor, o: torch.Tensor, g: torch.Tensor | None, sel: _Selection | None) -> torch.Tensor:

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from .policy import BudgetPolicy
+from .standin import StandIns
 
 GateKind = Literal["full", "lowrank", "scalar"]
 WEIGHTS_NAME, CONFIG_NAME = "gates.safetensors", "gate_config.json"
@@ -66,7 +67,8 @@ class GateSet(nn.Module):
     (2, num_layers) tensor of importance thresholds, row 0 attention, row 1 MLP, measured by
     calibration; a branch with importance at or below its threshold is skipped. ``token_ranking``:
     every token id, most frequent in the model's own outputs first, for the draft vocabulary
-    (:mod:`specgate.vocab`); None if the gates were saved without one.
+    (:mod:`specgate.vocab`); None if the gates were saved without one. ``standins``: what a draft
+    adds where it skips a branch (:mod:`specgate.standin`); None: nothing.
     """
 
     def __init__(self, config: GateConfig):
@@ -77,6 +79,7 @@ class GateSet(nn.Module):
         self.mlp = nn.ModuleList(make() for _ in range(config.num_layers))
         self.thresholds: dict[float, torch.Tensor] = {}
         self.token_ranking: torch.Tensor | None = None
+        self.standins: StandIns | None = None
 
     def gate(self, layer: int, branch: int) -> Gate:
         return (self.attn if branch == 0 else self.mlp)[layer]
@@ -141,6 +144,8 @@ def load_gates(path: str | Path, model_config=None, dtype: torch.dtype | None = 
                 f"the token ranking in {path / WEIGHTS_NAME} covers {len(gates.token_ranking)} tokens, the model has "
                 f"{model_config.vocab_size}: these gates were made for another tokenizer"
             )
+    if "standins.down" in tensors:
+        gates.standins = StandIns(config.num_layers, config.hidden_size, tensors["standins.down"].shape[-1])
     expected = {k: v.shape for k, v in gates.state_dict().items()}
     found = {k: v.shape for k, v in tensors.items()}
     if expected != found:

@@ -55,7 +55,8 @@ def gated_forward(
     """Differentiable dense forward over whole sequences (B, T) from position 0 -> logits (B, T, V).
 
     The same model as ``engine(ids, fresh_cache, gates, policy)`` with ``kv_fill="project"`` when
-    ``decide`` picks the same tokens; gates scale the branches if their config says so.
+    ``decide`` picks the same tokens; gates scale the branches if their config says so, and skipped
+    tokens get the gates' stand-ins, if any.
     """
     if gates is None:
         return dense_forward(engine.weights, input_ids)
@@ -70,6 +71,8 @@ def gated_forward(
             record.run.append(run)
             record.sq.append(g.pow(2).mean(-1))
         factor = branch_factor(g, run, scale)
+        if run is not None and gates.standins is not None:
+            h = h + gates.standins(x, i, branch) * (~run)[..., None].to(h.dtype)
         return h + (o if factor is None else factor * o)
 
     return dense_forward(engine.weights, input_ids, add)
@@ -258,5 +261,10 @@ def make_optimizer(gates: GateSet, config) -> torch.optim.Optimizer:
     proportional to the gradient (clipped per tensor, for the first catastrophic skips).
     """
     if config.optimizer == "sgd":
-        return torch.optim.SGD(gates.parameters(), lr=config.lr, momentum=0.9)
-    return torch.optim.AdamW(gates.parameters(), lr=config.lr, weight_decay=0.0)
+        return torch.optim.SGD(_trained(gates), lr=config.lr, momentum=0.9)
+    return torch.optim.AdamW(_trained(gates), lr=config.lr, weight_decay=0.0)
+
+
+def _trained(gates: GateSet) -> list[torch.nn.Parameter]:
+    """The gate parameters (the stand-ins are fitted in closed form, not trained)."""
+    return [p for p in gates.parameters() if p.requires_grad]

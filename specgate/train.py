@@ -9,6 +9,9 @@ the layer math (:mod:`specgate.layers`) and the loop skeleton (:mod:`specgate.lo
 - ``paper`` and ``distill`` (:mod:`specgate.gradient`): the paper's cross-entropy + L2 objective,
   and KL distillation into the skipping draft, by gradient descent on a dense forward.
 
+``standin_rank`` fits stand-ins for skipped branches (:mod:`specgate.standin`) on the training text
+first; the objectives then train the gates with them in place, and they are saved with the gates.
+
 ``scale_output=False`` (the default) keeps every computed branch output unscaled: the gates only
 decide what to skip, so at budget 0 the draft *is* the original model. ``init_order`` starts the
 gates as a static skip order (least harmful branches first, measured by ``eval/gate_quality.py``).
@@ -26,10 +29,11 @@ from typing import Literal
 import torch
 
 from . import damage, gradient
-from .data import chunk, default_corpus, load_documents
+from .data import batched, chunk, collate, default_corpus, load_documents, padding_id
 from .gates import CONFIG_NAME, GateConfig, GateSet, load_gates, save_gates
 from .loop import check_run
 from .policy import ALLOCATIONS, Allocation
+from .standin import branch_moments, fit_standins
 from .vocab import rank_tokens
 
 Objective = Literal["paper", "distill", "damage"]
@@ -52,6 +56,7 @@ class TrainConfig:
     clip: float = 1.0  # sgd: each parameter tensor's gradient norm is clipped to this
     sparsity: float = 0.1  # lambda of the L2 term mean(g^2)
     ridge: float = 1.0  # damage: L2 penalty on the (standardized) weights of the Poisson fit
+    standin_rank: int | None = None  # stand-ins for skipped branches (specgate.standin; 0: mean); None: none
     budget_max: float = 0.5  # share of (token, branch) evaluations skipped (warm-up target for paper)
     budget_min: float = 0.1  # distill: lower end of the sampled budgets
     warmup_steps: int = 200  # budget warm-up: 0 -> budget_max (paper); range scaled up (distill)
@@ -87,6 +92,8 @@ class TrainConfig:
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         if self.steps < 0 or self.batch_size < 1 or self.seq_len < 2:
             raise ValueError("steps must be >= 0, batch_size >= 1 and seq_len >= 2")
+        if self.standin_rank is not None and self.standin_rank < 0:
+            raise ValueError(f"standin_rank must be >= 0 (0: each branch's mean output), got {self.standin_rank}")
         if self.checkpoint_every < 1 or (self.threads is not None and self.threads < 1):
             raise ValueError("checkpoint_every and threads must be >= 1")
 
@@ -119,11 +126,16 @@ def train(model_or_name, config: TrainConfig = TrainConfig(), documents: list[li
     def pieces() -> list[list[int]]:
         return chunk(docs(), config.seq_len)
 
+    standins = None
+    if config.standin_rank is not None:  # closed form, deterministic: refitted, not checkpointed
+        batches = (collate(p, padding_id(model.tokenizer)) for p in batched(pieces(), config.batch_size))
+        standins = fit_standins(branch_moments(model.engine.weights, batches), config.standin_rank)
     if config.objective == "damage":  # no gradient: labels, then a convex fit per gate
-        gates = damage.train_damage(model, config, gate_config(model, config), pieces, out, accelerator)
+        gates = damage.train_damage(model, config, gate_config(model, config), pieces, out, accelerator, standins)
     else:
         torch.manual_seed(config.seed)
         gates = GateSet(gate_config(model, config)).to(accelerator.device)
+        gates.standins = standins
         gates = gradient.train_gradient(model, config, gates, pieces, out, accelerator)
     gates.token_ranking = rank_tokens(docs(), model.config.vocab_size)  # the draft vocabulary's order
     if accelerator.is_main_process:

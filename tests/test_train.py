@@ -15,6 +15,7 @@ from specgate import gradient as G
 from specgate import train as T
 from specgate.calibrate import calibrate, measure
 from specgate.gradient import gated_forward, quantile_decider
+from specgate.standin import StandIns
 from specgate.policy import BudgetPolicy, budget_quantile
 from specgate.train import TrainConfig
 
@@ -25,13 +26,19 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("scale", [True, False])
 def test_training_forward_is_the_engine(family, scale):
     """The dense training forward computes what the engine computes, for every family, with and
-    without skipping, with gates that scale and gates that only decide."""
+    without skipping, with gates that scale and gates that only decide, with and without stand-ins."""
     m = tiny(family, gates=True)
     m.gates.config = dataclasses.replace(m.gates.config, scale_output=scale)
     ids = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(1))
     valid = torch.ones(2, 12, dtype=torch.bool)
     with torch.no_grad():
         torch.testing.assert_close(m.engine(ids, m.engine.new_cache(2, 12)), gated_forward(m.engine, ids))
+        want = m.engine(ids, m.engine.new_cache(2, 12), m.gates, BudgetPolicy(0.3))
+        got = gated_forward(m.engine, ids, m.gates, quantile_decider(0.3, valid, "branch"))
+        torch.testing.assert_close(got, want)
+        m.gates.standins = StandIns(m.engine.num_layers, m.config.hidden_size, 2)  # and with stand-ins
+        for p in m.gates.standins.parameters():
+            p.normal_(0, 0.3)
         want = m.engine(ids, m.engine.new_cache(2, 12), m.gates, BudgetPolicy(0.3))
         got = gated_forward(m.engine, ids, m.gates, quantile_decider(0.3, valid, "branch"))
         torch.testing.assert_close(got, want)

@@ -1,0 +1,135 @@
+"""Stand-ins for skipped branches: the closed-form fit, what the engine adds, gate files."""
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import FAMILIES, fixed_budget_loss, own_docs, tiny, train_config
+
+import specgate
+from specgate import layers
+from specgate import train as T
+from specgate.damage import removal_damage
+from specgate.policy import BudgetPolicy
+from specgate.standin import Moments, StandIns, explained, fit_standins
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _moments(x: torch.Tensor, o: torch.Tensor) -> Moments:
+    m = Moments(2, x.shape[1])
+    for k in range(2):
+        m.add(k, x, o[k])
+    m.n = len(x)
+    return m
+
+
+def test_fit_recovers_a_low_rank_map_and_explained_is_exact():
+    g = torch.Generator().manual_seed(0)
+    d, n = 24, 4000
+    x = torch.randn(n, d, generator=g) * torch.linspace(0.2, 2.0, d) + 1.0  # uneven scales, nonzero mean
+    maps = [torch.randn(d, 3, generator=g) @ torch.randn(3, d, generator=g) for _ in range(2)]  # rank 3
+    o = torch.stack([x @ M + 0.5 for M in maps]) + 0.05 * torch.randn(2, n, d, generator=g)
+    train, test = _moments(x[:3000], o[:, :3000]), _moments(x[3000:], o[:, 3000:])
+    r2 = {rank: explained(test, fit_standins(train, rank, ridge=1e-6)) for rank in (0, 1, 3, 8)}
+    assert float(r2[0].abs().max()) < 0.02  # the mean explains no variance about the mean
+    assert float(r2[1].max()) < 0.9 < float(r2[3].min())
+    assert float(r2[8].min()) >= float(r2[3].min()) - 1e-3
+    s = fit_standins(train, 3, ridge=1e-6)  # explained() from moments equals the direct computation
+    for k in range(2):
+        err = (o[k, 3000:] - s(x[3000:], 0, k)).double().pow(2).sum()
+        var = (o[k, 3000:].double() - o[k, 3000:].double().mean(0)).pow(2).sum()
+        assert float(r2[3][k]) == pytest.approx(float(1 - err / var), abs=1e-6)
+    assert torch.allclose(fit_standins(train, 0).bias[1], o[1, :3000].mean(0), atol=1e-5)
+
+
+def _standins(m, rank: int = 4, seed: int = 0) -> StandIns:
+    torch.manual_seed(seed)
+    s = StandIns(m.engine.num_layers, m.config.hidden_size, rank)
+    for p in s.parameters():
+        p.data.normal_(0, 0.3)
+    return s
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_a_skipped_branch_adds_its_stand_in(family):
+    """Every branch skipped: the residual stream is the embedding plus one stand-in per branch, in
+    single-token steps (thresholds) and in multi-token passes (budget 1), with left padding too."""
+    m = tiny(family, gates=True)
+    m.gates.config = dataclasses.replace(m.gates.config, scale_output=False)
+    m.gates.standins = s = _standins(m)
+    w, eng, L = m.engine.weights, m.engine, m.engine.num_layers
+    ids = torch.randint(3, 101, (2, 6), generator=torch.Generator().manual_seed(1))
+    h = layers.embed(w, ids)
+    for i, lw in enumerate(w.layers):
+        h = h + s(layers.norm(w, h, lw.attn_norm), i, 0)
+        h = h + s(layers.norm(w, h, lw.mlp_norm), i, 1)
+    expected = layers.head(w, h)
+    everything = BudgetPolicy(budget=1.0, thresholds=torch.full((2, L), 2.0))
+    got = eng(ids, eng.new_cache(2, 8), m.gates, everything)
+    assert torch.allclose(got, expected, atol=1e-4)
+    cache = eng.new_cache(2, 8)
+    for t in range(6):
+        step = eng(ids[:, t : t + 1], cache, m.gates, everything)
+        assert torch.allclose(step[:, 0], expected[:, t], atol=1e-4)
+    half = BudgetPolicy(budget=0.5)  # mixed: the stand-in only where a token skips
+    m.gates.standins = None
+    plain = eng(ids, eng.new_cache(2, 8), m.gates, half)
+    m.gates.standins = StandIns(L, m.config.hidden_size, 0)  # zero stand-ins change nothing
+    assert torch.allclose(eng(ids, eng.new_cache(2, 8), m.gates, half), plain, atol=1e-5)
+
+
+@torch.no_grad()
+def test_damage_labels_price_skips_with_the_stand_in():
+    """With stand-ins, label (k, t) is the KL of the engine's draft step that skips branch k and
+    adds its stand-in."""
+    m = tiny("llama")
+    m.gates = m.new_gates(kind="scalar")
+    m.gates.config = dataclasses.replace(m.gates.config, scale_output=False)
+    m.gates.standins = s = _standins(m, rank=2)
+    eng, T_, L = m.engine, 7, m.engine.num_layers
+    ids = torch.randint(3, 101, (1, T_), generator=torch.Generator().manual_seed(2))
+    _, damage = removal_damage(eng, ids, torch.ones_like(ids, dtype=torch.bool), s)
+    cache = eng.new_cache(1, T_)
+    eng(ids[:, :4], cache)
+    ref = eng(ids[:, 4:5], cache)[0, 0].float().log_softmax(-1)
+    for k in range(2 * L):
+        thresholds = torch.full((2, L), -1.0)
+        thresholds[k % 2, k // 2] = 2.0
+        cache.rewind(torch.tensor([4]))
+        logp = eng(ids[:, 4:5], cache, m.gates, BudgetPolicy(thresholds=thresholds))[0, 0].float().log_softmax(-1)
+        assert float(damage[k, 4]) == pytest.approx(float((ref.exp() * (ref - logp)).sum()), rel=1e-3, abs=1e-5)
+
+
+def test_gate_files_keep_stand_ins_and_refuse_a_mismatch(tmp_path):
+    m = tiny("llama", gates=True)
+    m.gates.standins = _standins(m, rank=3)
+    specgate.save_gates(m.gates, tmp_path / "g")
+    back = specgate.load_gates(tmp_path / "g", m.config)
+    assert back.standins.rank == 3 and torch.equal(back.standins.down, m.gates.standins.down)
+    wrong = tiny("llama", gates=True)
+    wrong.gates.standins = StandIns(3, m.config.hidden_size, 2)  # 3 layers' worth, not 4
+    specgate.save_gates(wrong.gates, tmp_path / "bad")
+    with pytest.raises(ValueError, match="does not match its config"):
+        specgate.load_gates(tmp_path / "bad", m.config)
+
+
+def test_training_fits_stand_ins_and_they_cut_the_drafts_loss(trainee, tmp_path):
+    """``standin_rank``: the damage objective labels skips with the stand-ins in place, saves them
+    with the gates, and at a fixed skip pattern they bring the draft closer to the full model."""
+    docs = own_docs(trainee)
+    config = train_config(tmp_path, objective="damage", steps=3, standin_rank=4)
+    gates = T.train(trainee, config, documents=docs)
+    saved = specgate.load_gates(tmp_path / "run" / "gates", trainee.config)
+    assert saved.standins.rank == 4 and torch.equal(saved.standins.up, gates.standins.up)
+    ids = torch.tensor([d[:32] for d in own_docs(trainee, n=8)])
+    evalcfg = T.TrainConfig(objective="distill")
+    for budget in (0.3, 0.6):
+        with_standins = fixed_budget_loss(trainee, gates, evalcfg, ids, budget)
+        gates.standins, standins = None, gates.standins
+        without = fixed_budget_loss(trainee, gates, evalcfg, ids, budget)
+        gates.standins = standins
+        assert with_standins < 0.8 * without, budget
+    with pytest.raises(ValueError, match="standin_rank"):
+        T.TrainConfig(standin_rank=-1)
