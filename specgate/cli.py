@@ -174,6 +174,9 @@ _HELP = {
     "ridge": "damage: L2 penalty on the standardized gate weights of the Poisson fit",
     "standin_rank": "fit stand-ins for skipped branches of this rank (0: each branch's mean output) and train "
     "the gates with them in place",
+    "context_gates": "damage, second round: price each skip in the context of the draft these calibrated gates make "
+    "(a gate directory; their stand-ins are kept)",
+    "context_budget": "the budget of that draft",
     "time_limit_s": "stop with a checkpoint after this many seconds",
     "resume": "continue from the checkpoints in OUTPUT_DIR (refused if they were made from another model, data or settings)",
 }

@@ -36,34 +36,79 @@ from .loop import run_steps, save_atomic
 CHECKPOINT_NAME = "labels.pt"
 
 
+# decide(x, layer, branch) -> (B, T) bool, True where a draft runs the branch for normed inputs x
+Decide = Callable[[torch.Tensor, int, int], torch.Tensor]
+
+
 @torch.no_grad()
 def removal_damage(
-    engine: Engine, ids: torch.Tensor, keep: torch.Tensor, standins: StandIns | None = None
+    engine: Engine, ids: torch.Tensor, keep: torch.Tensor, standins: StandIns | None = None, decide: Decide | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and removal damage of every branch at the ``keep`` positions of ids (B, T).
 
     Returns x (2L, n, d), the normed input of branch k = 2 * layer + (0 attention, 1 MLP) at the
     n kept positions, and damage (2L, n): KL(original || branch k skipped at that token alone),
     with its stand-in in its place if ``standins`` are given (what the draft would add).
+
+    With ``decide``, the labels of a second round, in the draft's own context: the draft skips
+    what ``decide`` says (stand-ins in place), and the damage of branch k is how much closer to the
+    original model the draft gets by running k than by skipping it, every other branch as the draft
+    decides (clamped at 0); x are the draft's inputs, what its gates see.
     """
     s = engine.weights
-    rope, masks = dense_rope_masks(s, ids)
-    before, xs, kvs, h = _full_pass(engine, ids, keep, rope, masks)
-    full = head(s, h[keep]).float().log_softmax(-1)  # (n, V)
+    ctx = _Context(s, ids, standins)
+    full = head(s, ctx.h[keep]).float().log_softmax(-1)  # (n, V)
     p_full = full.exp()
+
+    def kl(h: torch.Tensor) -> torch.Tensor:
+        return (p_full * (full - head(s, h[keep]).float().log_softmax(-1))).sum(-1)
+
+    draft: list = []
+    base = kl(ctx.run(0, embed(s, ids), decide, draft))  # the original model itself without decide
     damage = []
-    for k, h in enumerate(before):  # skip branch k: the residual stream passes it (plus its stand-in)
-        layer, lw = k // 2, s.layers[k // 2]
-        if standins is not None:
-            h = h + standins(norm(s, h, lw.mlp_norm if k % 2 else lw.attn_norm), layer, k % 2)
-        if k % 2 == 0:
+    for k, (h, x, o, fill, run) in enumerate(draft):
+        if run is None:  # skip k at every token, every other branch runs
+            damage.append(kl(ctx.run(k + 1, h + fill, None)).clamp_min(0))
+        else:  # flip the draft's decision on k at every token
+            flipped = kl(ctx.run(k + 1, h + torch.where(run[..., None], fill, o), decide))
+            damage.append(torch.where(run[keep], flipped - base, base - flipped).clamp_min(0))
+    return torch.stack([x[keep] for _, x, _, _, _ in draft]), torch.stack(damage)
+
+
+class _Context:
+    """The original model's pass over ids (B, T) (final residual stream ``h``, each layer's K/V),
+    and partial passes in which each position attends to the original K/V of the others."""
+
+    def __init__(self, s, ids: torch.Tensor, standins: StandIns | None):
+        self.s, self.standins = s, standins
+        self.rope, self.masks = dense_rope_masks(s, ids)
+        self.kvs, h = [], embed(s, ids)
+        for lw in s.layers:
+            x, o, kv = attention_branch(s, lw, h, self.rope, self.masks)
+            self.kvs.append(kv)
+            h = h + o
             h = h + mlp_branch(s, lw, h)[1]
-        for i in range(layer + 1, len(s.layers)):
-            h = h + attention_branch(s, s.layers[i], h, rope, masks, kvs[i])[1]
-            h = h + mlp_branch(s, s.layers[i], h)[1]
-        logp = head(s, h[keep]).float().log_softmax(-1)
-        damage.append((p_full * (full - logp)).sum(-1).clamp_min(0))
-    return torch.stack(xs), torch.stack(damage)
+        self.h = h
+
+    def run(self, k0: int, h: torch.Tensor, decide: Decide | None, record: list | None = None) -> torch.Tensor:
+        """Branches k0, k0 + 1, ... on h; where ``decide`` skips, the stand-in replaces the output.
+        ``record`` gets (h, x, o, stand-in, run) before each branch."""
+        s = self.s
+        for k in range(k0, 2 * len(s.layers)):
+            lw = s.layers[k // 2]
+            if k % 2 == 0:
+                x, o, _ = attention_branch(s, lw, h, self.rope, self.masks, self.kvs[k // 2])
+            else:
+                x, o = mlp_branch(s, lw, h)
+            run = decide(x, k // 2, k % 2) if decide is not None else None
+            fill = None if record is None and run is None else self._fill(x, k)
+            if record is not None:
+                record.append((h, x, o, fill, run))
+            h = h + (o if run is None else torch.where(run[..., None], o, fill))
+        return h
+
+    def _fill(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        return torch.zeros_like(x) if self.standins is None else self.standins(x, k // 2, k % 2)
 
 
 def poisson_fit(x: torch.Tensor, y: torch.Tensor, ridge: float = 1.0, iterations: int = 20, tol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,13 +170,22 @@ def compute_saved(engine: Engine) -> torch.Tensor:
     return torch.tensor(saved).T.flatten()
 
 
+def draft_decisions(gates: GateSet, budget: float) -> Decide:
+    """What the single-token draft of ``gates`` at ``budget`` runs (their calibrated thresholds)."""
+    thresholds = gates.policy(budget).thresholds
+    if thresholds is None:
+        raise ValueError("labels in a draft's context need calibrated gates: run `specgate calibrate` on them first")
+    return lambda x, i, b: gates.gate(i, b)(x).mean(-1) > float(thresholds[b, i])
+
+
 def train_damage(
     model, config, gate_config: GateConfig, pieces: Callable[[], list[list[int]]], out: Path, accelerator,
-    standins: StandIns | None = None,
+    standins: StandIns | None = None, decide: Decide | None = None,
 ) -> GateSet:
     """The ``damage`` objective's loop: label ``batch_size`` sequences per step, ``steps`` steps,
     then fit the gates (``out/gates``) to all labels. Each skip is priced with its stand-in in
-    place if ``standins`` are given (they are saved with the gates). Labels are checkpointed
+    place if ``standins`` are given (they are saved with the gates), and in the context of the
+    draft that ``decide`` makes if given (see :func:`removal_damage`). Labels are checkpointed
     (``out/labels.pt``) every ``checkpoint_every`` steps; Ctrl-C saves them and fits the gates. A
     resumed run continues labelling (with ``steps`` already reached, it only refits, e.g. with
     another ``ridge``). The sequences of each step are a pure function of (seed, step)."""
@@ -144,7 +198,7 @@ def train_damage(
         labels = torch.load(ckpt, map_location="cpu", weights_only=True)
 
     def step(i: int, ids: torch.Tensor, valid: torch.Tensor) -> dict:
-        _, damage = removal_damage(engine, ids, valid, standins)  # every process labels its share of the batch
+        _, damage = removal_damage(engine, ids, valid, standins, decide)  # every process labels its share of the batch
         labels["ids"].append(torch.cat(gather_object([ids.masked_fill(~valid, -1).cpu()])))
         labels["damage"].append(torch.cat(gather_object([damage.cpu()]), 1))  # rows in rank order, as ids
         labels["step"] = i + 1
@@ -159,17 +213,17 @@ def train_damage(
         run_steps(config, data, labels["step"], accelerator, step, save, padding_id(model.tokenizer))
     except KeyboardInterrupt as e:
         if labels["ids"]:
-            _fit_and_save(engine, labels, config, gate_config, out, accelerator, standins)
+            _fit_and_save(engine, labels, config, gate_config, out, accelerator, standins, decide)
         raise e
     if not labels["ids"]:
         raise ValueError("no labels: the damage objective needs at least one step")
-    return _fit_and_save(engine, labels, config, gate_config, out, accelerator, standins)
+    return _fit_and_save(engine, labels, config, gate_config, out, accelerator, standins, decide)
 
 
-def _fit_and_save(engine: Engine, labels: dict, config, gate_config: GateConfig, out: Path, accelerator, standins) -> GateSet:
+def _fit_and_save(engine: Engine, labels: dict, config, gate_config: GateConfig, out: Path, accelerator, standins, decide) -> GateSet:
     """Fit the gates to every label so far and save them in ``out/gates``."""
     xs = [
-        branch_inputs(engine, ids.clamp_min(0).to(engine.device), (ids >= 0).to(engine.device)).half().cpu()
+        branch_inputs(engine, ids.clamp_min(0).to(engine.device), (ids >= 0).to(engine.device), standins, decide).half().cpu()
         for ids in labels["ids"]
     ]
     x = torch.cat(xs, 1)
@@ -181,26 +235,10 @@ def _fit_and_save(engine: Engine, labels: dict, config, gate_config: GateConfig,
     return gates
 
 
-def _full_pass(engine: Engine, ids, keep, rope, masks):
-    """The original model over ids: the residual stream before each of the 2L branches, their
-    normed inputs at the kept positions, each layer's K/V, and the final residual stream."""
-    s = engine.weights
-    h = embed(s, ids)
-    before, xs, kvs = [], [], []
-    for lw in s.layers:
-        before.append(h)
-        x, o, kv = attention_branch(s, lw, h, rope, masks)
-        xs.append(x[keep])
-        kvs.append(kv)
-        h = h + o
-        before.append(h)
-        x, o = mlp_branch(s, lw, h)
-        xs.append(x[keep])
-        h = h + o
-    return before, xs, kvs, h
-
-
 @torch.no_grad()
-def branch_inputs(engine: Engine, ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """x (2L, n, d): the normed input of every branch at the kept positions, original model."""
-    return torch.stack(_full_pass(engine, ids, keep, *dense_rope_masks(engine.weights, ids))[1])
+def branch_inputs(engine: Engine, ids: torch.Tensor, keep: torch.Tensor, standins=None, decide: Decide | None = None) -> torch.Tensor:
+    """x (2L, n, d): the normed input of every branch at the kept positions, in the original model
+    (or in the draft that ``decide`` and ``standins`` make, as :func:`removal_damage` has it)."""
+    draft: list = []
+    _Context(engine.weights, ids, standins).run(0, embed(engine.weights, ids), decide, draft)
+    return torch.stack([x[keep] for _, x, _, _, _ in draft])

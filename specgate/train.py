@@ -11,6 +11,9 @@ the layer math (:mod:`specgate.layers`) and the loop skeleton (:mod:`specgate.lo
 
 ``standin_rank`` fits stand-ins for skipped branches (:mod:`specgate.standin`) on the training text
 first; the objectives then train the gates with them in place, and they are saved with the gates.
+``context_gates`` makes a second round of ``damage``: every skip is priced in the context of the
+draft those (calibrated) gates make at ``context_budget``, so skips that cannot go together are not
+all chosen; the new gates keep that draft's stand-ins.
 
 ``scale_output=False`` (the default) keeps every computed branch output unscaled: the gates only
 decide what to skip, so at budget 0 the draft *is* the original model. ``init_order`` starts the
@@ -57,6 +60,8 @@ class TrainConfig:
     sparsity: float = 0.1  # lambda of the L2 term mean(g^2)
     ridge: float = 1.0  # damage: L2 penalty on the (standardized) weights of the Poisson fit
     standin_rank: int | None = None  # stand-ins for skipped branches (specgate.standin; 0: mean); None: none
+    context_gates: str | None = None  # damage: label skips in the context of the draft of these calibrated gates
+    context_budget: float = 0.5  # ... at this budget (their stand-ins included)
     budget_max: float = 0.5  # share of (token, branch) evaluations skipped (warm-up target for paper)
     budget_min: float = 0.1  # distill: lower end of the sampled budgets
     warmup_steps: int = 200  # budget warm-up: 0 -> budget_max (paper); range scaled up (distill)
@@ -92,6 +97,8 @@ class TrainConfig:
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         if self.steps < 0 or self.batch_size < 1 or self.seq_len < 2:
             raise ValueError("steps must be >= 0, batch_size >= 1 and seq_len >= 2")
+        if self.context_gates and (self.objective != "damage" or self.standin_rank is not None):
+            raise ValueError("context_gates is for the damage objective, and the draft keeps their stand-ins: drop --standin-rank")
         if self.standin_rank is not None and self.standin_rank < 0:
             raise ValueError(f"standin_rank must be >= 0 (0: each branch's mean output), got {self.standin_rank}")
         if self.checkpoint_every < 1 or (self.threads is not None and self.threads < 1):
@@ -126,12 +133,15 @@ def train(model_or_name, config: TrainConfig = TrainConfig(), documents: list[li
     def pieces() -> list[list[int]]:
         return chunk(docs(), config.seq_len)
 
-    standins = None
+    standins, decide = None, None
     if config.standin_rank is not None:  # closed form, deterministic: refitted, not checkpointed
         batches = (collate(p, padding_id(model.tokenizer)) for p in batched(pieces(), config.batch_size))
         standins = fit_standins(branch_moments(model.engine.weights, batches), config.standin_rank)
+    if config.context_gates:  # a second round: skips priced in the draft's context
+        context = load_gates(config.context_gates, model.config)
+        standins, decide = context.standins, damage.draft_decisions(context, config.context_budget)
     if config.objective == "damage":  # no gradient: labels, then a convex fit per gate
-        gates = damage.train_damage(model, config, gate_config(model, config), pieces, out, accelerator, standins)
+        gates = damage.train_damage(model, config, gate_config(model, config), pieces, out, accelerator, standins, decide)
     else:
         torch.manual_seed(config.seed)
         gates = GateSet(gate_config(model, config)).to(accelerator.device)

@@ -133,3 +133,51 @@ def test_training_fits_stand_ins_and_they_cut_the_drafts_loss(trainee, tmp_path)
         assert with_standins < 0.8 * without, budget
     with pytest.raises(ValueError, match="standin_rank"):
         T.TrainConfig(standin_rank=-1)
+
+
+@torch.no_grad()
+def test_second_round_labels_are_measured_in_the_drafts_context():
+    """With ``decide``, label (k, t) is KL(full || draft that skips k) - KL(full || draft that runs
+    k) (clamped at 0) for the engine's draft step at t, every other branch as the draft decides."""
+    m = tiny("llama")
+    m.gates = m.new_gates(kind="scalar")
+    for p in m.gates.parameters():
+        p.data.normal_(0, 1.0)
+    m.gates.config = dataclasses.replace(m.gates.config, scale_output=False)
+    m.gates.standins = s = _standins(m, rank=2)
+    eng, T_, L = m.engine, 7, m.engine.num_layers
+    thresholds = torch.full((2, L), 0.5)
+    decide = lambda x, i, b: m.gates.gate(i, b)(x).mean(-1) > thresholds[b, i]  # noqa: E731
+    ids = torch.randint(3, 101, (1, T_), generator=torch.Generator().manual_seed(3))
+    _, damage = removal_damage(eng, ids, torch.ones_like(ids, dtype=torch.bool), s, decide)
+    cache = eng.new_cache(1, T_)
+    eng(ids[:, :5], cache)
+    ref = eng(ids[:, 5:6], cache)[0, 0].float().log_softmax(-1)
+
+    def kl(forced: float, k: int) -> float:
+        t = thresholds.clone()
+        t[k % 2, k // 2] = forced  # 2.0: skip k, -1.0: run k (importance is in (0, 1))
+        cache.rewind(torch.tensor([5]))
+        logp = eng(ids[:, 5:6], cache, m.gates, BudgetPolicy(thresholds=t))[0, 0].float().log_softmax(-1)
+        return float((ref.exp() * (ref - logp)).sum())
+
+    assert 0 < float((damage[:, 5] > 0).float().mean()) < 1
+    for k in range(2 * L):
+        assert float(damage[k, 5]) == pytest.approx(max(0.0, kl(2.0, k) - kl(-1.0, k)), rel=1e-3, abs=1e-5), k
+
+
+def test_a_second_round_keeps_the_drafts_stand_ins(trainee, tmp_path):
+    docs = own_docs(trainee)
+    first = T.train(trainee, train_config(tmp_path, objective="damage", steps=2, standin_rank=2), documents=docs)
+    first.thresholds[0.5] = torch.full((2, 3), 0.5)  # as calibration would store them
+    specgate.save_gates(first, tmp_path / "first")
+    config = train_config(tmp_path, objective="damage", steps=2, context_gates=str(tmp_path / "first"), output_dir=str(tmp_path / "second"))
+    second = T.train(trainee, config, documents=docs)
+    assert torch.equal(second.standins.up, first.standins.up)
+    assert not torch.equal(second.gate(1, 1).proj.weight, first.gate(1, 1).proj.weight)
+    first.thresholds = {}
+    specgate.save_gates(first, tmp_path / "uncalibrated")
+    with pytest.raises(ValueError, match="calibrate"):
+        T.train(trainee, dataclasses.replace(config, context_gates=str(tmp_path / "uncalibrated"), output_dir=str(tmp_path / "third")), documents=docs)
+    with pytest.raises(ValueError, match="standin"):
+        T.TrainConfig(context_gates="x", standin_rank=2)
