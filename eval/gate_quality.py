@@ -240,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--accept-prompts", type=int, default=8)
     ap.add_argument("--accept-budgets", default="0.3,0.5,0.7")
     ap.add_argument("--draft-vocab", type=int, default=None, help="draft vocabulary size in the acceptance loop")
+    ap.add_argument("--methods", default="gateskip,random,static", help="which of gateskip, random, static to measure")
     ap.add_argument("--out", default=str(ROOT / "results" / "gate_quality"))
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
@@ -274,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
                 "compute": share("compute"), "tokens": len(ll)}  # fmt: skip
 
     full = run(None)
-    results = {"full_model": full, "methods": {"gateskip": {}, "random": {}, "static": {}}, "static_order": order}
+    methods = args.methods.split(",")
+    results = {"full_model": full, "gates": args.gates, "methods": {k: {} for k in methods}, "static_order": order}
     header = f"{'budget':>6} | {'method':>8} | {'skipped':>7} | {'compute':>7} | {'log-lik':>8} | {'d vs full':>9} | {'top-1 agree':>11}"
     print(f"full model: mean log-lik {full['ll']:.3f} over {full['tokens']} held-out answer tokens\n{header}")
     for budget in budgets:
@@ -283,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
             "random": RandomPolicy(budget, seed=0) if budget > 0 else None,
             "static": StaticPolicy(static_branches(order, budget, saved)) if budget > 0 else None,
         }
-        for name, policy in policies.items():
+        for name in methods:
+            policy = policies[name]
             r = full if policy is None else run(policy)
             results["methods"][name][budget] = {k: r[k] for k in ("ll", "agree", "skipped", "compute")}
             print(f"{budget:6.2f} | {name:>8} | {r['skipped']:7.3f} | {r['compute']:7.3f} | {r['ll']:8.3f} | "

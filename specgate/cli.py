@@ -162,10 +162,13 @@ def cmd_bench(args) -> int:
 
 _HELP = {
     "objective": "paper: CE + lambda*L2 with budget warm-up; distill: KL to the original model; "
-    "damage: fit scalar gates to the measured cost of each skip",
+    "damage: fit scalar gates to the measured cost of each skip; standins: train the stand-ins of the "
+    "--context-gates draft by KL to the original model",
     "data": "training text: .txt, or .jsonl with {'text': ...} or {'messages': [...]} per line "
     "(default: the model's own answers to specgate.prompts + pydoc topics)",
     "output_dir": "checkpoints and the gates (OUTPUT_DIR/gates) go here (default: runs/<model>-<objective>)",
+    "optimizer": "None: sgd for gates (see specgate.gradient.make_optimizer), adamw for stand-ins",
+    "lr": "None: 0.5 with sgd, 1e-3 with adamw",
     "sparsity": "lambda of the L2 sparsity term mean(g^2)",
     "budget_max": "skip budget the warm-up reaches (paper) / top of the sampled budgets (distill)",
     "allocation": "global: one importance threshold for all branches; branch: per-branch quantile",
@@ -174,8 +177,8 @@ _HELP = {
     "ridge": "damage: L2 penalty on the standardized gate weights of the Poisson fit",
     "standin_rank": "fit stand-ins for skipped branches of this rank (0: each branch's mean output) and train "
     "the gates with them in place",
-    "context_gates": "damage, second round: price each skip in the context of the draft these calibrated gates make "
-    "(a gate directory; their stand-ins are kept)",
+    "context_gates": "a calibrated gate directory: damage prices each skip in the context of the draft it makes "
+    "(a second round; its stand-ins are kept); standins trains its stand-ins",
     "context_budget": "the budget of that draft",
     "time_limit_s": "stop with a checkpoint after this many seconds",
     "resume": "continue from the checkpoints in OUTPUT_DIR (refused if they were made from another model, data or settings)",
@@ -194,8 +197,8 @@ def _add_config_flags(p: argparse.ArgumentParser, config_class, help_: dict[str,
         text = help_.get(f.name, "") + f" (default {f.default})"
         if kind is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
-        elif typing.get_origin(kind) is typing.Literal:
-            p.add_argument(flag, choices=typing.get_args(kind), default=f.default, help=text)
+        elif literal := next((a for a in (kind, *typing.get_args(kind)) if typing.get_origin(a) is typing.Literal), None):
+            p.add_argument(flag, choices=typing.get_args(literal), default=f.default, help=text)
         elif f.name in special:
             p.add_argument(flag, type=special[f.name], default=f.default, help=text)
         else:

@@ -172,10 +172,8 @@ def compute_saved(engine: Engine) -> torch.Tensor:
 
 def draft_decisions(gates: GateSet, budget: float) -> Decide:
     """What the single-token draft of ``gates`` at ``budget`` runs (their calibrated thresholds)."""
-    thresholds = gates.policy(budget).thresholds
-    if thresholds is None:
-        raise ValueError("labels in a draft's context need calibrated gates: run `specgate calibrate` on them first")
-    return lambda x, i, b: gates.gate(i, b)(x).mean(-1) > float(thresholds[b, i])
+    runs = gates.draft_runs(budget)
+    return lambda x, i, b: runs(gates.gate(i, b)(x).mean(-1), i, b)
 
 
 def train_damage(

@@ -97,6 +97,15 @@ class GateSet(nn.Module):
             thresholds = self.thresholds[nearest]
         return BudgetPolicy(budget=budget, thresholds=thresholds)
 
+    def draft_runs(self, budget: float):
+        """runs(importance, layer, branch) -> bool tensor of importance's shape: what the
+        single-token draft at ``budget`` runs (importance above its calibrated threshold)."""
+        thresholds = self.policy(budget).thresholds
+        if thresholds is None:
+            raise ValueError("this needs the draft's calibrated thresholds: run `specgate calibrate` on the gates first")
+        values = thresholds.tolist()
+        return lambda importance, layer, branch: importance > values[branch][layer]
+
 
 def save_gates(gates: GateSet, path: str | Path) -> Path:
     """Write ``gates.safetensors`` and ``gate_config.json`` into the directory ``path``."""

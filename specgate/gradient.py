@@ -142,6 +142,14 @@ def train_step(
 ) -> tuple[torch.Tensor, StepStats, torch.Tensor]:
     """Loss (with grad), its stats, and the flat importances of valid (token, branch) pairs."""
     counts, target_logp = None, None
+    if config.objective == "standins":  # the draft as it decodes: its calibrated thresholds, every position
+        with torch.no_grad():
+            target_logp = dense_forward(engine.weights, ids).float().log_softmax(-1)
+        runs, record = gates.draft_runs(config.context_budget), ForwardRecord()
+        logits = gated_forward(engine, ids, gates, lambda imp, i, b: runs(imp, i, b) | ~valid, record).float()
+        kl = (target_logp.exp() * (target_logp - logits.log_softmax(-1))).sum(-1)[valid].mean()
+        skipped = 1.0 - float(torch.stack(record.run)[:, valid].float().mean())
+        return kl, StepStats(float(kl.detach()), 0.0, 0.0, skipped, config.context_budget, int(valid.sum())), torch.zeros(0)
     if config.objective == "distill":
         with torch.no_grad():  # the original model (gates read along, nothing skipped or scaled)
             full = ForwardRecord()
@@ -215,7 +223,7 @@ def train_gradient(model, config, gates: GateSet, pieces: Callable[[], list[list
                 continue
             if world > 1:  # gates are called branch by branch, not through a DDP wrapper: sync by hand
                 p.grad = accelerator.reduce(p.grad, reduction="mean")
-            if config.optimizer == "sgd":
+            if optimizer_settings(config)[0] == "sgd":
                 torch.nn.utils.clip_grad_norm_(p, config.clip)
         optimizer.step()
         state["prev_imp"] = imp.cpu()
@@ -231,6 +239,25 @@ def train_gradient(model, config, gates: GateSet, pieces: Callable[[], list[list
 
     data = pieces() if state["step"] < config.steps else []
     run_steps(config, data, state["step"], accelerator, step, save, padding_id(model.tokenizer))
+    return gates
+
+
+def train_standins(model, config, gates: GateSet, standins, pieces, out: Path, accelerator) -> GateSet:
+    """The ``standins`` objective: the stand-ins of ``gates`` (or ``standins``, fitted to start
+    from) trained by KL distillation into the draft the gates make at ``config.context_budget``;
+    the gates and their thresholds stay as they are (see :func:`train_step`)."""
+    if standins is not None:
+        gates.standins = standins
+    if gates.standins is None:
+        raise ValueError(f"{config.context_gates} has no stand-ins to train: pass --standin-rank R to fit some first")
+    gates.draft_runs(config.context_budget)  # an uncalibrated draft fails here, before any step
+    for p in gates.parameters():
+        p.requires_grad_(False)
+    for p in gates.standins.parameters():
+        p.requires_grad_(True)
+    gates = train_gradient(model, config, gates, pieces, out, accelerator)
+    for p in gates.standins.parameters():
+        p.requires_grad_(False)
     return gates
 
 
@@ -251,20 +278,27 @@ def init_from_order(gates: GateSet, order: list[tuple[int, int]], spread: float 
 
 
 def make_optimizer(gates: GateSet, config) -> torch.optim.Optimizer:
-    """SGD with momentum (default) or AdamW over the gate parameters.
+    """SGD with momentum (the gates' default) or AdamW (the stand-ins' default) over what trains.
 
-    Why SGD: the ranking of (token, branch) pairs across branches is what the global threshold
-    uses, and it must follow how much each skip costs. Adam divides every parameter's step by its
-    own gradient scale, so a gate whose branch barely matters moves as fast as one whose skipping
-    destroys the prediction, and the ranking across branches is lost (measured here: importances
-    stayed within +-0.01 of each other and KL at 5% skipped stayed > 1). SGD steps are
+    Why SGD for gates: the ranking of (token, branch) pairs across branches is what the global
+    threshold uses, and it must follow how much each skip costs. Adam divides every parameter's step
+    by its own gradient scale, so a gate whose branch barely matters moves as fast as one whose
+    skipping destroys the prediction, and the ranking across branches is lost (measured here:
+    importances stayed within +-0.01 of each other and KL at 5% skipped stayed > 1). SGD steps are
     proportional to the gradient (clipped per tensor, for the first catastrophic skips).
     """
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(_trained(gates), lr=config.lr, momentum=0.9)
-    return torch.optim.AdamW(_trained(gates), lr=config.lr, weight_decay=0.0)
+    name, lr = optimizer_settings(config)
+    if name == "sgd":
+        return torch.optim.SGD(_trained(gates), lr=lr, momentum=0.9)
+    return torch.optim.AdamW(_trained(gates), lr=lr, weight_decay=0.0)
+
+
+def optimizer_settings(config) -> tuple[str, float]:
+    """(optimizer, learning rate): the config's, or the defaults of what the objective trains."""
+    name = config.optimizer or ("adamw" if config.objective == "standins" else "sgd")
+    return name, config.lr if config.lr is not None else (1e-3 if name == "adamw" else 0.5)
 
 
 def _trained(gates: GateSet) -> list[torch.nn.Parameter]:
-    """The gate parameters (the stand-ins are fitted in closed form, not trained)."""
+    """What a run trains: the gates, or with the ``standins`` objective only the stand-ins."""
     return [p for p in gates.parameters() if p.requires_grad]

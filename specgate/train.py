@@ -8,6 +8,10 @@ the layer math (:mod:`specgate.layers`) and the loop skeleton (:mod:`specgate.lo
   original model), and each scalar gate is fitted to predict it.
 - ``paper`` and ``distill`` (:mod:`specgate.gradient`): the paper's cross-entropy + L2 objective,
   and KL distillation into the skipping draft, by gradient descent on a dense forward.
+- ``standins`` (:mod:`specgate.gradient`): the gates of ``context_gates`` stay as they are; their
+  stand-ins (or new ones, ``standin_rank``) are trained by KL distillation into the draft those
+  gates make at ``context_budget``: draft-only parameters, trained under the draft's own skips
+  and its own K/V history.
 
 ``standin_rank`` fits stand-ins for skipped branches (:mod:`specgate.standin`) on the training text
 first; the objectives then train the gates with them in place, and they are saved with the gates.
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import re
+import typing
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,7 +44,7 @@ from .policy import ALLOCATIONS, Allocation
 from .standin import branch_moments, fit_standins
 from .vocab import rank_tokens
 
-Objective = Literal["paper", "distill", "damage"]
+Objective = Literal["paper", "distill", "damage", "standins"]
 # Settings a resumed run may change: everything else must match what the checkpoints were made from.
 RESUMABLE = ("steps", "time_limit_s", "threads", "checkpoint_every", "resume", "output_dir", "ridge")
 
@@ -54,14 +59,14 @@ class TrainConfig:
     steps: int = 1000
     batch_size: int = 4  # sequences per step and process
     seq_len: int = 256
-    optimizer: Literal["sgd", "adamw"] = "sgd"  # see make_optimizer
-    lr: float = 0.5
+    optimizer: Literal["sgd", "adamw"] | None = None  # None: sgd for gates, adamw for stand-ins (make_optimizer)
+    lr: float | None = None  # None: 0.5 with sgd, 1e-3 with adamw
     clip: float = 1.0  # sgd: each parameter tensor's gradient norm is clipped to this
     sparsity: float = 0.1  # lambda of the L2 term mean(g^2)
     ridge: float = 1.0  # damage: L2 penalty on the (standardized) weights of the Poisson fit
     standin_rank: int | None = None  # stand-ins for skipped branches (specgate.standin; 0: mean); None: none
-    context_gates: str | None = None  # damage: label skips in the context of the draft of these calibrated gates
-    context_budget: float = 0.5  # ... at this budget (their stand-ins included)
+    context_gates: str | None = None  # damage, standins: the draft of these calibrated gates (stand-ins included)
+    context_budget: float = 0.5  # ... at this budget
     budget_max: float = 0.5  # share of (token, branch) evaluations skipped (warm-up target for paper)
     budget_min: float = 0.1  # distill: lower end of the sampled budgets
     warmup_steps: int = 200  # budget warm-up: 0 -> budget_max (paper); range scaled up (distill)
@@ -83,8 +88,10 @@ class TrainConfig:
     pydoc_share: float = 0.3  # share of default-corpus tokens taken from pydoc_data.topics
 
     def __post_init__(self):
-        if self.objective not in ("paper", "distill", "damage"):
-            raise ValueError(f"objective must be 'paper', 'distill' or 'damage', got {self.objective!r}")
+        if self.objective not in typing.get_args(Objective):
+            raise ValueError(f"objective must be one of {typing.get_args(Objective)}, got {self.objective!r}")
+        if self.objective == "standins" and not self.context_gates:
+            raise ValueError("the standins objective trains the stand-ins of a calibrated draft: pass --context-gates DIR")
         if self.objective == "damage" and (self.gate_kind not in (None, "scalar") or self.scale_output):
             raise ValueError("the damage objective fits scalar gates that only pick skips: drop --gate-kind and --scale-output")
         if self.allocation not in ALLOCATIONS:
@@ -93,12 +100,14 @@ class TrainConfig:
             raise ValueError(f"budgets must be in [0, 1], got {self.budget_min}, {self.budget_max}")
         if self.objective == "distill" and self.budget_min > self.budget_max:
             raise ValueError(f"budget_min {self.budget_min} is above budget_max {self.budget_max}")
-        if self.optimizer not in ("sgd", "adamw"):
+        if self.optimizer not in (None, "sgd", "adamw"):
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         if self.steps < 0 or self.batch_size < 1 or self.seq_len < 2:
             raise ValueError("steps must be >= 0, batch_size >= 1 and seq_len >= 2")
-        if self.context_gates and (self.objective != "damage" or self.standin_rank is not None):
-            raise ValueError("context_gates is for the damage objective, and the draft keeps their stand-ins: drop --standin-rank")
+        if self.context_gates and self.objective not in ("damage", "standins"):
+            raise ValueError("context_gates is for the damage and standins objectives")
+        if self.context_gates and self.objective == "damage" and self.standin_rank is not None:
+            raise ValueError("a second damage round keeps the stand-ins of --context-gates: drop --standin-rank")
         if self.standin_rank is not None and self.standin_rank < 0:
             raise ValueError(f"standin_rank must be >= 0 (0: each branch's mean output), got {self.standin_rank}")
         if self.checkpoint_every < 1 or (self.threads is not None and self.threads < 1):
@@ -137,11 +146,13 @@ def train(model_or_name, config: TrainConfig = TrainConfig(), documents: list[li
     if config.standin_rank is not None:  # closed form, deterministic: refitted, not checkpointed
         batches = (collate(p, padding_id(model.tokenizer)) for p in batched(pieces(), config.batch_size))
         standins = fit_standins(branch_moments(model.engine.weights, batches), config.standin_rank)
-    if config.context_gates:  # a second round: skips priced in the draft's context
+    if config.objective == "damage" and config.context_gates:  # a second round: skips priced in the draft's context
         context = load_gates(config.context_gates, model.config)
         standins, decide = context.standins, damage.draft_decisions(context, config.context_budget)
     if config.objective == "damage":  # no gradient: labels, then a convex fit per gate
         gates = damage.train_damage(model, config, gate_config(model, config), pieces, out, accelerator, standins, decide)
+    elif config.objective == "standins":
+        gates = gradient.train_standins(model, config, load_gates(config.context_gates, model.config), standins, pieces, out, accelerator)
     else:
         torch.manual_seed(config.seed)
         gates = GateSet(gate_config(model, config)).to(accelerator.device)

@@ -10,6 +10,7 @@ import specgate
 from specgate import layers
 from specgate import train as T
 from specgate.damage import removal_damage
+from specgate.gradient import gated_forward
 from specgate.policy import BudgetPolicy
 from specgate.standin import Moments, StandIns, explained, fit_standins
 
@@ -181,3 +182,28 @@ def test_a_second_round_keeps_the_drafts_stand_ins(trainee, tmp_path):
         T.train(trainee, dataclasses.replace(config, context_gates=str(tmp_path / "uncalibrated"), output_dir=str(tmp_path / "third")), documents=docs)
     with pytest.raises(ValueError, match="standin"):
         T.TrainConfig(context_gates="x", standin_rank=2)
+
+
+def _draft_kl(m, gates, ids, budget=0.5) -> float:
+    runs = gates.draft_runs(budget)
+    with torch.no_grad():
+        full = layers.dense_forward(m.engine.weights, ids).float().log_softmax(-1)
+        draft = gated_forward(m.engine, ids, gates, runs).float().log_softmax(-1)
+    return float((full.exp() * (full - draft)).sum(-1).mean())
+
+
+def test_the_standins_objective_distils_the_stand_ins_of_a_fixed_draft(trainee, tmp_path):
+    docs = own_docs(trainee)
+    first = T.train(trainee, train_config(tmp_path, objective="damage", steps=2, standin_rank=2), documents=docs)
+    first.thresholds[0.5] = torch.full((2, 3), 0.5)
+    specgate.save_gates(first, tmp_path / "first")
+    config = train_config(tmp_path, objective="standins", steps=24, context_gates=str(tmp_path / "first"), lr=3e-4,
+                          output_dir=str(tmp_path / "distilled"))  # fmt: skip
+    tuned = T.train(trainee, config, documents=docs)
+    ids = torch.tensor([d[:32] for d in own_docs(trainee, n=8)])
+    assert _draft_kl(trainee, tuned, ids) < 0.8 * _draft_kl(trainee, first, ids)
+    assert torch.equal(tuned.gate(2, 1).proj.weight, first.gate(2, 1).proj.weight)  # the gates stay
+    saved = specgate.load_gates(tmp_path / "distilled" / "gates", trainee.config)
+    assert torch.equal(saved.thresholds[0.5], first.thresholds[0.5]) and torch.equal(saved.standins.up, tuned.standins.up)
+    with pytest.raises(ValueError, match="context-gates"):
+        T.TrainConfig(objective="standins")
