@@ -2,9 +2,10 @@
 
 ``o`` holds the branch output of the active rows in route order (as the gathered projections
 write it), ``gate`` the gate value per row of h: (N,) for scalar gates (the route's importance) or
-(N, d) for full gates; None adds o unscaled. ``standin`` (d,), if given, is added to every skipped
-row instead (h[~active] += standin): a per-branch stand-in for the branch output. Rows of ``order``
-are distinct, so the tiles never write the same row and no atomics are needed.
+(N, d) for full gates; None adds o unscaled. ``standin``, if given, is added to every skipped row
+instead: a stand-in for the branch output, (d,) the same for every row (h[~active] += standin) or
+(N, d) one per row (h[~active] += standin[~active]). Rows of ``order`` are distinct, so the tiles
+never write the same row and no atomics are needed.
 """
 
 from __future__ import annotations
@@ -33,13 +34,14 @@ def residual_add_reference(
         update = update * g
     out[rows] += update
     if standin is not None:
-        out[order[n:].long()] += standin.float()
+        skipped = order[n:].long()
+        out[skipped] += standin.float().expand_as(out)[skipped]
     return out.to(h.dtype).view_as(h)
 
 
 @jit
 def _residual_kernel(
-    h_ptr, o_ptr, g_ptr, s_ptr, order_ptr, count_ptr, N, D, stride_h, stride_o, stride_g,
+    h_ptr, o_ptr, g_ptr, s_ptr, order_ptr, count_ptr, N, D, stride_h, stride_o, stride_g, stride_s,
     HAS_GATE: tl.constexpr, GATE_PER_CHANNEL: tl.constexpr, HAS_STANDIN: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
@@ -65,8 +67,9 @@ def _residual_kernel(
             g = tl.load(g_ptr + rows * stride_g, mask=active, other=0.0)[:, None]
         update = update * g.to(tl.float32)
     if HAS_STANDIN:
-        s = tl.load(s_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        update = tl.where(active[:, None], update, s[None, :])
+        fill = (in_range & ~active)[:, None] & col_ok[None, :]
+        s = tl.load(s_ptr + rows[:, None] * stride_s + cols[None, :], mask=fill, other=0.0).to(tl.float32)
+        update = tl.where(active[:, None], update, s)
         write = in_range[:, None] & col_ok[None, :]
     else:
         write = act2
@@ -87,9 +90,13 @@ def residual_add_(
     o = o.reshape(-1, D)
     per_channel = gate is not None and gate.numel() == N * D and D > 1
     g = gate.reshape(N, -1) if gate is not None else hf
+    s = standin.reshape(-1, D) if standin is not None else hf
+    if s.stride(-1) != 1:
+        s = s.contiguous()
+    stride_s = s.stride(0) if s.shape[0] > 1 else 0  # (d,): the same row for every skipped row
     BLOCK_R, BLOCK_D = 16, min(256, next_pow2(D))
     _residual_kernel[(cdiv(N, BLOCK_R), cdiv(D, BLOCK_D))](
-        hf, o, g, standin if standin is not None else hf, order, count, N, D, hf.stride(0), o.stride(0), g.stride(0),
+        hf, o, g, s, order, count, N, D, hf.stride(0), o.stride(0), g.stride(0), stride_s,
         HAS_GATE=gate is not None, GATE_PER_CHANNEL=per_channel, HAS_STANDIN=standin is not None,
         BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
     )  # fmt: skip

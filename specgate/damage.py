@@ -28,7 +28,7 @@ import torch
 
 from .engine import Engine
 from .gates import GateConfig, GateSet, save_gates
-from .layers import attention_branch, dense_rope_masks, embed, head, mlp_branch, norm
+from .layers import attention_branch, dense_rope_masks, embed, head, mlp_branch
 from .standin import StandIns
 from .data import padding_id
 from .loop import run_steps, save_atomic

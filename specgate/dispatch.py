@@ -11,14 +11,26 @@ without autograd (the draft steps, and multi-token skipping passes):
 
 1. routing, gate importance -> active rows (thresholds for single tokens, budget ranking otherwise);
 2. the gathered projections of the active rows (attention q/k/v and o, MLP gate_up + act + down);
-3. the gated scatter-add into the residual stream (in place);
+3. the gated scatter-add into the residual stream (in place), with the gates' stand-ins
+   (:mod:`specgate.standin`) added at the rows that skip a branch;
 4. the K/V of the tokens that skip attention (``kv_fill="project"`` and ``"copy_below"``);
-5. greedy acceptance and speculative sampling in the speculative loop.
+5. a greedy draft's token under a draft vocabulary's head (:class:`specgate.vocab.DraftHead`): the
+   head fused with the argmax, no logits written (the speculative loop's drafter calls it);
+6. greedy acceptance and speculative sampling in the speculative loop.
 
-Everything else (prefill, plain decode, verify passes, attention itself, norms, the LM head and a
-draft vocabulary's head, passes with a custom :class:`SkipPolicy`) runs the PyTorch code on the
-same device. The routes keep the number of active rows on the device: a Triton draft step reads
-no skip decision on the host (see :meth:`TritonKernels.finish` for the skip counts).
+Everything else (prefill, plain decode, verify passes, attention itself, norms, the full LM head, a
+draft vocabulary's head when sampling, passes with a custom :class:`SkipPolicy`) runs the PyTorch
+code on the same device.
+
+No host synchronisation in a draft step: the routes keep the number of active rows on the device,
+the skip counts are summed there (:meth:`TritonKernels.finish`), and the engine takes the cache's
+positions from its host copies (:class:`specgate.cache.StaticKVCache`), so a single-token Triton
+draft step reads nothing from the device on the host (``tests/test_triton_path.py`` checks it in
+the interpreter). That is what CUDA-graph capture needs first, not all it needs: a step's shapes
+and arguments still change with the position (it attends to the first S cache slots and writes at
+a slot the host knows), so a captured step would replay one position only. A speculative round
+waits on the device once, to read its acceptance. Nothing here has run on a GPU (none was
+available to this work) and no CUDA graph has been captured.
 """
 
 from __future__ import annotations
@@ -29,11 +41,13 @@ import torch
 import torch.nn.functional as F
 
 from . import layers
+from .ops import rms_norm
 from .policy import BudgetPolicy
 
 if TYPE_CHECKING:
     from .adapters import LayerWeights, ModelWeights
     from .engine import _Pass
+    from .vocab import DraftHead
 
 KERNELS = ("auto", "torch", "triton")
 
@@ -75,15 +89,17 @@ class TritonKernels:
     name = "triton"
 
     def __init__(self, weights: "ModelWeights"):
-        from .kernels import accept, kv_fill, projection, residual, route
+        from .kernels import accept, draft_head, kv_fill, projection, residual, route
 
-        self._accept, self._kv, self._proj, self._res, self._route = accept, kv_fill, projection, residual, route
+        self._accept, self._head, self._kv, self._proj = accept, draft_head, kv_fill, projection
+        self._res, self._route = residual, route
         self.weights = weights
         self.device = weights.embed.device
         self.act = _activation_name(weights.act)
         self._thresholds: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (host, device float32)
         self._budgets: dict[float, torch.Tensor] = {}
         self._identity: dict[int, torch.Tensor] = {}
+        self._saved: dict[tuple[float, ...], torch.Tensor] = {}  # the routes' saved compute, on the device
 
     def applies(self, gates, policy) -> bool:
         """Whether a forward with these gates and policy takes the Triton path."""
@@ -135,13 +151,16 @@ class TritonKernels:
             p.skips.append((r.count, n_rows, engine._costs[p.kv_fill][1][branch][i]))
 
     def finish(self, p: "_Pass") -> None:
-        """End of a forward: the skip counts of its routes into the counter, in one host read."""
+        """End of a forward: the skip counts of its routes into the counter, summed on the device
+        (the counter reads them when asked, e.g. once per ``generate``)."""
         if p.counter is None or not p.skips:
             return
-        counts = torch.cat([c for c, _, _ in p.skips]).tolist()
-        for active, (_, n_rows, saved) in zip(counts, p.skips):
-            # skipped rows are valid ones (padding is never skipped); their evaluations were counted
-            p.counter.add(0, n_rows - active, 0.0, saved)
+        # skipped rows are valid ones (padding is never skipped); their evaluations were counted
+        skipped = torch.cat([n_rows - c for c, n_rows, _ in p.skips]).double()
+        key = tuple(saved for _, _, saved in p.skips)
+        if key not in self._saved:  # one copy to the device per set of routes, not one per pass
+            self._saved[key] = torch.tensor(key, dtype=torch.float64, device=self.device)
+        p.counter.add_on_device(skipped.sum(), (skipped * self._saved[key]).sum())
         p.skips.clear()
 
     # -- 2.-4. the branches ------------------------------------------------------------------------
@@ -181,7 +200,7 @@ class TritonKernels:
             return h + (o if g is None else g * o)
         o = o.transpose(1, 2).reshape(B * T, -1)
         y = self._proj.gathered_linear(o, lw.o_w, lw.o_b, r.order, r.count)  # route order
-        return self._residual(h, layers.post_norm(w, y, lw.post_attn_norm), r, g)
+        return self._residual(h, layers.post_norm(w, y, lw.post_attn_norm), r, g, self._stand_in(x, i, 0, p))
 
     def mlp(self, engine, h: torch.Tensor, x: torch.Tensor, i: int, lw: "LayerWeights", p: "_Pass") -> torch.Tensor:
         """The engine's ``_mlp`` after the norm."""
@@ -192,11 +211,18 @@ class TritonKernels:
             return h + (o if g is None else g * o)
         a = self._proj.gathered_gate_up(x, lw.gate_up_w, r.order, r.count, self.act)  # (N, ff) route order
         y = self._proj.gathered_linear(a, lw.down_w, None, self._arange(a.shape[0]), r.count)
-        return self._residual(h, layers.post_norm(w, y, lw.post_mlp_norm), r, g)
+        return self._residual(h, layers.post_norm(w, y, lw.post_mlp_norm), r, g, self._stand_in(x, i, 1, p))
 
-    def _residual(self, h: torch.Tensor, y: torch.Tensor, r, g: torch.Tensor | None) -> torch.Tensor:
+    @staticmethod
+    def _stand_in(x: torch.Tensor, i: int, branch: int, p: "_Pass") -> torch.Tensor | None:
+        """The branch's stand-in (:mod:`specgate.standin`) of every row, (N, d); the residual
+        kernel adds it at the rows that skip the branch (the engine's ``_stand_in``)."""
+        s = p.gates.standins
+        return None if s is None else s(x, i, branch).reshape(-1, x.shape[-1])
+
+    def _residual(self, h: torch.Tensor, y: torch.Tensor, r, g: torch.Tensor | None, fill: torch.Tensor | None) -> torch.Tensor:
         h = h.contiguous()
-        return self._res.residual_add_(h, y, r.order, r.count, gate=g)
+        return self._res.residual_add_(h, y, r.order, r.count, gate=g, standin=fill)
 
     def _unpermute(self, y: torch.Tensor, r) -> torch.Tensor:
         """(N, M) rows in route order (the first ``count`` valid) -> row order, zeros where skipped."""
@@ -208,7 +234,18 @@ class TritonKernels:
             self._identity[n] = torch.arange(n, dtype=torch.int32, device=self.device)
         return self._identity[n]
 
-    # -- 5. acceptance -----------------------------------------------------------------------------
+    # -- 5. the draft's token ---------------------------------------------------------------------
+
+    def draft_argmax(self, head: "DraftHead", h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy draft tokens (B,) of the last hidden states h (B, d) under a draft vocabulary's
+        head, and each token's probability within the vocabulary: the final norm, then one fused
+        pass over the head's rows that never writes logits. Where logits tie exactly it picks the
+        token ranked first, ``head.logits(h).argmax(-1)`` the lowest id."""
+        w = self.weights
+        x = rms_norm(h, w.final_norm, w.eps).contiguous()
+        return self._head.draft_argmax(x, head.weight, head.ids, w.final_softcap or None)
+
+    # -- 6. acceptance -----------------------------------------------------------------------------
 
     def greedy_accept(self, draft_tokens: torch.Tensor, target_logits: torch.Tensor):
         """:func:`specgate.speculative.greedy_accept` on the device."""

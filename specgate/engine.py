@@ -79,6 +79,9 @@ class _Selection:
     @staticmethod
     def of(active: torch.Tensor, n_run: int) -> "_Selection":
         """The selection of ``active`` (B, T), of which ``n_run`` tokens are True."""
+        if n_run == 0:  # every token skips (the usual skip of a single-token draft step): nothing to order
+            empty = torch.empty(active.shape[0], 0, dtype=torch.long, device=active.device)
+            return _Selection(empty, empty.bool(), active)
         counts = active.sum(1)
         n = n_run if active.shape[0] == 1 else int(counts.max())
         order = (~active).to(torch.int8).argsort(dim=1, stable=True)[:, :n]  # active tokens first
@@ -91,16 +94,43 @@ class SkipCounter:
     over one or more forwards. Compute is counted in weights read (decoding is memory-bound)."""
 
     def __init__(self):
-        self.total = self.skipped = 0
-        self.compute_total = self.compute_skipped = 0.0
+        self.total = self._skipped = 0
+        self.compute_total = self._compute_skipped = 0.0
+        self._on_device: torch.Tensor | None = None  # (skipped, compute skipped) not read yet
 
     def add(self, valid: int, skipped: int, cost: float, saved: float) -> None:
         """One branch of one pass: ``valid`` tokens, ``skipped`` of them skipped; a branch costs
         ``cost`` per token, and skipping it saves ``saved`` per token."""
         self.total += valid
-        self.skipped += skipped
+        self._skipped += skipped
         self.compute_total += valid * cost
-        self.compute_skipped += skipped * saved
+        self._compute_skipped += skipped * saved
+
+    def add_on_device(self, skipped: torch.Tensor, compute_skipped: torch.Tensor) -> None:
+        """Skips counted on the device (0-d tensors; their evaluations go through :meth:`add`),
+        summed there and read on the host only when the counts are: a Triton draft step counts
+        its skips without waiting on the device."""
+        both = torch.stack([skipped, compute_skipped]).double()
+        self._on_device = both if self._on_device is None else self._on_device + both
+
+    def _read(self) -> None:
+        if self._on_device is not None:
+            skipped, compute = self._on_device.tolist()
+            self._skipped += round(skipped)
+            self._compute_skipped += compute
+            self._on_device = None
+
+    @property
+    def skipped(self) -> int:
+        """(token, branch) evaluations skipped."""
+        self._read()
+        return self._skipped
+
+    @property
+    def compute_skipped(self) -> float:
+        """Layer compute skipped (see :meth:`Engine.branch_costs`)."""
+        self._read()
+        return self._compute_skipped
 
     @property
     def fraction(self) -> float:
@@ -165,8 +195,29 @@ class Engine:
         ``logits_to_keep`` positions. Writes their K/V and advances the cache by T. ``kv_fill``:
         the K/V of tokens that skip attention (see :data:`KVFill`). ``head``: a draft vocabulary's
         head (logits -inf outside it) instead of the full LM head."""
+        h = self.hidden(input_ids, cache, gates, policy, kv_fill=kv_fill, counter=counter)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        return head.logits(h) if head is not None else layers.head(self.weights, h)
+
+    __call__ = forward
+
+    def hidden(
+        self,
+        input_ids: torch.Tensor,
+        cache: StaticKVCache,
+        gates: GateSet | None = None,
+        policy: SkipPolicy | None = None,
+        *,
+        kv_fill: KVFill = "project",
+        counter: SkipCounter | None = None,
+    ) -> torch.Tensor:
+        """:meth:`forward` without the LM head: the last layer's hidden states (B, T, d), for a
+        head the engine does not run (the Triton path's fused draft head). Reads nothing from the
+        device on the host when the pass takes the Triton path or runs no gates (the cache keeps
+        its positions on the host too; a policy reads its thresholds once, on first use)."""
         B, T = input_ids.shape
-        if int(cache.lengths.max()) + T > cache.max_len:
+        if max(cache.host_lengths) + T > cache.max_len:
             raise ValueError(f"cache of {cache.max_len} slots cannot take {T} more tokens")
         if kv_fill not in KV_FILLS:
             raise ValueError(f"kv_fill must be one of {KV_FILLS}, got {kv_fill!r}")
@@ -180,27 +231,23 @@ class Engine:
             h = self._mlp(h, i, lw, p)
         if p.kernels is not None:
             p.kernels.finish(p)
-        cache.lengths += T
-        if logits_to_keep:
-            h = h[:, -logits_to_keep:]
-        return head.logits(h) if head is not None else layers.head(self.weights, h)
-
-    __call__ = forward
+        cache.advance(T)
+        return h
 
     # -- one pass --------------------------------------------------------------------------------
 
     def _prepare(self, input_ids: torch.Tensor, cache: StaticKVCache) -> _Pass:
         B, T = input_ids.shape
         slots = cache.slots(T)  # (B, T)
-        lo, hi = int(cache.lengths.min()), int(cache.lengths.max())
+        lo, hi = min(cache.host_lengths), max(cache.host_lengths)  # the host's copies: no device read
         S = hi + T
-        padded = bool(cache.pad.any())
+        padded = any(cache.host_pad)
         valid = slots >= cache.pad[:, None]
         positions = (slots - cache.pad[:, None]).clamp(min=0)
         x = torch.empty(0, dtype=self.dtype, device=self.device)
         rope = {k: fn(x, positions) for k, fn in self.weights.rope.items()}
         causal = hi == 0 and T > 1 and not padded  # the fused causal kernel: no (T, S) mask to read
-        return _Pass(cache, slots, valid, int(valid.sum()), lo if lo == hi else None, S, rope, padded, causal)
+        return _Pass(cache, slots, valid, cache.n_valid(T), lo if lo == hi else None, S, rope, padded, causal)
 
     def _select(self, x: torch.Tensor, i: int, branch: int, p: _Pass):
         """The factor on the branch output (None: 1) and the tokens that run it (None: all)."""

@@ -131,5 +131,5 @@ def plain_generate(
             out.emit(b, [t], logits[b : b + 1])
         if out.done:
             break
-        cache.reserve(int(cache.lengths.max()) + 1, max_len)
+        cache.reserve(max(cache.host_lengths) + 1, max_len)
         logits = engine(token[:, None], cache, gates, policy, counter=counter)[:, -1]

@@ -72,7 +72,10 @@ class SpecStats:
     drafted. skip_fraction: share of the draft's (token, branch) evaluations skipped;
     compute_skipped: share of the draft's layer compute skipped (weights not read).
     verifier_logprob / draft_logprob: mean log-likelihood per emitted token under the verifier, and
-    under the draft where it proposed a distribution (not for bonus tokens after a full accept).
+    under the draft where it proposed a distribution (not for bonus tokens after a full accept; nan
+    where the draft wrote no logits: the Triton path's fused draft head). draft_s / verify_s: host
+    time of the drafts and verify passes; on a GPU, where the drafts do not wait on the device, the
+    time the device takes past their launches falls in other_s (the round waits at acceptance).
     settings: where the speculation settings came from ("defaults", "spec_config", "tuned (FILE)",
     plus per-call overrides), set by ``SpecGateModel.generate``.
     """
@@ -166,8 +169,8 @@ def speculative_generate(
         tot.verifier_lp.append(float(logits[b].float().log_softmax(-1)[t]))
     while not out.done:
         active = [not f for f in out.finished]
-        cache.reserve(int(cache.lengths.max()) + k + 1, max_len)  # k drafts, then k + 1 verified
-        start = cache.lengths.clone()
+        start = list(cache.host_lengths)  # the cache's positions, known on the host
+        cache.reserve(max(start) + k + 1, max_len)  # k drafts, then k + 1 verified
         # 1. Draft up to k tokens with the skipping model.
         t0 = time.perf_counter()
         drafts, draft_logits = draft(cache, last, k)
@@ -185,14 +188,15 @@ def speculative_generate(
         else:
             n_acc, last = greedy_accept(drafts, target_logits) if kern is None else kern.greedy_accept(drafts, target_logits)
         # 4. Keep the accepted tokens: the cache already holds their exact K/V; rewind past them.
+        # Reading the acceptance is where a round waits on the device: the drafts do not.
+        accepted = n_acc.tolist()
         _emit_round(out, tot, active, drafts, n_acc, last, draft_logits, target_logits)
-        running = torch.tensor(active, device=start.device)
-        cache.rewind(torch.where(running, start + 1 + n_acc, start))  # ended rows stay where they are
+        cache.rewind([s + 1 + n if a else s for s, n, a in zip(start, accepted, active)])  # ended rows stay
         tot.rounds += 1
         tot.draft_s += t1 - t0
         tot.verify_s += t2 - t1
         if config.adaptive:
-            full = all(int(n_acc[b]) == drafts.shape[1] for b in range(len(active)) if active[b])
+            full = all(n == drafts.shape[1] for n, a in zip(accepted, active) if a)
             k = min(config.max_draft, k + 1) if full else max(1, k - 1)
     return _stats(tot, out, counter, time.perf_counter() - start_time)
 
@@ -221,27 +225,37 @@ class _Drafter:
     generator: torch.Generator | None
     counter: SkipCounter
 
-    def __call__(self, cache, last: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Up to k single-token passes after token ``last`` (B,): tokens (B, n) and logits (B, n, V)."""
+    def __call__(self, cache, last: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Up to k single-token passes after token ``last`` (B,): tokens (B, n) and logits (B, n, V),
+        None where the Triton path picks greedy tokens with its fused draft head (no logits).
+
+        The drafts never wait on the device, except with ``min_draft_prob`` (one read per step)."""
+        kern = self.engine.kernels
+        fused = kern is not None and self.head is not None and not self.sampling.do_sample
         tokens, logits = [], []
         token = last
         for _ in range(k):
-            step = self.engine(token[:, None], cache, self.gates, self.policy, kv_fill=self.config.kv_fill,
-                               counter=self.counter, head=self.head)[:, -1]  # fmt: skip
-            probs = probabilities(step, self.sampling)
-            token = sample(probs, self.generator) if self.sampling.do_sample else step.argmax(-1)
+            args = (token[:, None], cache, self.gates, self.policy)
+            if fused:
+                h = self.engine.hidden(*args, kv_fill=self.config.kv_fill, counter=self.counter)[:, -1]
+                token, top = kern.draft_argmax(self.head, h)
+            else:
+                step = self.engine(*args, kv_fill=self.config.kv_fill, counter=self.counter, head=self.head)[:, -1]
+                probs = probabilities(step, self.sampling)
+                token = sample(probs, self.generator) if self.sampling.do_sample else step.argmax(-1)
+                top = probs.max(-1).values
+                logits.append(step)
             tokens.append(token)
-            logits.append(step)
-            if self.config.min_draft_prob and bool((probs.max(-1).values < self.config.min_draft_prob).all()):
+            if self.config.min_draft_prob and bool((top < self.config.min_draft_prob).all()):
                 break
-        return torch.stack(tokens, 1), torch.stack(logits, 1)
+        return torch.stack(tokens, 1), torch.stack(logits, 1) if logits else None
 
 
 def _emit_round(out: Emitter, tot: _Totals, active, drafts, n_acc, last, draft_logits, target_logits) -> None:
     """Hand each sequence's accepted drafts and next token to the emitter; count what happened."""
     n_drafted = drafts.shape[1]
     v_lp = target_logits.float().log_softmax(-1)
-    d_lp = draft_logits.float().log_softmax(-1)
+    d_lp = None if draft_logits is None else draft_logits.float().log_softmax(-1)
     for b, running in enumerate(active):
         if not running:
             continue
@@ -253,7 +267,8 @@ def _emit_round(out: Emitter, tot: _Totals, active, drafts, n_acc, last, draft_l
         tot.accepted += m
         tot.round_tokens += taken
         tot.verifier_lp += [float(v_lp[b, j, t]) for j, t in enumerate(tokens[:taken])]
-        tot.draft_lp += [float(d_lp[b, j, t]) for j, t in enumerate(tokens[: min(taken, n_drafted)])]
+        if d_lp is not None:
+            tot.draft_lp += [float(d_lp[b, j, t]) for j, t in enumerate(tokens[: min(taken, n_drafted)])]
 
 
 def _stats(tot: _Totals, out: Emitter, counter: SkipCounter, seconds: float) -> SpecStats:

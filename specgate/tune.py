@@ -140,11 +140,11 @@ def step_costs(m: SpecGateModel, ids: torch.Tensor, settings: list[tuple[float, 
     engine, gates = m.engine, m.gates
     cache = engine.new_cache(1, ids.shape[1])
     engine(ids[:, :-tail], cache)
-    base = cache.lengths.clone()
+    base = cache.host_lengths[0]
 
     def run(j: int, T: int = 1, policy=None, head=None) -> None:
         """T tokens from tail position j on, against the prompt's cache up to there."""
-        cache.rewind(base + j)
+        cache.rewind([base + j])  # a list: no read from the device in the timed step
         start = ids.shape[1] - tail + j
         engine(ids[:, start : start + T], cache, gates if policy else None, policy, head=head)
 

@@ -57,7 +57,7 @@ def test_reserve_grows_in_chunks_keeps_the_entries_and_stops_at_most():
     cache = StaticKVCache(num_layers=2, batch=2, kv_heads=1, max_len=4, head_dim=3)
     k = torch.randn(2, 1, 4, 3)
     cache.k[1][:] = k
-    cache.lengths[:] = torch.tensor([4, 3])
+    cache.rewind([4, 3])
     cache.reserve(4, most=10_000)
     assert cache.max_len == 4  # room enough: nothing changes
     cache.reserve(5, most=10_000)

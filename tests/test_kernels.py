@@ -189,13 +189,13 @@ def test_gathered_gate_up(dtype, act, mask):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("gate", [None, "row", "channel"])
-@pytest.mark.parametrize("standin", [False, True])
+@pytest.mark.parametrize("standin", [None, "vector", "rows"])
 def test_residual_add(dtype, mask, gate, standin):
     torch.manual_seed(2)
     d = 576 if gate == "channel" else 72
     h, o = torch.randn(3, 5, d, dtype=dtype), torch.randn(15, d, dtype=dtype)
     g = {None: None, "row": torch.rand(15), "channel": torch.rand(3, 5, d, dtype=dtype)}[gate]
-    s = torch.randn(d, dtype=dtype) if standin else None
+    s = {None: None, "vector": torch.randn(d, dtype=dtype), "rows": torch.randn(15, d, dtype=dtype)}[standin]
     r = _route(MASKS[mask])
     ref = residual.residual_add_reference(h, o, r.order, r.count, g, s)
     got = residual.residual_add_(h.clone(), o, r.order, r.count, g, s)
@@ -356,6 +356,7 @@ def _exercise_launchers(dtype: torch.dtype) -> None:
         projection.gathered_gate_up(x, w, r.order, r.count, act)
     for g in (None, torch.rand(15), torch.rand(15, 72)):
         residual.residual_add_(x.clone(), x, r.order, r.count, g, torch.zeros(72, dtype=dtype))
+    residual.residual_add_(x.clone(), x, r.order, r.count, None, x)  # a stand-in per row
     residual.residual_add_(x.clone(), x, r.order, r.count)
     cache = [torch.zeros(3, 1, 9, 64, dtype=dtype) for _ in range(4)]
     cs, slots = torch.rand(3, 5, 64, dtype=dtype), torch.arange(5).repeat(3, 1)

@@ -9,24 +9,30 @@ own subprocess.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("triton", reason="the Triton path needs the triton package (pip install triton)")
 
 import specgate  # noqa: E402
 from specgate import dispatch, kernels  # noqa: E402
 from specgate.engine import SkipCounter  # noqa: E402
+from specgate.generation import Sampling, prefill  # noqa: E402
 from specgate.policy import BudgetPolicy  # noqa: E402
-from specgate.speculative import SpecConfig  # noqa: E402
+from specgate.speculative import SpecConfig, _Drafter  # noqa: E402
+from specgate.standin import StandIns  # noqa: E402
 
-from conftest import tiny  # noqa: E402
+from conftest import VOCAB, left_padded, tiny  # noqa: E402
 
 INTERPRETED = kernels.triton_available("cpu")
 needs_interpreter = pytest.mark.skipif(
@@ -170,6 +176,144 @@ def test_custom_policy_and_scale_free_gates_use_torch_path():
     b, _, _ = _passes(m, "triton", "project", policy, steps)
     for x, y in zip(a, b):
         torch.testing.assert_close(y, x, atol=1e-4, rtol=1e-4)
+
+
+def _standins(m, rank: int) -> StandIns:
+    torch.manual_seed(rank)
+    s = StandIns(m.engine.num_layers, m.config.hidden_size, rank)
+    for t in s.parameters():
+        t.data.normal_(0, 0.1)
+    return s
+
+
+@needs_interpreter
+@pytest.mark.parametrize("family,rank,kv_fill", [("llama", 4, "project"), ("gemma3", 0, "copy_below")])
+def test_stand_ins_on_the_triton_path(family, rank, kv_fill):
+    """With stand-ins, a skipping pass and two draft steps give the PyTorch path's logits (rank 0:
+    the same stand-in for every row; rank 4: one per row), and the stand-ins do change them."""
+    m = _model(family)
+    policy = m.gates.policy(0.5)
+    g = torch.Generator().manual_seed(5)
+    steps = [(torch.randint(3, 101, (2, 7), generator=g), True)]
+    steps += [(torch.randint(3, 101, (2, 1), generator=g), True) for _ in range(2)]
+    without, _, _ = _passes(m, "torch", kv_fill, policy, steps)
+    m.gates.standins = _standins(m, rank)
+    ref, _, ref_counter = _passes(m, "torch", kv_fill, policy, steps)
+    tri, _, _ = _passes(m, "triton", kv_fill, policy, steps)
+    assert ref_counter.skipped > 0
+    for a, b, c in zip(ref, tri, without):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(a, c, atol=1e-3)
+
+
+def _draft_vocab_model(family: str = "llama"):
+    m = _model(family)
+    m.gates.token_ranking = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(6))
+    return m
+
+
+@needs_interpreter
+@pytest.mark.parametrize("family,softcap", [("llama", None), ("gemma3", 5.0)])
+def test_fused_draft_head_picks_the_draft_heads_argmax(family, softcap):
+    m = _use(_draft_vocab_model(family), "triton")
+    m.engine.weights.final_softcap = softcap
+    head = m.draft_head(40)
+    h = torch.randn(5, m.config.hidden_size, generator=torch.Generator().manual_seed(7)) * 3
+    tokens, prob = m.engine.kernels.draft_argmax(head, h)
+    logits = head.logits(h)
+    assert torch.equal(tokens, logits.argmax(-1))
+    torch.testing.assert_close(prob, logits.softmax(-1).max(-1).values)
+
+
+@needs_interpreter
+def test_greedy_speculation_with_a_draft_vocabulary():
+    """kernels='triton' drafts with the fused head (so no draft log-probabilities): the same
+    tokens and the same accepted drafts as kernels='torch'."""
+    m = _draft_vocab_model()
+    ids = torch.tensor([[5, 17, 33, 8, 71, 12]])
+    spec = SpecConfig(draft_budget=0.5, max_draft=3, draft_vocab=60)
+    out = {}
+    for name in ("torch", "triton"):
+        with torch.no_grad():
+            out[name] = _use(m, name).generate(ids, max_new_tokens=10, speculative=True, spec_config=spec,
+                                               return_dict_in_generate=True)  # fmt: skip
+    assert torch.equal(out["torch"].sequences, out["triton"].sequences)
+    assert torch.equal(out["triton"].sequences, m.generate(ids, max_new_tokens=10))
+    a, b = out["torch"].spec_stats, out["triton"].spec_stats
+    assert (a.drafted, a.accepted) == (b.drafted, b.accepted) and a.accepted > 0
+    assert math.isnan(b.draft_logprob) and not math.isnan(a.draft_logprob)
+
+
+# -- no host synchronisation in a draft step ------------------------------------------------------
+
+# What reads a tensor's values on the host (item, int(t), bool(t): _local_scalar_dense, or item and
+# is_nonzero under inference mode), and ops whose output shape depends on the values.
+_HOST_READS = {"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "masked_select"}
+
+
+class _RefuseHostReads(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        masks = name in ("index", "index_put", "index_put_") and any(
+            i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1]
+        )  # a boolean mask index runs nonzero inside the op, where this mode does not see it
+        if name in _HOST_READS or masks:
+            raise AssertionError(f"host read of a tensor: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+class _RefuseCopiesToPython(TorchFunctionMode):
+    """tolist() and numpy() read CPU tensors' memory without an op a dispatch mode would see."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("tolist", "numpy"):
+            raise AssertionError(f"host read of a tensor: Tensor.{func.__name__}")
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def _no_host_reads():
+    with _RefuseCopiesToPython(), _RefuseHostReads():
+        yield
+
+
+def test_no_host_reads_catches_them():
+    t = torch.tensor([1, 2])
+    reads = (lambda: int(t[0]), lambda: bool(t.any()), lambda: t.tolist(), lambda: t[t > 1], lambda: t.nonzero())
+    for read in reads:
+        with pytest.raises(AssertionError, match="host read"), torch.inference_mode(), _no_host_reads():
+            read()
+    with _no_host_reads():
+        assert max([1, 2]) == 2 and (t + 1).shape == (2,)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("family,kv_fill", [("llama", "project"), ("gemma3", "copy_below")])
+def test_a_draft_round_reads_nothing_on_the_host(family, kv_fill):
+    """Greedy drafts on the Triton path (single-token steps with stand-ins and skip counting, the
+    full head and the fused draft-vocabulary head), and a plain decode step on the PyTorch path,
+    read no tensor on the host: a left-padded batch whose rows sit at different positions. The
+    first draft step runs outside the check: it reads the policy's thresholds once and copies
+    them to the device (CUDA-graph capture, too, runs a step before capturing)."""
+    m = _use(_draft_vocab_model(family), "triton")
+    m.gates.standins = _standins(m, 4)
+    e, policy, counter = m.engine, m.gates.policy(0.5), SkipCounter()
+    ids, mask = left_padded(torch.randint(3, 101, (2, 7), generator=torch.Generator().manual_seed(8)), [0, 2])
+    with torch.inference_mode():
+        cache, logits = prefill(e, ids, mask, 32)
+        cache.rewind([7, 6])  # row 1 one token behind
+        last = logits.argmax(-1)
+        config = SpecConfig(draft_budget=0.5, kv_fill=kv_fill)
+        for head in (None, m.draft_head(40)):
+            draft = _Drafter(e, m.gates, policy, head, Sampling(), config, None, counter)
+            draft(cache, last, 1)
+            with _no_host_reads():
+                tokens, draft_logits = draft(cache, last, 3)
+            assert tokens.shape == (2, 3) and (draft_logits is None) == (head is not None)
+        _use(m, "torch")
+        with _no_host_reads():
+            e(last[:, None], cache)
+    assert counter.skipped > 0 and cache.host_lengths == cache.lengths.tolist() == [16, 15]
 
 
 @needs_interpreter
