@@ -5,7 +5,8 @@ Fits the stand-ins of every rank in ``--ranks`` on the training corpus (the mode
 the train prompts plus pydoc text, as ``specgate train`` builds it), reports on a held-out tenth of
 its pieces the share of each branch's output variance a stand-in explains (attention and MLP
 branches separately, and over all branches weighted by their output variance), and writes the
-gates of ``--gates`` with each rank's stand-ins to ``OUT/r<rank>``.
+gates of ``--gates`` with each rank's stand-ins to ``OUT/r<rank>``. With ``--where-budget B`` each
+branch is fitted and scored only at the tokens the gates' draft at budget B skips.
 
     .venv/bin/python eval/standins.py --corpus runs/ds/corpus.jsonl --out runs/standins [--ranks 0,8,16,32,64]
 """
@@ -23,6 +24,7 @@ import torch
 import specgate
 from specgate.data import chunk, collate, default_corpus
 from specgate.standin import branch_moments, explained, fit_standins
+from specgate.train import skipped_by
 
 
 def batches(pieces: list[list[int]], size: int = 8):
@@ -37,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--corpus", required=True, help="corpus.jsonl of a training run (built if missing)")
     ap.add_argument("--ranks", default="0,8,16,32,64")
     ap.add_argument("--ridge", type=float, default=1e-2)
+    ap.add_argument("--where-budget", type=float, default=None,
+                    help="fit (and score) each branch only at the tokens the gates' draft skips at this budget")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", required=True)
@@ -47,10 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     random.Random(0).shuffle(pieces)
     n_test = len(pieces) // 10
     t = time.time()
-    train = branch_moments(m.engine.weights, batches(pieces[n_test:]))
-    test = branch_moments(m.engine.weights, batches(pieces[:n_test]))
-    print(f"moments: {train.n} train tokens, {test.n} held-out, {time.time() - t:.0f} s")
-    var = test.soo - (test.so * test.so).sum(1) / test.n  # (2L,) output variance per branch
+    where = None if args.where_budget is None else skipped_by(m.gates, args.where_budget)
+    train = branch_moments(m.engine.weights, batches(pieces[n_test:]), where)
+    test = branch_moments(m.engine.weights, batches(pieces[:n_test]), where)
+    print(f"moments: {int(train.n.max())} train tokens, {int(test.n.max())} held-out (per branch at most), {time.time() - t:.0f} s")
+    var = test.soo - (test.so * test.so).sum(1) / test.n.clamp_min(1)  # (2L,) output variance per branch
     rows = []
     for rank in map(int, args.ranks.split(",")):
         t = time.time()
@@ -64,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rank {rank:3d}: explained attention {row['attention']:.3f}  mlp {row['mlp']:.3f}  weighted {row['weighted']:.3f}  ({row['fit_s']} s)")
         m.gates.standins = s
         specgate.save_gates(m.gates, Path(args.out) / f"r{rank}")
-    (Path(args.out) / "explained.json").write_text(json.dumps({"train_tokens": train.n, "test_tokens": test.n, "rows": rows}, indent=1))
+    counts = {"train_tokens": train.n.tolist(), "test_tokens": test.n.tolist(), "where_budget": args.where_budget}
+    (Path(args.out) / "explained.json").write_text(json.dumps({**counts, "rows": rows}, indent=1))
     return 0
 
 

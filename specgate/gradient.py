@@ -242,12 +242,10 @@ def train_gradient(model, config, gates: GateSet, pieces: Callable[[], list[list
     return gates
 
 
-def train_standins(model, config, gates: GateSet, standins, pieces, out: Path, accelerator) -> GateSet:
-    """The ``standins`` objective: the stand-ins of ``gates`` (or ``standins``, fitted to start
-    from) trained by KL distillation into the draft the gates make at ``config.context_budget``;
-    the gates and their thresholds stay as they are (see :func:`train_step`)."""
-    if standins is not None:
-        gates.standins = standins
+def train_standins(model, config, gates: GateSet, pieces, out: Path, accelerator) -> GateSet:
+    """The ``standins`` objective: the stand-ins of ``gates`` trained by KL distillation into the
+    draft the gates make at ``config.context_budget``; the gates and their thresholds stay as they
+    are (see :func:`train_step`)."""
     if gates.standins is None:
         raise ValueError(f"{config.context_gates} has no stand-ins to train: pass --standin-rank R to fit some first")
     gates.draft_runs(config.context_budget)  # an uncalibrated draft fails here, before any step

@@ -14,7 +14,7 @@ top r eigenvectors ``V`` of ``W^T Cxx W`` (the covariance of the fitted outputs)
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -50,15 +50,16 @@ class Moments:
 
     def __init__(self, branches: int, hidden: int):
         z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
-        self.n = 0
+        self.n = z(branches)  # tokens per branch
         self.sx, self.so = z(branches, hidden), z(branches, hidden)
         self.sxx, self.sxo = z(branches, hidden, hidden), z(branches, hidden, hidden)
         self.soo = z(branches)
 
     def add(self, k: int, x: torch.Tensor, o: torch.Tensor) -> None:
-        """Branch k's inputs and outputs (n, d) at n tokens (count them once per pass: ``self.n``).
-        One batch's products in float32, their sums over batches in float64."""
+        """Branch k's inputs and outputs (n, d) at n tokens. One batch's products in float32, their
+        sums over batches in float64."""
         x, o = x.float(), o.float()
+        self.n[k] += len(x)
         self.sx[k] += x.double().sum(0)
         self.so[k] += o.double().sum(0)
         self.sxx[k] += (x.T @ x).double()
@@ -66,22 +67,26 @@ class Moments:
         self.soo[k] += float(o.double().pow(2).sum())
 
 
+# where(x, layer, branch) -> (B, T) bool: the tokens whose branch input and output a fit counts
+Where = Callable[[torch.Tensor, int, int], torch.Tensor]
+
+
 @torch.no_grad()
-def branch_moments(w: ModelWeights, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Moments:
+def branch_moments(w: ModelWeights, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], where: Where | None = None) -> Moments:
     """The moments of every branch's normed input and output in the original model over batches
-    of (ids (B, T), valid (B, T)) sequences that start at position 0."""
+    of (ids (B, T), valid (B, T)) sequences that start at position 0: at every valid token, or
+    only where ``where`` says (e.g. where a draft skips the branch: a stand-in is used only
+    there, and the tokens a draft skips are those whose branch output is small)."""
     m = Moments(2 * len(w.layers), w.embed.shape[1])
     for ids, valid in batches:
         rope, masks = dense_rope_masks(w, ids)
         h = embed(w, ids)
         for i, lw in enumerate(w.layers):
-            x, o, _ = attention_branch(w, lw, h, rope, masks)
-            m.add(2 * i, x[valid], o[valid])
-            h = h + o
-            x, o = mlp_branch(w, lw, h)
-            m.add(2 * i + 1, x[valid], o[valid])
-            h = h + o
-        m.n += int(valid.sum())
+            for b in (0, 1):
+                x, o = attention_branch(w, lw, h, rope, masks)[:2] if b == 0 else mlp_branch(w, lw, h)
+                use = valid if where is None else valid & where(x, i, b)
+                m.add(2 * i + b, x[use], o[use])
+                h = h + o
     return m
 
 
@@ -90,13 +95,14 @@ def fit_standins(m: Moments, rank: int, ridge: float = 1e-2) -> StandIns:
     mean input variance."""
     G, d = m.sx.shape
     s = StandIns(G // 2, d, rank)
-    mx, mo = m.sx / m.n, m.so / m.n
+    n = m.n.clamp_min(1)[:, None]
+    mx, mo = m.sx / n, m.so / n
     for k in range(G):
-        if rank == 0:
+        if rank == 0 or m.n[k] <= rank:  # too few tokens for a map: the mean (0 where none)
             s.bias.data[k] = mo[k].float()
             continue
-        cxx = m.sxx[k] / m.n - torch.outer(mx[k], mx[k])
-        cxo = m.sxo[k] / m.n - torch.outer(mx[k], mo[k])
+        cxx = m.sxx[k] / m.n[k] - torch.outer(mx[k], mx[k])
+        cxo = m.sxo[k] / m.n[k] - torch.outer(mx[k], mo[k])
         lam = ridge * float(cxx.diagonal().mean())
         W = torch.linalg.solve(cxx + lam * torch.eye(d, dtype=cxx.dtype), cxo)  # (d, d)
         _, vecs = torch.linalg.eigh(W.T @ cxx @ W)  # ascending
@@ -114,7 +120,7 @@ def explained(m: Moments, s: StandIns) -> torch.Tensor:
     for k in range(len(m.sx)):
         c = s.bias[k].double()
         M = (s.down[k] @ s.up[k]).double() if s.rank else torch.zeros(len(c), len(c), dtype=torch.float64)
-        pred_sq = m.n * c @ c + 2 * c @ (M.T @ m.sx[k]) + (M * (m.sxx[k] @ M)).sum()
+        pred_sq = m.n[k] * c @ c + 2 * c @ (M.T @ m.sx[k]) + (M * (m.sxx[k] @ M)).sum()
         err = m.soo[k] - 2 * (c @ m.so[k] + (M * m.sxo[k]).sum()) + pred_sq
-        out[k] = 1 - err / (m.soo[k] - m.so[k] @ m.so[k] / m.n)
+        out[k] = 1 - err / (m.soo[k] - m.so[k] @ m.so[k] / m.n[k])
     return out

@@ -14,7 +14,8 @@ the layer math (:mod:`specgate.layers`) and the loop skeleton (:mod:`specgate.lo
   and its own K/V history.
 
 ``standin_rank`` fits stand-ins for skipped branches (:mod:`specgate.standin`) on the training text
-first; the objectives then train the gates with them in place, and they are saved with the gates.
+first (with ``context_gates``: only at the tokens that draft skips); the objectives then train with
+them in place, and they are saved with the gates.
 ``context_gates`` makes a second round of ``damage``: every skip is priced in the context of the
 draft those (calibrated) gates make at ``context_budget``, so skips that cannot go together are not
 all chosen; the new gates keep that draft's stand-ins.
@@ -106,8 +107,6 @@ class TrainConfig:
             raise ValueError("steps must be >= 0, batch_size >= 1 and seq_len >= 2")
         if self.context_gates and self.objective not in ("damage", "standins"):
             raise ValueError("context_gates is for the damage and standins objectives")
-        if self.context_gates and self.objective == "damage" and self.standin_rank is not None:
-            raise ValueError("a second damage round keeps the stand-ins of --context-gates: drop --standin-rank")
         if self.standin_rank is not None and self.standin_rank < 0:
             raise ValueError(f"standin_rank must be >= 0 (0: each branch's mean output), got {self.standin_rank}")
         if self.checkpoint_every < 1 or (self.threads is not None and self.threads < 1):
@@ -142,17 +141,19 @@ def train(model_or_name, config: TrainConfig = TrainConfig(), documents: list[li
     def pieces() -> list[list[int]]:
         return chunk(docs(), config.seq_len)
 
-    standins, decide = None, None
+    context = load_gates(config.context_gates, model.config) if config.context_gates else None  # a calibrated draft
+    standins = None if context is None else context.standins
     if config.standin_rank is not None:  # closed form, deterministic: refitted, not checkpointed
         batches = (collate(p, padding_id(model.tokenizer)) for p in batched(pieces(), config.batch_size))
-        standins = fit_standins(branch_moments(model.engine.weights, batches), config.standin_rank)
-    if config.objective == "damage" and config.context_gates:  # a second round: skips priced in the draft's context
-        context = load_gates(config.context_gates, model.config)
-        standins, decide = context.standins, damage.draft_decisions(context, config.context_budget)
+        where = None if context is None else skipped_by(context, config.context_budget)
+        standins = fit_standins(branch_moments(model.engine.weights, batches, where), config.standin_rank)
+        if context is not None:
+            context.standins = standins
     if config.objective == "damage":  # no gradient: labels, then a convex fit per gate
+        decide = None if context is None else damage.draft_decisions(context, config.context_budget)
         gates = damage.train_damage(model, config, gate_config(model, config), pieces, out, accelerator, standins, decide)
     elif config.objective == "standins":
-        gates = gradient.train_standins(model, config, load_gates(config.context_gates, model.config), standins, pieces, out, accelerator)
+        gates = gradient.train_standins(model, config, context, pieces, out, accelerator)
     else:
         torch.manual_seed(config.seed)
         gates = GateSet(gate_config(model, config)).to(accelerator.device)
@@ -162,6 +163,12 @@ def train(model_or_name, config: TrainConfig = TrainConfig(), documents: list[li
     if accelerator.is_main_process:
         save_gates(gates, out / "gates")
     return gates
+
+
+def skipped_by(gates: GateSet, budget: float):
+    """where(x, layer, branch): the tokens the single-token draft of ``gates`` at ``budget`` skips."""
+    runs = damage.draft_decisions(gates, budget)
+    return lambda x, i, b: ~runs(x, i, b)
 
 
 def _warn_if_calibrated(gates_dir: Path) -> None:

@@ -12,7 +12,7 @@ from specgate import train as T
 from specgate.damage import removal_damage
 from specgate.gradient import gated_forward
 from specgate.policy import BudgetPolicy
-from specgate.standin import Moments, StandIns, explained, fit_standins
+from specgate.standin import Moments, StandIns, branch_moments, explained, fit_standins
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -21,7 +21,6 @@ def _moments(x: torch.Tensor, o: torch.Tensor) -> Moments:
     m = Moments(2, x.shape[1])
     for k in range(2):
         m.add(k, x, o[k])
-    m.n = len(x)
     return m
 
 
@@ -180,8 +179,8 @@ def test_a_second_round_keeps_the_drafts_stand_ins(trainee, tmp_path):
     specgate.save_gates(first, tmp_path / "uncalibrated")
     with pytest.raises(ValueError, match="calibrate"):
         T.train(trainee, dataclasses.replace(config, context_gates=str(tmp_path / "uncalibrated"), output_dir=str(tmp_path / "third")), documents=docs)
-    with pytest.raises(ValueError, match="standin"):
-        T.TrainConfig(context_gates="x", standin_rank=2)
+    refit = T.train(trainee, dataclasses.replace(config, standin_rank=1, output_dir=str(tmp_path / "refit")), documents=docs)
+    assert refit.standins.rank == 1  # new stand-ins, fitted where that draft skips
 
 
 def _draft_kl(m, gates, ids, budget=0.5) -> float:
@@ -207,3 +206,20 @@ def test_the_standins_objective_distils_the_stand_ins_of_a_fixed_draft(trainee, 
     assert torch.equal(saved.thresholds[0.5], first.thresholds[0.5]) and torch.equal(saved.standins.up, tuned.standins.up)
     with pytest.raises(ValueError, match="context-gates"):
         T.TrainConfig(objective="standins")
+
+
+def test_moments_count_only_the_tokens_a_draft_would_skip():
+    m = tiny("llama")
+    w = m.engine.weights
+    ids = torch.randint(3, 101, (2, 9), generator=torch.Generator().manual_seed(4))
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    valid[1, 6:] = False
+    every = branch_moments(w, [(ids, valid)])
+    assert every.n.tolist() == [15.0] * 8
+    where = lambda x, i, b: (x[..., 0] > 0) if (i, b) != (1, 1) else torch.zeros_like(x[..., 0], dtype=torch.bool)  # noqa: E731
+    some = branch_moments(w, [(ids, valid)], where)
+    assert 0 < some.n[0] < 15 and some.n[3] == 0
+    s = fit_standins(some, rank=2)
+    assert torch.equal(s.bias[3], torch.zeros_like(s.bias[3]))  # no token: the stand-in adds nothing
+    x = layers.norm(w, layers.embed(w, ids), w.layers[0].attn_norm)
+    assert some.n[0] == int((valid & (x[..., 0] > 0)).sum())
