@@ -3,8 +3,9 @@ by rank, and gate files with them for ``eval/gate_quality.py``.
 
 Fits the stand-ins of every rank in ``--ranks`` on the training corpus (the model's own answers to
 the train prompts plus pydoc text, as ``specgate train`` builds it), reports on a held-out tenth of
-its pieces the share of each branch's output variance a stand-in explains (attention and MLP
-branches separately, and over all branches weighted by their output variance), and writes the
+its pieces the share of each branch's output variance a stand-in explains (mean over attention and
+MLP branches separately, and over all branches weighted by their output variance; a branch with no
+token to score, e.g. one the draft never skips, is left out), and writes the
 gates of ``--gates`` with each rank's stand-ins to ``OUT/r<rank>``. With ``--where-budget B`` each
 branch is fitted and scored only at the tokens the gates' draft at budget B skips.
 
@@ -62,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         s = fit_standins(train, rank, args.ridge)
         r2 = explained(test, s)
         row = {
-            "rank": rank, "fit_s": round(time.time() - t, 1), "attention": float(r2[0::2].mean()), "mlp": float(r2[1::2].mean()),
-            "weighted": float((r2 * var).sum() / var.sum()), "per_branch": [round(float(v), 4) for v in r2],
+            "rank": rank, "fit_s": round(time.time() - t, 1), "attention": float(r2[0::2].nanmean()), "mlp": float(r2[1::2].nanmean()),
+            "weighted": float((r2 * var).nansum() / var.sum()), "per_branch": [round(float(v), 4) for v in r2],
         }  # fmt: skip
         rows.append(row)
         print(f"rank {rank:3d}: explained attention {row['attention']:.3f}  mlp {row['mlp']:.3f}  weighted {row['weighted']:.3f}  ({row['fit_s']} s)")

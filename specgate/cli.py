@@ -282,7 +282,7 @@ def cmd_tune(args) -> int:
 
     config = tune.TuneConfig(
         budgets=tuple(args.budgets) if args.budgets else None, vocabs=tuple(args.vocab) if args.vocab is not None else None,
-        max_draft=args.max_draft, prompts=args.prompts, tokens=args.tokens, rounds=args.rounds,
+        max_draft=args.max_draft, prompts=args.prompts, tokens=args.tokens, rounds=args.rounds, kv_fills=tuple(args.kv_fills),
     )  # fmt: skip
     m = _load(args)
     start = time.perf_counter()
@@ -301,6 +301,7 @@ def cmd_tune(args) -> int:
 
 def parser() -> argparse.ArgumentParser:
     from .calibrate import CalibrateConfig
+    from .engine import KV_FILLS
     from .tune import DEFAULT_VOCABS, TuneConfig
 
     top = argparse.ArgumentParser(prog="specgate", description="Lossless self-speculative decoding with GateSkip gates")
@@ -360,6 +361,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=_positive_int, default=t.prompts, help=f"calibration prompts for the acceptance runs (default {t.prompts})")
     p.add_argument("--tokens", type=_positive_int, default=t.tokens, help=f"new tokens per acceptance run (default {t.tokens})")
     p.add_argument("--rounds", type=_positive_int, default=t.rounds, help=f"timed repetitions of each step (default {t.rounds})")
+    p.add_argument("--kv-fills", nargs="+", choices=KV_FILLS, default=list(t.kv_fills),
+                   help=f"K/V fills of the draft to try (default {' '.join(t.kv_fills)})")  # fmt: skip
     p.add_argument("--out", type=_output_file, default=None, help="also write the result as JSON to this file")
     p.set_defaults(func=cmd_tune)
     return top

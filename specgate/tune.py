@@ -3,12 +3,14 @@
 Whether drafting with the gated model beats plain decoding depends on what a draft step and a verify
 pass cost here (CPU, threads, torch build) relative to a plain step, and on how often drafts are
 accepted (the gates, the budget, the draft vocabulary). :func:`tune` measures both and picks the
-``(draft_budget, max_draft, draft_vocab)`` with the highest predicted speed-up
+``(draft_budget, max_draft, draft_vocab, kv_fill)`` with the highest predicted speed-up
 
     E / (k c + v),   E = (1 - a^(k+1)) / (1 - a) tokens per round,
 
 for k drafts, per-position acceptance a, draft-step cost c and verify cost v of k + 1 tokens, both
-relative to a plain step; plain decoding (1.0x) is one of the options. The choice is stored in
+relative to a plain step; plain decoding (1.0x) is one of the options. ``kv_fill`` is there because
+projecting the K/V of a token that skips attention costs a share of the branch, and copying the
+layer below's instead costs the draft some acceptance: which pays is measured, per machine. The choice is stored in
 ``<cache>/tune-<key>.json``; the key hashes the model, the gates' tensors, the CPU, torch and the
 thread count, so anything that changes the costs or the acceptance makes the stored choice unused.
 ``SpecGateModel.generate(speculative=True)`` without explicit settings uses it (:func:`resolve`).
@@ -33,6 +35,7 @@ import torch
 
 from .kernels.cpu_linear import cache_dir
 from .linear import machine_key, probe_threads
+from .engine import KV_FILLS
 from .prompts import split
 from .speculative import SpecConfig
 
@@ -51,6 +54,7 @@ class TuneConfig:
 
     budgets: tuple[float, ...] | None = None  # None: every budget the gates are calibrated for
     vocabs: tuple[int, ...] | None = None  # restricted draft vocabularies; None: DEFAULT_VOCABS (full head always)
+    kv_fills: tuple[str, ...] = KV_FILLS  # the draft's K/V of tokens that skip attention (Engine.forward)
     max_draft: int = 8  # k is chosen in 1..max_draft
     prompts: int = 6  # calibration prompts (train split) for the acceptance runs
     tokens: int = 64  # new tokens per acceptance run
@@ -60,6 +64,8 @@ class TuneConfig:
         for name in ("max_draft", "prompts", "tokens", "rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be 1 or more, got {getattr(self, name)}")
+        if not self.kv_fills or not set(self.kv_fills) <= set(KV_FILLS):
+            raise ValueError(f"kv_fills must be some of {KV_FILLS}, got {self.kv_fills}")
 
 
 # -- the choice --------------------------------------------------------------------------------------
@@ -85,9 +91,12 @@ def best_k(a: float, c: float, verify: dict[int, float]) -> tuple[int, float]:
 # -- measuring ---------------------------------------------------------------------------------------
 
 
-def candidates(m: SpecGateModel, config: TuneConfig) -> list[tuple[float, int | None]]:
-    """(budget, draft vocabulary) pairs to try: calibrated budgets (filtered by ``config.budgets``)
-    times the full head and the restricted vocabularies smaller than the model's."""
+Setting = tuple[float, "int | None", str]  # (draft budget, draft vocabulary (None: full head), kv_fill)
+
+
+def candidates(m: SpecGateModel, config: TuneConfig) -> list[Setting]:
+    """Settings to try: calibrated budgets (filtered by ``config.budgets``) times the full head and
+    the restricted vocabularies smaller than the model's, times ``config.kv_fills``."""
     gates = m.gates
     if gates is None or not gates.thresholds:
         raise ValueError("tuning needs calibrated gates: pass --gates DIR, and run `specgate calibrate --gates DIR` first")
@@ -106,7 +115,7 @@ def candidates(m: SpecGateModel, config: TuneConfig) -> list[tuple[float, int | 
     else:
         wanted = DEFAULT_VOCABS if config.vocabs is None else config.vocabs
         vocabs += sorted({n for n in wanted if n < len(gates.token_ranking)})
-    return [(b, v) for b in budgets for v in vocabs]
+    return [(b, v, f) for b in budgets for v in vocabs for f in config.kv_fills]
 
 
 def prompt_ids(m: SpecGateModel, n: int) -> list[torch.Tensor]:
@@ -126,10 +135,9 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def step_costs(m: SpecGateModel, ids: torch.Tensor, settings: list[tuple[float, int | None]], max_draft: int,
-               rounds: int) -> dict[str, float]:  # fmt: skip
+def step_costs(m: SpecGateModel, ids: torch.Tensor, settings: list[Setting], max_draft: int, rounds: int) -> dict[str, float]:
     """Median time of each kind of step over a plain step's: "plain", "verify k" (k + 1 tokens) for
-    k in 1..max_draft, "draft b v" per setting; "plain_ms" in milliseconds.
+    k in 1..max_draft, "draft b v f" per setting; "plain_ms" in milliseconds.
 
     The kinds run in turn, ``rounds`` times (a busy neighbour slows all alike). Single-token steps
     cycle over the prompt's last max_draft + 1 positions, so the draft's skips are those of several
@@ -142,18 +150,18 @@ def step_costs(m: SpecGateModel, ids: torch.Tensor, settings: list[tuple[float, 
     engine(ids[:, :-tail], cache)
     base = cache.host_lengths[0]
 
-    def run(j: int, T: int = 1, policy=None, head=None) -> None:
+    def run(j: int, T: int = 1, policy=None, head=None, kv_fill="project") -> None:
         """T tokens from tail position j on, against the prompt's cache up to there."""
         cache.rewind([base + j])  # a list: no read from the device in the timed step
         start = ids.shape[1] - tail + j
-        engine(ids[:, start : start + T], cache, gates if policy else None, policy, head=head)
+        engine(ids[:, start : start + T], cache, gates if policy else None, policy, head=head, kv_fill=kv_fill)
 
     steps: dict[str, Callable[[int], None]] = {"plain": run}
     for k in range(1, max_draft + 1):
         steps[f"verify {k}"] = lambda j, k=k: run(0, T=k + 1)
-    for b, v in settings:
+    for b, v, f in settings:
         policy, head = gates.policy(b), (m.draft_head(v) if v else None)
-        steps[draft_name(b, v)] = lambda j, p=policy, h=head: run(j, policy=p, head=h)
+        steps[draft_name(b, v, f)] = lambda j, p=policy, h=head, f=f: run(j, policy=p, head=h, kv_fill=f)
     times: dict[str, list[float]] = {name: [] for name in steps}
     for r in range(rounds + 2):  # two warm-up rounds: backend probes, kernel builds, caches
         for name, fn in steps.items():
@@ -167,9 +175,9 @@ def step_costs(m: SpecGateModel, ids: torch.Tensor, settings: list[tuple[float, 
     return {"plain_ms": plain * 1e3, **{name: statistics.median(ts) / plain for name, ts in times.items()}}
 
 
-def draft_name(budget: float, vocab: int | None) -> str:
+def draft_name(budget: float, vocab: int | None, kv_fill: str) -> str:
     """The step-cost entry of a draft setting."""
-    return f"draft {budget:g} {vocab or 'full'}"
+    return f"draft {budget:g} {vocab or 'full'} {kv_fill}"
 
 
 class _RoundSizes:
@@ -186,13 +194,14 @@ class _RoundSizes:
         pass
 
 
-def acceptance(m: SpecGateModel, prompts: list[torch.Tensor], budget: float, vocab: int | None, max_draft: int,
-               tokens: int) -> dict[str, float]:  # fmt: skip
+def acceptance(m: SpecGateModel, prompts: list[torch.Tensor], setting: Setting, max_draft: int, tokens: int) -> dict[str, float]:
     """Per-position acceptance at one setting: every round drafts max_draft tokens; a round that
     accepted n < max_draft drafts tested n + 1 positions and accepted n, a full one tested and
     accepted all. Pooled over the prompts' rounds (the last one of each, maybe cut short by the
     token limit, left out); greedy decoding, as the choice assumes."""
-    spec = SpecConfig(draft_budget=budget, max_draft=max_draft, init_draft=max_draft, draft_vocab=vocab, adaptive=False)
+    budget, vocab, kv_fill = setting
+    spec = SpecConfig(draft_budget=budget, max_draft=max_draft, init_draft=max_draft, draft_vocab=vocab, adaptive=False,
+                      kv_fill=kv_fill)  # fmt: skip
     accepted = tested = 0
     skipped: list[float] = []
     for ids in prompts:
@@ -243,14 +252,14 @@ def tune(m: SpecGateModel, config: TuneConfig = TuneConfig(), prompts: list[torc
     costs = step_costs(m, prompts[0], settings, config.max_draft, config.rounds)
     verify = {k: costs[f"verify {k}"] for k in range(1, config.max_draft + 1)}
     rows = []
-    for b, v in settings:
-        acc = acceptance(m, prompts, b, v, config.max_draft, config.tokens)
-        c = costs[draft_name(b, v)]
+    for b, v, f in settings:
+        acc = acceptance(m, prompts, (b, v, f), config.max_draft, config.tokens)
+        c = costs[draft_name(b, v, f)]
         k, s = best_k(acc["a"], c, verify)
-        rows.append({"budget": b, "vocab": v, "draft_cost": c, **acc, "k": k, "verify_cost": verify[k], "speedup": s})
+        rows.append({"budget": b, "vocab": v, "kv_fill": f, "draft_cost": c, **acc, "k": k, "verify_cost": verify[k], "speedup": s})
     best = max(rows, key=lambda r: r["speedup"])
     spec = SpecConfig(draft_budget=best["budget"], max_draft=best["k"], init_draft=best["k"], adaptive=False,
-                      draft_vocab=best["vocab"])  # fmt: skip
+                      draft_vocab=best["vocab"], kv_fill=best["kv_fill"])  # fmt: skip
     return {
         "key": tune_key(m, threads),
         "model": m.name,
@@ -331,13 +340,14 @@ def report(result: dict) -> str:
     verify = "  ".join(f"k={k}: {c[f'verify {k}']:.2f}" for k in range(1, result["config"]["max_draft"] + 1))
     lines = [
         f"plain step {c['plain_ms']:.2f} ms at {result['threads']} threads; verify k+1 tokens (x plain): {verify}",
-        f"{'budget':>6} {'vocab':>6} {'draft cost':>10} {'skipped':>8} {'accept a':>9} {'best k':>6} {'speed-up':>9}",
+        f"{'budget':>6} {'vocab':>6} {'kv_fill':>10} {'draft cost':>10} {'skipped':>8} {'accept a':>9} {'best k':>6} {'speed-up':>9}",
     ]
     for r in result["settings"]:
-        lines.append(f"{r['budget']:>6g} {r['vocab'] or 'full':>6} {r['draft_cost']:>9.2f}x {r['skip_fraction']:>8.1%} "
-                     f"{r['a']:>9.2f} {r['k']:>6} {r['speedup']:>8.2f}x")  # fmt: skip
+        lines.append(f"{r['budget']:>6g} {r['vocab'] or 'full':>6} {r['kv_fill']:>10} {r['draft_cost']:>9.2f}x "
+                     f"{r['skip_fraction']:>8.1%} {r['a']:>9.2f} {r['k']:>6} {r['speedup']:>8.2f}x")  # fmt: skip
     s = result["spec_config"]
-    best = f"draft_budget={s['draft_budget']:g}, max_draft={s['max_draft']}, draft_vocab={s['draft_vocab'] or 'full'}"
+    best = (f"draft_budget={s['draft_budget']:g}, max_draft={s['max_draft']}, draft_vocab={s['draft_vocab'] or 'full'}, "
+            f"kv_fill={s['kv_fill']}")  # fmt: skip
     if result["speculate"]:
         lines.append(f"choice: {best}, predicted {result['predicted_speedup']:.2f}x plain decoding")
     else:

@@ -48,7 +48,12 @@ def test_tune_stores_a_choice_that_generate_uses_losslessly(cache, caplog):
     m = _model()
     assert tune.load_tuned(m) is None
     result = tune.tune(m, SMALL, prompts=_prompts())
-    assert {(r["budget"], r["vocab"]) for r in result["settings"]} == {(0.3, None), (0.3, 50), (0.5, None), (0.5, 50)}
+    fills = ("project", "copy_below")
+    assert {(r["budget"], r["vocab"], r["kv_fill"]) for r in result["settings"]} == {
+        (b, v, f) for b in (0.3, 0.5) for v in (None, 50) for f in fills
+    }
+    best = max(result["settings"], key=lambda r: r["speedup"])
+    assert result["spec_config"]["kv_fill"] == best["kv_fill"]  # the K/V fill is chosen by measurement too
     assert all(0.0 <= r["a"] <= 1.0 and 1 <= r["k"] <= 3 for r in result["settings"])
     assert result["predicted_speedup"] >= 1.0 and result["costs"]["plain"] == 1.0
     assert "choice:" in tune.report(result)
@@ -106,3 +111,8 @@ def test_the_tune_command_takes_its_flags_and_refuses_bad_ones(capsys):
     for argv in (["tune", "--vocab", "many"], ["tune", "--max-draft", "0"], ["tune", "--budgets", "x"]):
         with pytest.raises(SystemExit):
             main(argv)
+
+
+def test_tune_refuses_an_unknown_kv_fill():
+    with pytest.raises(ValueError, match="kv_fills"):
+        tune.TuneConfig(kv_fills=("nearest",))
