@@ -148,7 +148,7 @@ class TritonKernels:
             return
         engine._count(p, i, branch, 0)  # the evaluations; the skipped ones are added by finish()
         if r is not None:
-            p.skips.append((r.count, n_rows, engine._costs[p.kv_fill][1][branch][i]))
+            p.skips.append((r.count, n_rows, engine.pass_costs(p)[1][branch][i]))
 
     def finish(self, p: "_Pass") -> None:
         """End of a forward: the skip counts of its routes into the counter, summed on the device

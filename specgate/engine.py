@@ -154,18 +154,19 @@ class Engine:
         self.config = model.config
         self.dtype = self.weights.embed.dtype
         self.device = self.weights.embed.device
-        self._costs: dict[str, tuple] = {}  # kv_fill -> branch_costs(kv_fill)
+        self._costs: dict[tuple, tuple] = {}  # (kv_fill, stand-in weights) -> branch_costs(...)
         self.kernels = dispatch.make(kernels, self.weights)
 
     @property
     def num_layers(self) -> int:
         return len(self.weights.layers)
 
-    def branch_costs(self, kv_fill: KVFill = "project") -> tuple[list[list[float]], list[list[float]]]:
+    def branch_costs(self, kv_fill: KVFill = "project", standin: int = 0) -> tuple[list[list[float]], list[list[float]]]:
         """(cost, saved): per branch (row 0 attention, 1 MLP) and layer, the weights a token reads
         when it runs the branch, and those it does not read when it skips it (a token that skips
-        attention still projects its K/V with ``kv_fill="project"``), as shares of all layers'
-        weights. Skipping an MLP saves about three times what skipping attention saves in SmolLM2."""
+        attention still projects its K/V with ``kv_fill="project"``, and reads its stand-in's
+        ``standin`` weights), as shares of all layers' weights. Skipping an MLP saves about three
+        times what skipping attention saves in SmolLM2."""
         w = self.weights
         q_dim = w.n_heads * w.head_dim
         attn = [lw.qkv_w.shape[0] * lw.qkv_w.shape[1] + lw.o_w.numel() for lw in w.layers]
@@ -173,7 +174,7 @@ class Engine:
         attn_saved = attn if kv_fill == "copy_below" else [q_dim * lw.qkv_w.shape[1] + lw.o_w.numel() for lw in w.layers]
         total = sum(attn) + sum(mlp)
         share = lambda xs: [x / total for x in xs]  # noqa: E731
-        return [share(attn), share(mlp)], [share(attn_saved), share(mlp)]
+        return [share(attn), share(mlp)], [share([a - standin for a in attn_saved]), share([m - standin for m in mlp])]
 
     def new_cache(self, batch: int, max_len: int) -> StaticKVCache:
         w = self.weights
@@ -273,10 +274,15 @@ class Engine:
     def _count(self, p: _Pass, i: int, branch: int, skipped: int) -> None:
         if p.counter is None:
             return
-        if p.kv_fill not in self._costs:
-            self._costs[p.kv_fill] = self.branch_costs(p.kv_fill)
-        cost, saved = self._costs[p.kv_fill]
+        cost, saved = self.pass_costs(p)
         p.counter.add(p.n_valid, skipped, cost[branch][i], saved[branch][i])
+
+    def pass_costs(self, p: _Pass) -> tuple[list[list[float]], list[list[float]]]:
+        """:meth:`branch_costs` of a pass's K/V fill and its gates' stand-ins."""
+        key = (p.kv_fill, 0 if p.gates is None or p.gates.standins is None else p.gates.standins.weights_read())
+        if key not in self._costs:
+            self._costs[key] = self.branch_costs(*key)
+        return self._costs[key]
 
     def _attention(self, h: torch.Tensor, i: int, lw: LayerWeights, p: _Pass) -> torch.Tensor:
         w = self.weights

@@ -223,3 +223,16 @@ def test_moments_count_only_the_tokens_a_draft_would_skip():
     assert torch.equal(s.bias[3], torch.zeros_like(s.bias[3]))  # no token: the stand-in adds nothing
     x = layers.norm(w, layers.embed(w, ids), w.layers[0].attn_norm)
     assert some.n[0] == int((valid & (x[..., 0] > 0)).sum())
+
+
+def test_a_skip_saves_its_branch_less_its_stand_in():
+    m = tiny("llama", gates=True)
+    eng = m.engine
+    standin = _standins(m, rank=4).weights_read()
+    assert standin == 64 * (1 + 2 * 4)
+    (cost, saved), (_, less) = eng.branch_costs(), eng.branch_costs(standin=standin)
+    assert sum(map(sum, cost)) == pytest.approx(1.0)
+    weights = sum(lw.qkv_w.numel() + lw.o_w.numel() + lw.gate_up_w.numel() + lw.down_w.numel() for lw in eng.weights.layers)
+    for b in (0, 1):
+        for i in range(eng.num_layers):
+            assert saved[b][i] - less[b][i] == pytest.approx(standin / weights)
