@@ -141,7 +141,9 @@ def train(model_or_name, config: TrainConfig = TrainConfig(), documents: list[li
     def pieces() -> list[list[int]]:
         return chunk(docs(), config.seq_len)
 
-    context = load_gates(config.context_gates, model.config) if config.context_gates else None  # a calibrated draft
+    context = None  # a calibrated draft (gates are often stored in float16: computed in the model's dtype)
+    if config.context_gates:
+        context = load_gates(config.context_gates, model.config, dtype=model.engine.dtype)
     standins = None if context is None else context.standins
     if config.standin_rank is not None:  # closed form, deterministic: refitted, not checkpointed
         batches = (collate(p, padding_id(model.tokenizer)) for p in batched(pieces(), config.batch_size))
