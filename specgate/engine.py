@@ -18,7 +18,7 @@ from .adapters import LayerWeights, ModelWeights, read_weights
 from .cache import StaticKVCache
 from .gates import GateSet
 from .ops import gather_tokens, scatter_add_tokens
-from .policy import SkipPolicy
+from .policy import BudgetPolicy, SkipPolicy
 from .vocab import DraftHead
 
 # The K/V of a token that skips attention: ``project`` runs the k/v projections on its passed-through
@@ -155,6 +155,7 @@ class Engine:
         self.dtype = self.weights.embed.dtype
         self.device = self.weights.embed.device
         self._costs: dict[tuple, tuple] = {}  # (kv_fill, stand-in weights) -> branch_costs(...)
+        self._skip_ones: dict[torch.device, _Selection] = {}
         self.kernels = dispatch.make(kernels, self.weights)
 
     @property
@@ -259,6 +260,12 @@ class Engine:
             self._count(p, i, branch, 0)
             return None, None  # the gate would neither skip nor scale anything: do not run it
         g = p.gates.gate(i, branch)(x)
+        if not scale and x.shape[:2] == (1, 1) and isinstance(p.policy, BudgetPolicy) and p.policy.thresholds is not None:
+            # one token, calibrated thresholds (a batch-1 draft step): one host read decides, and a
+            # skip reuses one empty selection (the general path below takes ~6 more operations)
+            skip = (g if g.numel() == 1 else g.mean()).item() <= p.policy.threshold(i, branch)
+            self._count(p, i, branch, int(skip))
+            return None, self._skip_one(x.device) if skip else None
         active = p.policy.active(g.mean(-1), p.valid, i, branch) if p.policy is not None else None
         n_run = p.n_valid
         if active is not None:
@@ -270,6 +277,12 @@ class Engine:
             active = None
         factor = layers.branch_factor(g, active, scale)  # computed on all tokens, used on the active ones
         return factor, None if active is None else _Selection.of(active, n_run)
+
+    def _skip_one(self, device: torch.device) -> _Selection:
+        """The selection of a single token that skips (cached: it never changes)."""
+        if device not in self._skip_ones:
+            self._skip_ones[device] = _Selection.of(torch.zeros(1, 1, dtype=torch.bool, device=device), 0)
+        return self._skip_ones[device]
 
     def _count(self, p: _Pass, i: int, branch: int, skipped: int) -> None:
         if p.counter is None:

@@ -70,11 +70,15 @@ class BudgetPolicy:
             return frozenset()
         return frozenset((int(layer), int(b)) for b, layer in (self.thresholds >= 0).nonzero().tolist())
 
+    def threshold(self, layer: int, branch: int) -> float:
+        """The single-token threshold of a branch (importance at or below it skips)."""
+        return self._threshold_values[branch][layer]
+
     def active(self, importance: torch.Tensor, valid: torch.Tensor, layer: int, branch: int) -> torch.Tensor | None:
         if (layer, branch) in self.never_skip:
             return None
         if importance.shape[1] == 1 and self.thresholds is not None:
-            return importance > self._threshold_values[branch][layer]
+            return importance > self.threshold(layer, branch)
         return skip_lowest(importance, valid, int(self.budget * int(valid.sum())))
 
 

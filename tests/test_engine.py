@@ -253,3 +253,36 @@ def test_gradients_reach_the_gates_through_the_cached_forward(kv_fill):
         out.logsumexp(-1).mean().backward()
     grads = [p.grad for p in m.gates.parameters()]
     assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+
+
+class _Delegate:
+    """A BudgetPolicy seen through the SkipPolicy protocol only: the engine's general path."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def may_skip(self, layer, branch, T):
+        return self.policy.may_skip(layer, branch, T)
+
+    def active(self, importance, valid, layer, branch):
+        return self.policy.active(importance, valid, layer, branch)
+
+
+@torch.no_grad()
+def test_the_batch_one_draft_step_decides_as_the_general_path():
+    """A single-token, batch-1 step with calibrated thresholds takes a shortcut (one host read per
+    branch); it skips the same branches and gives the same logits and counts as the protocol path."""
+    m = tiny("llama", gates=True)
+    m.gates.config = dataclasses.replace(m.gates.config, scale_output=False)
+    L = m.engine.num_layers
+    imp = torch.rand(2, L, generator=torch.Generator().manual_seed(0))
+    policy = BudgetPolicy(thresholds=imp * 0.9 + 0.05)
+    ids = torch.randint(3, 101, (1, 8), generator=torch.Generator().manual_seed(2))
+    for kv_fill in ("project", "copy_below"):
+        got, counts = [], []
+        for p in (policy, _Delegate(policy)):
+            cache, counter = m.engine.new_cache(1, 8), SkipCounter()
+            m.engine(ids[:, :4], cache)
+            got.append(torch.cat([m.engine(ids[:, t : t + 1], cache, m.gates, p, kv_fill=kv_fill, counter=counter) for t in range(4, 8)]))
+            counts.append((counter.total, counter.skipped, counter.compute_skipped))
+        assert torch.equal(got[0], got[1]) and counts[0] == counts[1] and 0 < counts[0][1] < counts[0][0]
