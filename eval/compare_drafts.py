@@ -54,7 +54,7 @@ def _plot(table: dict, path: Path) -> None:
     except ModuleNotFoundError:
         print("matplotlib is not installed (pip install matplotlib): no plot", file=sys.stderr)
         return
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5.5))
     for name, rs in table.items():
         axes[0].plot([r["compute"] for r in rs], [r["ll"] for r in rs], marker="o", label=name)
         axes[1].plot([r["compute"] for r in rs], [r["agree"] for r in rs], marker="o", label=name)
@@ -64,9 +64,9 @@ def _plot(table: dict, path: Path) -> None:
     for ax, label in zip(axes, labels):
         ax.set(xlabel="share of the draft's layer compute skipped", ylabel=label)
         ax.grid(alpha=0.3)
-        ax.legend()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=9)
     fig.suptitle("SmolLM2-135M-Instruct drafts, held-out prompts")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     fig.savefig(path, dpi=120)
     print(f"plot: {path}", file=sys.stderr)
 
