@@ -1,5 +1,6 @@
 """Where a decode step's time goes: torch.profiler over 20 plain steps and 20 draft steps (budget
-0.5, draft vocabulary 8,192), split into the linear products and everything else.
+0.5, draft vocabulary 8,192), split into the linear products and everything else, and the
+operators a step calls (nested ones included).
 
     python eval/step_profile.py [--threads 2]
 """
@@ -41,8 +42,9 @@ def main(argv: list[str] | None = None) -> int:
             events = prof.key_averages()
             total = sum(e.self_cpu_time_total for e in events) / 20 / 1e3
             products = sum(e.self_cpu_time_total for e in events if e.key in PRODUCTS) / 20 / 1e3
+            ops = sum(e.count for e in events if "::" in e.key) / 20  # operators, nested ones included
             print(f"{name}: {total:.2f} ms per step under the profiler; linear products (gates' included) "
-                  f"{products:.2f} ms, everything else {total - products:.2f} ms")  # fmt: skip
+                  f"{products:.2f} ms, everything else {total - products:.2f} ms; {ops:.0f} operators")  # fmt: skip
     return 0
 
 
