@@ -6,6 +6,11 @@ reduced-rank ridge regression on the original model's branch inputs and outputs 
 text (closed form, from sums over the tokens; no backpropagation). At rank 32 a stand-in reads
 2 * 32 * d weights, about 1% of an MLP branch of SmolLM2.
 
+Fit them where they are used (``branch_moments(..., where=)``: the tokens a draft skips, whose
+branch outputs are small): on SmolLM2 the mean fitted there drafts best, and linear maps of the
+draft's drifted inputs draft worse than the mean (README, Measured). ``specgate train --objective
+standins`` then distils them in the draft itself.
+
 The fit (:func:`fit_standins`): with the input and output covariances ``Cxx`` and ``Cxo``, the ridge
 map is ``W = (Cxx + lam I)^-1 Cxo``; its best rank-r restriction in the metric of the inputs keeps the
 top r eigenvectors ``V`` of ``W^T Cxx W`` (the covariance of the fitted outputs): ``A = W V``,
