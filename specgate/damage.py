@@ -64,7 +64,8 @@ def removal_damage(
         return (p_full * (full - head(s, h[keep]).float().log_softmax(-1))).sum(-1)
 
     draft: list = []
-    base = kl(ctx.run(0, embed(s, ids), decide, draft))  # the original model itself without decide
+    h = ctx.run(0, embed(s, ids), decide, draft)  # without decide: the original model, recorded
+    base = None if decide is None else kl(h)
     damage = []
     for k, (h, x, o, fill, run) in enumerate(draft):
         if run is None:  # skip k at every token, every other branch runs
