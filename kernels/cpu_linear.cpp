@@ -16,6 +16,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <optional>
 #include <vector>
 
@@ -198,11 +199,24 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const std
   return y.view(out_shape);
 }
 
+// How many threads at::parallel_for really runs here: 1 when the extension was built without
+// OpenMP, whatever torch.get_num_threads() says (the tests check it).
+int64_t parallel_threads() {
+  std::atomic<int64_t> most{0};
+  at::parallel_for(0, 1024, 1, [&](int64_t, int64_t) {
+    const int64_t t = at::get_thread_num() + 1;
+    for (int64_t seen = most.load(); t > seen && !most.compare_exchange_weak(seen, t);) {
+    }
+  });
+  return most.load();
+}
+
 }  // namespace
 
 // A fragment: other code may define more ops in the specgate namespace.
 TORCH_LIBRARY_FRAGMENT(specgate, m) {
   m.def("small_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+  m.def("parallel_threads() -> int", &parallel_threads);
 }
 
 TORCH_LIBRARY_IMPL(specgate, CPU, m) { m.impl("small_linear", &small_linear); }

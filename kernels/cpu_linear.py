@@ -1,7 +1,9 @@
 """Builds and loads the small-M CPU linear kernel (``cpu_linear.cpp``) as ``torch.ops.specgate.small_linear``.
 
 The kernel is compiled on the user's machine at first use (``-O3 -march=native``, ~15 s once on a 2-core EPYC), so
-it uses the widest vector unit there is. The build lands in ``<cache>/torch_extensions/`` under a key
+it uses the widest vector unit there is. It is built with OpenMP (``-fopenmp``, where the platform's
+compiler has it): without it ``at::parallel_for`` in an extension runs on one thread, and the kernel
+read the weights at half the machine's bandwidth on 2 cores. The build lands in ``<cache>/torch_extensions/`` under a key
 made of the source, the CPU model and flags and the torch version: another CPU, a new torch or an
 edited kernel gets its own build instead of a stale binary. Without a compiler, ninja or torch's
 headers the build fails, ``load()`` returns None after one warning, and the engine keeps using the
@@ -14,13 +16,15 @@ import functools
 import hashlib
 import os
 import platform
+import sys
 import warnings
 from pathlib import Path
 
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_linear.cpp")
-CFLAGS = ["-O3", "-march=native"]
+OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []  # macOS clang has no -fopenmp
+CFLAGS = ["-O3", "-march=native", *OPENMP]
 
 
 def cache_dir() -> Path:
@@ -68,7 +72,7 @@ def load():
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
         cpp_extension.load(
-            name=f"specgate_cpu_linear_{key}", sources=[str(SOURCE)], extra_cflags=CFLAGS,
+            name=f"specgate_cpu_linear_{key}", sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=OPENMP,
             build_directory=str(build_dir), is_python_module=False, verbose=False,
         )  # fmt: skip
         op = torch.ops.specgate.small_linear

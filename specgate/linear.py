@@ -113,9 +113,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def machine_key(threads: int | None = None) -> str:
-    """Hash of what the measured choices depend on: CPU model and flags, torch version, thread count."""
+    """Hash of what the measured choices depend on: CPU model and flags, torch version, thread count, and the
+    small-M kernel's source and build flags (a rebuilt kernel is measured again)."""
     threads = torch.get_num_threads() if threads is None else threads
-    text = f"{cpu_linear.cpu_signature()}\n{torch.__version__}\n{threads}"
+    text = f"{cpu_linear.cpu_signature()}\n{torch.__version__}\n{threads}\n{cpu_linear.build_key()}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -23,6 +23,20 @@ def kernel():
     return op
 
 
+def test_kernel_runs_on_torch_threads(kernel):
+    """at::parallel_for in the extension uses torch's thread count (it ran on one thread when the
+    build lacked OpenMP, at half the bandwidth of 2 cores)."""
+    if not cpu_linear.OPENMP:
+        pytest.skip("this platform's build has no OpenMP")
+    before = torch.get_num_threads()
+    try:
+        for n in sorted({1, min(2, before)}):
+            torch.set_num_threads(n)
+            assert torch.ops.specgate.parallel_threads() == n
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture
 def fresh(monkeypatch, tmp_path):
     """Selection state of a new process, its disk cache in tmp_path, no forced backend."""
