@@ -1,10 +1,12 @@
-"""Builds and loads the small-M CPU linear kernel (``cpu_linear.cpp``) as ``torch.ops.specgate.small_linear``.
+"""Builds and loads specgate's CPU kernels: the small-M linear kernel (``cpu_linear.cpp``,
+``torch.ops.specgate.small_linear``) and the fused pass (``cpu_step.cpp``, ``torch.classes.specgate.CpuStep``,
+see :mod:`.cpu_step`), one extension sharing ``cpu_linear.h``.
 
-The kernel is compiled on the user's machine at first use (``-O3 -march=native``, ~15 s once on a 2-core EPYC), so
+The kernels are compiled on the user's machine at first use (``-O3 -march=native``, ~15 s once on a 2-core EPYC), so
 it uses the widest vector unit there is. It is built with OpenMP (``-fopenmp``, where the platform's
 compiler has it): without it ``at::parallel_for`` in an extension runs on one thread, and the kernel
 read the weights at half the machine's bandwidth on 2 cores. The build lands in ``<cache>/torch_extensions/`` under a key
-made of the source, the CPU model and flags and the torch version: another CPU, a new torch or an
+made of the sources, the CPU model and flags and the torch version: another CPU, a new torch or an
 edited kernel gets its own build instead of a stale binary. Without a compiler, ninja or torch's
 headers the build fails, ``load()`` returns None after one warning, and the engine keeps using the
 torch / oneDNN products.
@@ -22,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("cpu_linear.cpp")
+SOURCES = [Path(__file__).with_name(f) for f in ("cpu_linear.cpp", "cpu_step.cpp")]
+HEADER = Path(__file__).with_name("cpu_linear.h")
 OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []  # macOS clang has no -fopenmp
 CFLAGS = ["-O3", "-march=native", *OPENMP]
 
@@ -50,7 +53,7 @@ def cpu_signature() -> str:
 
 def build_key() -> str:
     """Hash of everything the compiled binary depends on."""
-    text = "\n".join([SOURCE.read_text(), cpu_signature(), torch.__version__, " ".join(CFLAGS)])
+    text = "\n".join([*(f.read_text() for f in (*SOURCES, HEADER)), cpu_signature(), torch.__version__, " ".join(CFLAGS)])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -72,7 +75,7 @@ def load():
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
         cpp_extension.load(
-            name=f"specgate_cpu_linear_{key}", sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=OPENMP,
+            name=f"specgate_cpu_linear_{key}", sources=[str(f) for f in SOURCES], extra_cflags=CFLAGS, extra_ldflags=OPENMP,
             build_directory=str(build_dir), is_python_module=False, verbose=False,
         )  # fmt: skip
         op = torch.ops.specgate.small_linear

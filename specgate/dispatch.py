@@ -1,10 +1,17 @@
-"""Which code runs the draft's sparse work: the PyTorch path or the Triton kernels (``kernels=``).
+"""Which code runs the engine's passes: the PyTorch path, the Triton kernels or the fused CPU pass (``kernels=``).
 
 ``load(..., kernels=)`` / ``Engine(model, kernels=)`` take ``"auto"`` (Triton on CUDA tensors when
-Triton imports, PyTorch elsewhere), ``"torch"`` (always the PyTorch path) or ``"triton"`` (the
-kernels of :mod:`specgate.kernels`; on the CPU only under ``TRITON_INTERPRET=1``, set before Python
-imports torch). This module is the one place that chooses: :func:`resolve` names the path, and the
-engine holds a :class:`TritonKernels` (or None: the PyTorch path, the engine's own code, unchanged).
+Triton imports; on the CPU the fused pass where it applies, else PyTorch), ``"torch"`` (always the
+PyTorch path), ``"triton"`` (the kernels of :mod:`specgate.kernels`; on the CPU only under
+``TRITON_INTERPRET=1``, set before Python imports torch) or ``"cpu"`` (the fused pass, an error
+where it cannot be built). This module is the one place that chooses: :func:`resolve` names the
+path; the engine holds a :class:`TritonKernels` (``engine.kernels``, :func:`make`) or a
+:class:`~specgate.kernels.cpu_step.CpuStep` (``engine.cpu_step``, :func:`make_cpu_step`), or neither:
+the PyTorch path, the engine's own code, unchanged.
+
+The fused CPU pass (:mod:`specgate.kernels.cpu_step`) runs a whole batch-1 pass of 1-8 tokens in
+one C++ call: plain decode steps, verify passes and single-token draft steps with scalar gates.
+Other passes (prefill, batches, multi-token skipping passes) run the PyTorch code.
 
 What the Triton path covers: passes with gates and the engine's own :class:`BudgetPolicy`, run
 without autograd (the draft steps, and multi-token skipping passes):
@@ -46,41 +53,66 @@ from .policy import BudgetPolicy
 
 if TYPE_CHECKING:
     from .adapters import LayerWeights, ModelWeights
+    from .kernels.cpu_step import CpuStep
     from .engine import _Pass
     from .vocab import DraftHead
 
-KERNELS = ("auto", "torch", "triton")
+KERNELS = ("auto", "torch", "triton", "cpu")
 
 
 def resolve(kernels: str, device: torch.device | str) -> str:
-    """``"torch"`` or ``"triton"``: the path ``kernels`` means on ``device``. ``"triton"`` where the
-    kernels cannot run raises a RuntimeError that says what to do."""
+    """``"torch"``, ``"triton"`` or ``"cpu"``: the path ``kernels`` means on ``device``. A path that
+    cannot run there raises an error that says what to do."""
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
     if kernels == "torch":
         return "torch"
+    on_cpu = torch.device(device).type == "cpu"
+    if kernels == "cpu":
+        if not on_cpu:
+            raise ValueError(f"kernels='cpu' runs CPU tensors, the model is on {device}: use kernels='auto'")
+        return "cpu"
     from .kernels import require_triton, triton_available
 
     if kernels == "auto":
+        if on_cpu:
+            return "cpu"
         return "triton" if torch.device(device).type == "cuda" and triton_available(device) else "torch"
     require_triton(device)
     return "triton"
 
 
 def make(kernels: str, weights: "ModelWeights") -> "TritonKernels | None":
-    """What the engine holds: None for the PyTorch path, else the Triton dispatch."""
+    """The engine's Triton dispatch, or None (another path)."""
     return TritonKernels(weights) if resolve(kernels, weights.embed.device) == "triton" else None
 
 
-def _activation_name(act) -> str:
-    """The kernels' name of the model's MLP activation, told by its values."""
+def make_cpu_step(kernels: str, weights: "ModelWeights") -> "CpuStep | None":
+    """The engine's fused CPU pass, or None (another path). ``"auto"`` falls back to the PyTorch
+    path where the fused pass cannot run (no compiler, not float32, another activation); ``"cpu"``
+    then raises an error that says so."""
+    if resolve(kernels, weights.embed.device) != "cpu":
+        return None
+    from .kernels.cpu_step import CpuStep
+
+    try:
+        return CpuStep(weights, activation_name(weights.act, CpuStep.ACTIVATIONS))
+    except (RuntimeError, ValueError):
+        if kernels == "cpu":
+            raise
+        return None
+
+
+def activation_name(act, names: tuple[str, ...] = ("silu", "gelu_tanh")) -> str:
+    """The kernels' name of the model's MLP activation (one of ``names``), told by its values."""
     t = torch.linspace(-4, 4, 33)
     with torch.no_grad():
         y = act(t)
-    for name, ref in (("silu", F.silu(t)), ("gelu_tanh", F.gelu(t, approximate="tanh"))):
-        if torch.allclose(y, ref, atol=1e-5):
+    refs = {"silu": F.silu(t), "gelu_tanh": F.gelu(t, approximate="tanh")}
+    for name in names:
+        if torch.allclose(y, refs[name], atol=1e-5):
             return name
-    raise ValueError(f"the Triton MLP kernel has no activation like {act}: use kernels='torch'")
+    raise ValueError(f"the kernels have no MLP activation like {act}: use kernels='torch'")
 
 
 class TritonKernels:
@@ -95,7 +127,7 @@ class TritonKernels:
         self._res, self._route = residual, route
         self.weights = weights
         self.device = weights.embed.device
-        self.act = _activation_name(weights.act)
+        self.act = activation_name(weights.act)
         self._thresholds: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (host, device float32)
         self._budgets: dict[float, torch.Tensor] = {}
         self._identity: dict[int, torch.Tensor] = {}
@@ -148,7 +180,7 @@ class TritonKernels:
             return
         engine._count(p, i, branch, 0)  # the evaluations; the skipped ones are added by finish()
         if r is not None:
-            p.skips.append((r.count, n_rows, engine.pass_costs(p)[1][branch][i]))
+            p.skips.append((r.count, n_rows, engine.pass_costs(p.kv_fill, p.gates)[1][branch][i]))
 
     def finish(self, p: "_Pass") -> None:
         """End of a forward: the skip counts of its routes into the counter, summed on the device

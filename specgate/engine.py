@@ -146,8 +146,9 @@ class SkipCounter:
 class Engine:
     """Runs a Hugging Face decoder (see :mod:`specgate.adapters`) with a :class:`StaticKVCache`.
 
-    ``kernels``: ``"auto"``, ``"torch"`` or ``"triton"``, what runs the draft's sparse work (see
-    :mod:`specgate.dispatch`); ``self.kernels`` is the Triton dispatch, or None for PyTorch."""
+    ``kernels``: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cpu"``, what runs the passes (see
+    :mod:`specgate.dispatch`); ``self.kernels`` is the Triton dispatch and ``self.cpu_step`` the fused
+    CPU pass, each None where that path is not taken."""
 
     def __init__(self, model: torch.nn.Module, kernels: str = "auto"):
         self.weights: ModelWeights = read_weights(model)
@@ -157,6 +158,7 @@ class Engine:
         self._costs: dict[tuple, tuple] = {}  # (kv_fill, stand-in weights) -> branch_costs(...)
         self._skip_ones: dict[torch.device, _Selection] = {}
         self.kernels = dispatch.make(kernels, self.weights)
+        self.cpu_step = dispatch.make_cpu_step(kernels, self.weights)
 
     @property
     def num_layers(self) -> int:
@@ -223,6 +225,8 @@ class Engine:
             raise ValueError(f"cache of {cache.max_len} slots cannot take {T} more tokens")
         if kv_fill not in KV_FILLS:
             raise ValueError(f"kv_fill must be one of {KV_FILLS}, got {kv_fill!r}")
+        if self.cpu_step is not None and self.cpu_step.applies(input_ids, cache, gates, policy):
+            return self._fused(input_ids, cache, gates, policy, kv_fill, counter)
         p = self._prepare(input_ids, cache)
         p.gates, p.policy, p.kv_fill, p.counter = gates, policy, kv_fill, counter
         if self.kernels is not None and self.kernels.applies(gates, policy):
@@ -237,6 +241,19 @@ class Engine:
         return h
 
     # -- one pass --------------------------------------------------------------------------------
+
+    def _fused(self, input_ids, cache, gates, policy, kv_fill, counter) -> torch.Tensor:
+        """:meth:`hidden` by the fused CPU pass (:mod:`specgate.dispatch`)."""
+        h = layers.embed(self.weights, input_ids)
+        skipped = self.cpu_step.hidden(h, cache, gates, policy, copy_below=kv_fill == "copy_below")
+        T = input_ids.shape[1]
+        cache.advance(T)
+        if counter is not None and gates is not None:  # every gated branch counts, as in _select
+            cost, saved = self.pass_costs(kv_fill, gates)
+            for i in range(self.num_layers):
+                for b in (0, 1):
+                    counter.add(T, skipped[2 * i + b] if skipped else 0, cost[b][i], saved[b][i])
+        return h
 
     def _prepare(self, input_ids: torch.Tensor, cache: StaticKVCache) -> _Pass:
         B, T = input_ids.shape
@@ -287,12 +304,12 @@ class Engine:
     def _count(self, p: _Pass, i: int, branch: int, skipped: int) -> None:
         if p.counter is None:
             return
-        cost, saved = self.pass_costs(p)
+        cost, saved = self.pass_costs(p.kv_fill, p.gates)
         p.counter.add(p.n_valid, skipped, cost[branch][i], saved[branch][i])
 
-    def pass_costs(self, p: _Pass) -> tuple[list[list[float]], list[list[float]]]:
+    def pass_costs(self, kv_fill: KVFill, gates: GateSet | None) -> tuple[list[list[float]], list[list[float]]]:
         """:meth:`branch_costs` of a pass's K/V fill and its gates' stand-ins."""
-        key = (p.kv_fill, 0 if p.gates is None or p.gates.standins is None else p.gates.standins.weights_read())
+        key = (kv_fill, 0 if gates is None or gates.standins is None else gates.standins.weights_read())
         if key not in self._costs:
             self._costs[key] = self.branch_costs(*key)
         return self._costs[key]

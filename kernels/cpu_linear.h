@@ -1,0 +1,187 @@
+// The small-M fp32 linear kernel's building blocks, shared by the small_linear op (cpu_linear.cpp)
+// and the fused decode step (cpu_step.cpp). See cpu_linear.cpp for what the kernel does.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+
+namespace specgate_cpu {
+
+constexpr int kMaxRows = 8;         // token rows per pass over the weights
+constexpr int64_t kPrefetch = 2048;  // floats ahead of the current weight element (8 KB), into L2
+
+#if defined(__AVX512F__)
+using Vec = __m512;
+constexpr int kLanes = 16;
+inline Vec vzero() { return _mm512_setzero_ps(); }
+inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+#elif defined(__AVX2__) && defined(__FMA__)
+using Vec = __m256;
+constexpr int kLanes = 8;
+inline Vec vzero() { return _mm256_setzero_ps(); }
+inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+#else
+using Vec = float;  // no vector unit we know: plain scalar code, still one pass over the weights
+constexpr int kLanes = 1;
+inline Vec vzero() { return 0.0f; }
+inline Vec vload(const float* p) { return *p; }
+inline Vec vfma(Vec a, Vec b, Vec c) { return a * b + c; }
+#endif
+
+// Weight rows per block: as many as keep all R * M accumulators within one reduction tree
+// (R * M <= kLanes), at most 8. With AVX-512 that is 8 rows for 1-2 token rows, 5 for 3, 4 for 4,
+// 3 for 5 and 2 for 6-8: the accumulators plus the weight and token vectors fit the 32 registers,
+// each token-row load feeds R FMAs, and the horizontal sums of a block cost one tree. With AVX2
+// (16 registers, 8 lanes) the same rule gives 8, 4, 2, 2, then 1 row.
+template <int M>
+constexpr int block_rows() {
+  return std::clamp(kLanes / M, 1, 8);
+}
+
+// out[i] = the sum of the lanes of v[i] for i < N <= kLanes (out has room for kLanes floats).
+// A transpose-and-add tree: each level adds pairs of vectors after interleaving them, halving the
+// vector count and doubling the sums per vector, so N accumulators cost ~3 instructions each where a
+// horizontal sum per accumulator costs ~8 plus a long dependency chain. Missing inputs (i >= N) are
+// zeros, and levels whose inputs are all zero are skipped at compile time.
+template <int N>
+inline void hsums(const Vec* v, float* out) {
+  static_assert(N >= 1 && N <= kLanes, "one tree reduces at most kLanes accumulators");
+#if defined(__AVX512F__)
+  const __m512 z = _mm512_setzero_ps();
+  auto in = [&](int i) { return i < N ? v[i] : z; };
+  __m512 a[8], b[4], c[2];
+  // a[i], per 128-bit lane: {v[2i] (2 partial sums), v[2i+1] (2)} interleaved
+  for (int i = 0; i < 8; ++i)
+    a[i] = 2 * i < N ? _mm512_add_ps(_mm512_unpacklo_ps(in(2 * i), in(2 * i + 1)),
+                                     _mm512_unpackhi_ps(in(2 * i), in(2 * i + 1)))
+                     : z;
+  // b[i], per 128-bit lane: the lane's sums of v[4i .. 4i+3]
+  for (int i = 0; i < 4; ++i)
+    b[i] = 4 * i < N ? _mm512_add_ps(_mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0x44),
+                                     _mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0xEE))
+                     : z;
+  // c[i]: 128-bit lanes {v[8i .. 8i+3] half sums, other halves, v[8i+4 .. 8i+7] half sums, other halves}
+  for (int i = 0; i < 2; ++i)
+    c[i] = 8 * i < N ? _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
+                                     _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD))
+                     : z;
+  _mm512_storeu_ps(out, _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD)));
+#elif defined(__AVX2__) && defined(__FMA__)
+  const __m256 z = _mm256_setzero_ps();
+  auto in = [&](int i) { return i < N ? v[i] : z; };
+  __m256 a[4], b[2];
+  for (int i = 0; i < 4; ++i)
+    a[i] = 2 * i < N ? _mm256_add_ps(_mm256_unpacklo_ps(in(2 * i), in(2 * i + 1)),
+                                     _mm256_unpackhi_ps(in(2 * i), in(2 * i + 1)))
+                     : z;
+  for (int i = 0; i < 2; ++i)
+    b[i] = 4 * i < N ? _mm256_add_ps(_mm256_shuffle_ps(a[2 * i], a[2 * i + 1], 0x44),
+                                     _mm256_shuffle_ps(a[2 * i], a[2 * i + 1], 0xEE))
+                     : z;
+  // b[i], per 128-bit lane: that lane's sums of v[4i .. 4i+3]; add the two lanes
+  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(b[0], b[1], 0x20), _mm256_permute2f128_ps(b[0], b[1], 0x31)));
+#else
+  for (int i = 0; i < N; ++i) out[i] = v[i];
+#endif
+}
+
+// hsums over any number of accumulators, one tree per kLanes of them (only the scalar build, where
+// kLanes is 1, has blocks with more accumulators than lanes).
+template <int N, int I = 0>
+inline void hsums_all(const Vec* v, float* out) {
+  if constexpr (I < N) {
+    hsums<std::min(kLanes, N - I)>(v + I, out + I);
+    hsums_all<N, I + kLanes>(v, out);
+  }
+}
+
+// R output rows [w, w + R * ldw) for M token rows x (M, d), written to y[m * ldy + r].
+template <int M, int R>
+inline void rows_block(const float* x, int64_t d, const float* w, int64_t ldw, const float* bias, float* y, int64_t ldy) {
+  constexpr int N = R * M;
+  Vec acc[N];  // acc[r * M + m]: weight row r times token row m
+  for (int i = 0; i < N; ++i) acc[i] = vzero();
+  int64_t k = 0;
+  for (; k + kLanes <= d; k += kLanes) {
+    Vec wv[R];
+    for (int r = 0; r < R; ++r) {
+      __builtin_prefetch(w + r * ldw + k + kPrefetch, 0, 2);
+      wv[r] = vload(w + r * ldw + k);
+    }
+    for (int m = 0; m < M; ++m) {
+      const Vec xv = vload(x + m * d + k);
+      for (int r = 0; r < R; ++r) acc[r * M + m] = vfma(wv[r], xv, acc[r * M + m]);
+    }
+  }
+  float sums[(N + kLanes - 1) / kLanes * kLanes];
+  hsums_all<N>(acc, sums);
+  for (int r = 0; r < R; ++r) {
+    for (int m = 0; m < M; ++m) {
+      float s = sums[r * M + m];
+      for (int64_t kk = k; kk < d; ++kk) s += w[r * ldw + kk] * x[m * d + kk];  // d % kLanes leftover
+      y[m * ldy + r] = bias ? s + bias[r] : s;
+    }
+  }
+}
+
+// Output rows [n0, n1) for M token rows: blocks of R weight rows, then the leftover rows one by one.
+template <int M>
+inline void rows_range(const float* x, int64_t d, const float* w, int64_t ldw, const float* bias, float* y, int64_t ldy,
+                int64_t n0, int64_t n1) {
+  constexpr int R = block_rows<M>();
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) rows_block<M, R>(x, d, w + n * ldw, ldw, bias ? bias + n : nullptr, y + n, ldy);
+  for (; n < n1; ++n) rows_block<M, 1>(x, d, w + n * ldw, ldw, bias ? bias + n : nullptr, y + n, ldy);
+}
+
+inline void rows_range_any(int M, const float* x, int64_t d, const float* w, int64_t ldw, const float* bias, float* y,
+                    int64_t ldy, int64_t n0, int64_t n1) {
+  switch (M) {
+    case 1: return rows_range<1>(x, d, w, ldw, bias, y, ldy, n0, n1);
+    case 2: return rows_range<2>(x, d, w, ldw, bias, y, ldy, n0, n1);
+    case 3: return rows_range<3>(x, d, w, ldw, bias, y, ldy, n0, n1);
+    case 4: return rows_range<4>(x, d, w, ldw, bias, y, ldy, n0, n1);
+    case 5: return rows_range<5>(x, d, w, ldw, bias, y, ldy, n0, n1);
+    case 6: return rows_range<6>(x, d, w, ldw, bias, y, ldy, n0, n1);
+    case 7: return rows_range<7>(x, d, w, ldw, bias, y, ldy, n0, n1);
+    default: return rows_range<8>(x, d, w, ldw, bias, y, ldy, n0, n1);
+  }
+}
+
+// Vector-wide dot product of a and b (n floats).
+inline float dot(const float* a, const float* b, int64_t n) {
+  Vec acc[4] = {vzero(), vzero(), vzero(), vzero()};
+  int64_t k = 0;
+  for (; k + 4 * kLanes <= n; k += 4 * kLanes)
+    for (int j = 0; j < 4; ++j) acc[j] = vfma(vload(a + k + j * kLanes), vload(b + k + j * kLanes), acc[j]);
+  for (; k + kLanes <= n; k += kLanes) acc[0] = vfma(vload(a + k), vload(b + k), acc[0]);
+  float sums[kLanes];
+  hsums_all<4>(acc, sums);
+  float s = sums[0] + sums[1] + sums[2] + sums[3];
+  for (; k < n; ++k) s += a[k] * b[k];
+  return s;
+}
+
+// y (rows, n) = x (rows, d) @ w (n rows of stride ldw)^T + bias: the weight rows split over torch's
+// threads, each weight row read once per kMaxRows token rows.
+inline void linear_rows(const float* x, int64_t rows, int64_t d, const float* w, int64_t ldw, const float* bias, float* y,
+                        int64_t n) {
+  // Enough weight rows per task (>= ~32K floats) that the threads' start-up cost stays small.
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(d, 1));
+  at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
+    for (int64_t m0 = 0; m0 < rows; m0 += kMaxRows) {
+      const int M = static_cast<int>(std::min<int64_t>(kMaxRows, rows - m0));
+      rows_range_any(M, x + m0 * d, d, w, ldw, bias, y + m0 * n, n, n0, n1);
+    }
+  });
+}
+
+}  // namespace specgate_cpu

@@ -1,0 +1,251 @@
+// The whole decoder stack of one small pass on the CPU, in one call: batch 1, 1-8 new tokens, fp32.
+//
+// A decode step of a 135M model runs ~60 small operations per layer from Python; at ~1 us each
+// that is 4-6 ms of a 15-25 ms step, and a larger share of a draft step that skips half the
+// weights. This class runs the same layer math (specgate/layers.py is the reference it is tested
+// against) as plain loops over the hidden vectors, with the linear products of cpu_linear.h:
+//
+//   per layer: RMSNorm -> [gate: skip?] -> q/k/v, per-head norms, RoPE, K/V into the cache,
+//   attention over the cache, output projection, post-norm, residual add; then the same for the
+//   MLP (gate/up, activation, down).
+//
+// A draft step (one token) brings a plan per branch: the scalar gate's weights, its bias and its
+// calibrated threshold. The branch is skipped when sigmoid(w . x + b) <= threshold (a negative
+// threshold never skips, and the gate is then not computed); a skipped branch adds its stand-in
+// (c + (x A) B) to the residual stream, and a skipped attention branch still writes the token's
+// K/V: projected from x, or copied from the layer below (kv_fill "copy_below").
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "cpu_linear.h"
+
+namespace {
+
+using namespace specgate_cpu;
+
+const float* ptr(const at::Tensor& t) { return t.defined() && t.numel() ? t.data_ptr<float>() : nullptr; }
+
+// y = x / rms(x) * w over n floats (y may be x).
+void rms_norm(const float* x, const float* w, float* y, int64_t n, float eps) {
+  const float r = 1.0f / std::sqrt(dot(x, x, n) / n + eps);
+  for (int64_t k = 0; k < n; ++k) y[k] = x[k] * r * w[k];
+}
+
+// RoPE in place on one head (hd floats), with the rotate-half convention of Hugging Face.
+void rope(float* x, const float* cos, const float* sin, int64_t hd) {
+  const int64_t half = hd / 2;
+  for (int64_t j = 0; j < half; ++j) {
+    const float a = x[j], b = x[j + half];
+    x[j] = a * cos[j] - b * sin[j];
+    x[j + half] = b * cos[j + half] + a * sin[j + half];
+  }
+}
+
+float activation(float g, int64_t act) {
+  if (act == 0) return g / (1.0f + std::exp(-g));  // SiLU
+  const float c = 0.7978845608028654f;             // sqrt(2 / pi): GELU, tanh approximation
+  return 0.5f * g * (1.0f + std::tanh(c * (g + 0.044715f * g * g * g)));
+}
+
+struct Layer {
+  at::Tensor attn_norm, qkv_w, qkv_b, o_w, o_b, mlp_norm, gate_up_w, down_w, q_norm, k_norm, post_attn, post_mlp;
+  int64_t window, rope;
+};
+
+constexpr int kTensorsPerLayer = 12;
+
+struct CpuStep : torch::CustomClassHolder {
+  std::vector<Layer> layers;
+  int64_t d, n_heads, n_kv, hd, act;
+  double eps, scaling;
+
+  // tensors: 12 per layer in Layer's order (an empty tensor for an absent one); ints: n_heads,
+  // n_kv_heads, head_dim, activation (0 SiLU, 1 GELU-tanh), then per layer its sliding window (0:
+  // none) and its RoPE table's index; floats: RMSNorm eps, attention scaling.
+  CpuStep(std::vector<at::Tensor> tensors, std::vector<int64_t> ints, std::vector<double> floats) {
+    TORCH_CHECK(ints.size() >= 4 && floats.size() == 2, "CpuStep: bad configuration");
+    n_heads = ints[0], n_kv = ints[1], hd = ints[2], act = ints[3];
+    eps = floats[0], scaling = floats[1];
+    const int64_t L = static_cast<int64_t>(tensors.size()) / kTensorsPerLayer;
+    TORCH_CHECK(static_cast<int64_t>(tensors.size()) == L * kTensorsPerLayer && ints.size() == 4 + 2 * L,
+                "CpuStep: ", kTensorsPerLayer, " tensors and 2 ints per layer");
+    for (const auto& t : tensors)
+      TORCH_CHECK(t.numel() == 0 || (t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu()),
+                  "CpuStep: weights must be contiguous float32 CPU tensors");
+    for (int64_t i = 0; i < L; ++i) {
+      const auto* t = &tensors[i * kTensorsPerLayer];
+      layers.push_back({t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8], t[9], t[10], t[11], ints[4 + i],
+                        ints[4 + L + i]});
+    }
+    d = layers.at(0).attn_norm.numel();
+  }
+
+  // Runs the T rows of h (T, d) through every layer, in place, writing their K/V at cache slots
+  // pos .. pos + T - 1 of k[i], v[i] (1, n_kv, max_len, hd). cos, sin: per RoPE table, (T, hd).
+  // plan: empty, or (2 L, d + 2) rows [gate weights, gate bias, threshold] per branch 2 i + b, for
+  // a single-token draft step; standins: empty, or [c (2 L, d)] or [c, A (2 L, d, r), B (2 L, r, d)].
+  // Returns the branches skipped, (2 L,) uint8 (empty without a plan).
+  at::Tensor run(at::Tensor h, std::vector<at::Tensor> k, std::vector<at::Tensor> v, int64_t pos,
+                 std::vector<at::Tensor> cos, std::vector<at::Tensor> sin, at::Tensor plan,
+                 std::vector<at::Tensor> standins, bool copy_below) {
+    const int64_t L = layers.size(), T = h.size(0);
+    TORCH_CHECK(h.dim() == 2 && h.size(1) == d && h.is_contiguous() && h.scalar_type() == at::kFloat,
+                "CpuStep.run: h must be contiguous float32 (T, d)");
+    TORCH_CHECK(T >= 1 && T <= kMaxRows, "CpuStep.run: 1 to ", kMaxRows, " tokens");
+    TORCH_CHECK(static_cast<int64_t>(k.size()) == L && static_cast<int64_t>(v.size()) == L, "CpuStep.run: a cache per layer");
+    TORCH_CHECK(pos + T <= k[0].size(2), "CpuStep.run: the cache has no room");
+    const bool draft = plan.numel() > 0;
+    TORCH_CHECK(!draft || (T == 1 && plan.size(0) == 2 * L && plan.size(1) == d + 2), "CpuStep.run: bad plan");
+    const int64_t q_dim = n_heads * hd, kv_dim = n_kv * hd, ff = layers[0].down_w.size(1);
+    std::vector<float> x(T * d), qkv(T * (q_dim + 2 * kv_dim)), o(T * q_dim), y(T * d), gu(T * 2 * ff), a(T * ff);
+    at::Tensor skipped = at::zeros({draft ? 2 * L : 0}, at::kByte);
+    float* hp = h.data_ptr<float>();
+    uint8_t* skip = skipped.data_ptr<uint8_t>();
+
+    for (int64_t i = 0; i < L; ++i) {
+      const Layer& lw = layers[i];
+      const float* c = cos[lw.rope].data_ptr<float>();
+      const float* s = sin[lw.rope].data_ptr<float>();
+      // -- attention --
+      for (int64_t t = 0; t < T; ++t) rms_norm(hp + t * d, ptr(lw.attn_norm), x.data() + t * d, d, eps);
+      if (draft && skips(plan, 2 * i, x.data())) {
+        skip[2 * i] = 1;
+        if (copy_below && i > 0) {
+          copy_kv(k[i - 1], k[i], pos), copy_kv(v[i - 1], v[i], pos);
+        } else {
+          const float* bias = ptr(lw.qkv_b);
+          linear_rows(x.data(), 1, d, ptr(lw.qkv_w) + q_dim * d, d, bias ? bias + q_dim : nullptr, qkv.data(), 2 * kv_dim);
+          keys_values(lw, qkv.data(), 2 * kv_dim, 1, c, s, k[i], v[i], pos);
+        }
+        add_standin(standins, 2 * i, x.data(), hp);
+      } else {
+        const int64_t n = q_dim + 2 * kv_dim;
+        linear_rows(x.data(), T, d, ptr(lw.qkv_w), d, ptr(lw.qkv_b), qkv.data(), n);
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t j = 0; j < n_heads; ++j) {
+            float* q = qkv.data() + t * n + j * hd;
+            if (lw.q_norm.numel()) rms_norm(q, ptr(lw.q_norm), q, hd, eps);
+            rope(q, c + t * hd, s + t * hd, hd);
+          }
+        keys_values(lw, qkv.data() + q_dim, n, T, c, s, k[i], v[i], pos);
+        attend(qkv.data(), n, T, k[i], v[i], pos, lw.window, o.data());
+        linear_rows(o.data(), T, q_dim, ptr(lw.o_w), q_dim, ptr(lw.o_b), y.data(), d);
+        add_output(lw.post_attn, T, y.data(), hp);
+      }
+      // -- MLP --
+      for (int64_t t = 0; t < T; ++t) rms_norm(hp + t * d, ptr(lw.mlp_norm), x.data() + t * d, d, eps);
+      if (draft && skips(plan, 2 * i + 1, x.data())) {
+        skip[2 * i + 1] = 1;
+        add_standin(standins, 2 * i + 1, x.data(), hp);
+        continue;
+      }
+      linear_rows(x.data(), T, d, ptr(lw.gate_up_w), d, nullptr, gu.data(), 2 * ff);
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t f = 0; f < ff; ++f) a[t * ff + f] = activation(gu[t * 2 * ff + f], act) * gu[t * 2 * ff + ff + f];
+      linear_rows(a.data(), T, ff, ptr(lw.down_w), ff, nullptr, y.data(), d);
+      add_output(lw.post_mlp, T, y.data(), hp);
+    }
+    return skipped;
+  }
+
+ private:
+  // Whether the draft skips branch kb for the normed input x (one token).
+  bool skips(const at::Tensor& plan, int64_t kb, const float* x) const {
+    const float* row = plan.data_ptr<float>() + kb * (d + 2);
+    const float threshold = row[d + 1];
+    if (threshold < 0) return false;
+    const float g = 1.0f / (1.0f + std::exp(-(dot(row, x, d) + row[d])));
+    return g <= threshold;
+  }
+
+  // h += the stand-in of branch kb at the normed input x (one token).
+  void add_standin(const std::vector<at::Tensor>& standins, int64_t kb, const float* x, float* h) const {
+    if (standins.empty()) return;
+    const float* c = standins[0].data_ptr<float>() + kb * d;
+    for (int64_t j = 0; j < d; ++j) h[j] += c[j];
+    if (standins.size() < 3) return;
+    const int64_t r = standins[1].size(2);
+    const float* A = standins[1].data_ptr<float>() + kb * d * r;  // (d, r)
+    const float* B = standins[2].data_ptr<float>() + kb * r * d;  // (r, d)
+    std::vector<float> z(r, 0.0f);
+    for (int64_t j = 0; j < d; ++j)
+      for (int64_t q = 0; q < r; ++q) z[q] += x[j] * A[j * r + q];
+    for (int64_t q = 0; q < r; ++q)
+      for (int64_t j = 0; j < d; ++j) h[j] += z[q] * B[q * d + j];
+  }
+
+  // h += post_norm(y) for T rows.
+  void add_output(const at::Tensor& post_norm, int64_t T, float* y, float* h) const {
+    for (int64_t t = 0; t < T; ++t) {
+      if (post_norm.numel()) rms_norm(y + t * d, ptr(post_norm), y + t * d, d, eps);
+      for (int64_t j = 0; j < d; ++j) h[t * d + j] += y[t * d + j];
+    }
+  }
+
+  // Projected keys and values (T rows of stride ld: k heads, then v heads) -> k-norm and RoPE of
+  // the keys -> cache slots pos .. pos + T - 1.
+  void keys_values(const Layer& lw, float* kv, int64_t ld, int64_t T, const float* c, const float* s, at::Tensor& kc,
+                   at::Tensor& vc, int64_t pos) const {
+    const int64_t max_len = kc.size(2);
+    float* kp = kc.data_ptr<float>();
+    float* vp = vc.data_ptr<float>();
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t j = 0; j < n_kv; ++j) {
+        float* key = kv + t * ld + j * hd;
+        const float* value = kv + t * ld + (n_kv + j) * hd;
+        if (lw.k_norm.numel()) rms_norm(key, ptr(lw.k_norm), key, hd, eps);
+        rope(key, c + t * hd, s + t * hd, hd);
+        std::copy(key, key + hd, kp + (j * max_len + pos + t) * hd);
+        std::copy(value, value + hd, vp + (j * max_len + pos + t) * hd);
+      }
+  }
+
+  // The cache entries of slot pos, one layer's buffer to the next's (the K/V fill "copy_below").
+  void copy_kv(const at::Tensor& below, at::Tensor& here, int64_t pos) const {
+    const int64_t max_len = here.size(2);
+    for (int64_t j = 0; j < n_kv; ++j) {
+      const float* src = below.data_ptr<float>() + (j * max_len + pos) * hd;
+      std::copy(src, src + hd, here.data_ptr<float>() + (j * max_len + pos) * hd);
+    }
+  }
+
+  // Softmax attention of T queries (rows of stride ld, heads first) at positions pos + t over the
+  // cache's slots 0 .. pos + t (the last `window` of them for a sliding window) -> o (T, q_dim).
+  void attend(const float* q, int64_t ld, int64_t T, const at::Tensor& kc, const at::Tensor& vc, int64_t pos,
+              int64_t window, float* o) const {
+    const int64_t max_len = kc.size(2), group = n_heads / n_kv;
+    const float* kp = kc.data_ptr<float>();
+    const float* vp = vc.data_ptr<float>();
+    at::parallel_for(0, T * n_heads, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<float> p(pos + T);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t t = b / n_heads, j = b % n_heads, kvh = j / group, last = pos + t;
+        const int64_t first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
+        const float* qh = q + t * ld + j * hd;
+        const float* keys = kp + kvh * max_len * hd;
+        const float* values = vp + kvh * max_len * hd;
+        float top = -INFINITY, sum = 0.0f;
+        for (int64_t u = first; u <= last; ++u) top = std::max(top, p[u] = dot(qh, keys + u * hd, hd) * scaling);
+        for (int64_t u = first; u <= last; ++u) sum += p[u] = std::exp(p[u] - top);
+        float* out = o + t * n_heads * hd + j * hd;
+        std::fill(out, out + hd, 0.0f);
+        for (int64_t u = first; u <= last; ++u) {
+          const float w = p[u] / sum;
+          const float* val = values + u * hd;
+          for (int64_t e = 0; e < hd; ++e) out[e] += w * val[e];
+        }
+      }
+    });
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(specgate, m) {
+  m.class_<CpuStep>("CpuStep")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<double>>())
+      .def("run", &CpuStep::run);
+}

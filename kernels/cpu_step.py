@@ -1,0 +1,118 @@
+"""The fused CPU pass: the whole decoder stack of a batch-1 pass of 1-8 tokens in one C++ call.
+
+A decode step run op by op from Python pays ~1 us per operation, ~60 per layer: 4-6 ms of a 15-25 ms
+step of SmolLM2-135M, and a larger share of a draft step that skips half the weights.
+``cpu_step.cpp`` runs the same layer math (:mod:`specgate.layers` is its reference, and the tests
+compare the two) as loops over the hidden vectors and the small-M linear kernel of ``cpu_linear.h``.
+
+It covers what decoding runs most: plain decode steps and verify passes (no gates, or gates that
+only pick skips with no policy), and single-token draft steps with scalar gates and calibrated
+thresholds (:class:`specgate.policy.BudgetPolicy`), stand-ins of any rank and both K/V fills; fp32,
+batch 1, no left padding, no autograd. :meth:`CpuStep.applies` says whether a pass is covered;
+everything else runs the engine's PyTorch code.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from . import cpu_linear
+
+if TYPE_CHECKING:
+    from specgate.adapters import ModelWeights
+    from specgate.cache import StaticKVCache
+    from specgate.gates import GateSet
+    from specgate.policy import SkipPolicy
+
+MAX_TOKENS = 8  # the small-M kernel's rows per pass over the weights
+
+
+class CpuStep:
+    """The fused pass over one model's weights (shared, not copied). ``act``: the MLP activation's
+    name (one of :attr:`ACTIVATIONS`)."""
+
+    ACTIVATIONS = ("silu", "gelu_tanh")  # codes 0 and 1 of cpu_step.cpp
+
+    def __init__(self, weights: "ModelWeights", act: str):
+        if cpu_linear.load() is None:
+            raise RuntimeError("the CPU kernels could not be built (see the warning above): use kernels='torch'")
+        if weights.embed.dtype != torch.float32:
+            raise ValueError(f"the fused CPU pass runs float32 weights, not {weights.embed.dtype}: use kernels='torch'")
+        empty = torch.empty(0)
+        tensors = []
+        for lw in weights.layers:
+            for t in (lw.attn_norm, lw.qkv_w, lw.qkv_b, lw.o_w, lw.o_b, lw.mlp_norm, lw.gate_up_w, lw.down_w,
+                      lw.q_norm, lw.k_norm, lw.post_attn_norm, lw.post_mlp_norm):  # fmt: skip
+                tensors.append(empty if t is None else t.detach().float().contiguous())
+        self.rope_kinds = list(weights.rope)
+        ints = [weights.n_heads, weights.n_kv_heads, weights.head_dim, self.ACTIVATIONS.index(act)]
+        ints += [lw.window or 0 for lw in weights.layers] + [self.rope_kinds.index(lw.rope) for lw in weights.layers]
+        self._step = torch.classes.specgate.CpuStep(tensors, ints, [weights.eps, weights.scaling])
+        self.weights = weights
+        self._tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # RoPE cos, sin per position
+        self._plans: dict[tuple[int, int], tuple] = {}  # (gates, thresholds) ids -> (gates, policy, plan, stand-ins)
+
+    @staticmethod
+    def applies(input_ids: torch.Tensor, cache: "StaticKVCache", gates: "GateSet | None", policy: "SkipPolicy | None") -> bool:
+        """Whether the fused pass computes this forward (else the engine's PyTorch code does)."""
+        from specgate.policy import BudgetPolicy
+
+        B, T = input_ids.shape
+        if B != 1 or T > MAX_TOKENS or cache.host_pad[0] or torch.is_grad_enabled() or input_ids.device.type != "cpu":
+            return False
+        if gates is None or policy is None:  # gates without a policy skip nothing
+            return gates is None or not gates.config.scale_output
+        return (
+            T == 1 and isinstance(policy, BudgetPolicy) and policy.thresholds is not None
+            and gates.config.kind == "scalar" and not gates.config.scale_output
+        )  # fmt: skip
+
+    def hidden(self, h: torch.Tensor, cache: "StaticKVCache", gates, policy, copy_below: bool) -> list[int] | None:
+        """Run the embedded tokens h (1, T, d) through every layer, in place, writing their K/V at the
+        cache's next slots (the caller advances it). Returns, for a draft step, which branches were
+        skipped (2 L flags, row 2 i + b), else None."""
+        T, pos = h.shape[1], cache.host_lengths[0]
+        cos, sin = self._rope(pos + T)
+        plan, standins = self._plan(gates, policy) if gates is not None and policy is not None else (torch.empty(0), [])
+        skipped = self._step.run(
+            h.view(T, -1), cache.k, cache.v, pos, [c[pos : pos + T] for c in cos], [s[pos : pos + T] for s in sin],
+            plan, standins, copy_below,
+        )  # fmt: skip
+        return skipped.tolist() if plan.numel() else None
+
+    def _rope(self, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """cos and sin tables per RoPE kind, (positions, hd), for at least n positions."""
+        first = self._tables.get(self.rope_kinds[0])
+        if first is None or len(first[0]) < n:
+            size = max(n, 2 * len(first[0]) if first is not None else 256)
+            positions = torch.arange(size)[None]
+            x = torch.empty(0, dtype=torch.float32)
+            for kind in self.rope_kinds:
+                cos, sin = self.weights.rope[kind](x, positions)
+                self._tables[kind] = (cos[0].float().contiguous(), sin[0].float().contiguous())
+        return [self._tables[k][0] for k in self.rope_kinds], [self._tables[k][1] for k in self.rope_kinds]
+
+    def _plan(self, gates: "GateSet", policy) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The draft's plan (2 L, d + 2): per branch its gate's weights and bias and its threshold
+        (-1 where the step never skips), and the stand-ins' tensors; built once per gates and policy."""
+        key = (id(gates), id(policy))
+        if key in self._plans and self._plans[key][0] is gates and self._plans[key][1] is policy:
+            return self._plans[key][2:]
+        L, d = gates.config.num_layers, gates.config.hidden_size
+        plan = torch.full((2 * L, d + 2), -1.0)
+        with torch.no_grad():
+            for i in range(L):
+                for b in (0, 1):
+                    proj = gates.gate(i, b).proj
+                    plan[2 * i + b, :d] = proj.weight.reshape(-1).float()
+                    plan[2 * i + b, d] = proj.bias.float()
+                    if policy.may_skip(i, b, 1):
+                        plan[2 * i + b, d + 1] = policy.threshold(i, b)
+        s = gates.standins
+        standins = [] if s is None else [t.detach().float().contiguous() for t in ([s.bias] if s.rank == 0 else [s.bias, s.down, s.up])]
+        if len(self._plans) >= 8:  # a few policies live at once (one per budget tried)
+            self._plans.clear()
+        self._plans[key] = (gates, policy, plan, standins)
+        return plan, standins

@@ -1,0 +1,125 @@
+"""The fused CPU pass (kernels/cpu_step.cpp) against the engine's PyTorch path: the same logits, the
+same K/V in the cache and the same skips, on every supported family."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import specgate
+from specgate import SkipCounter
+from specgate.engine import Engine
+from specgate.kernels import cpu_linear
+from specgate.kernels.cpu_step import CpuStep
+from specgate.policy import BudgetPolicy
+from specgate.standin import StandIns
+
+from conftest import FAMILIES, tiny, tiny_hf
+
+pytestmark = pytest.mark.skipif(cpu_linear.load() is None, reason="the CPU kernels cannot be built here")
+
+
+def engines(family: str):
+    """The fused engine and the PyTorch one over the same weights."""
+    model = tiny_hf(family)
+    fused, ref = Engine(model, kernels="cpu"), Engine(model, kernels="torch")
+    assert fused.cpu_step is not None and ref.cpu_step is None
+    return fused, ref
+
+
+def prefilled(engine: Engine, ids: torch.Tensor, room: int = 12):
+    cache = engine.new_cache(1, ids.shape[1] + room)
+    engine(ids, cache)
+    return cache
+
+
+def assert_caches_close(a, b, upto: int) -> None:
+    for ka, kb, va, vb in zip(a.k, b.k, a.v, b.v):
+        torch.testing.assert_close(ka[:, :, :upto], kb[:, :, :upto], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(va[:, :, :upto], vb[:, :, :upto], atol=1e-5, rtol=1e-4)
+
+
+def scalar_gates(m: specgate.SpecGateModel, rank: int, seed: int = 0):
+    """Scalar gates that only pick skips, stand-ins of the given rank, and thresholds that skip
+    about half of the branches."""
+    torch.manual_seed(seed)
+    gates = m.new_gates(kind="scalar")
+    gates.config = dataclasses.replace(gates.config, scale_output=False)
+    for p in gates.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    L, d = gates.config.num_layers, gates.config.hidden_size
+    gates.standins = StandIns(L, d, rank)
+    for p in gates.standins.parameters():
+        p.data.normal_(0, 0.1)
+    return gates, torch.rand(2, L, generator=torch.Generator().manual_seed(seed)) * 0.6 + 0.2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.inference_mode()
+def test_plain_and_verify_passes_equal_the_pytorch_path(family):
+    """1, 3 and 8 new tokens after a prompt longer than Gemma's sliding window (5 here)."""
+    fused, ref = engines(family)
+    ids = torch.randint(3, 101, (1, 9), generator=torch.Generator().manual_seed(1))
+    caches = [prefilled(e, ids, room=16) for e in (fused, ref)]
+    for T in (1, 3, 8):
+        new = torch.randint(3, 101, (1, T), generator=torch.Generator().manual_seed(T))
+        a, b = (e(new, c) for e, c in zip((fused, ref), caches))
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+    assert caches[0].host_lengths == caches[1].host_lengths == [9 + 12]
+    assert_caches_close(*caches, upto=21)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("rank", [0, 3])
+@pytest.mark.parametrize("kv_fill", ["project", "copy_below"])
+@torch.inference_mode()
+def test_draft_steps_skip_as_the_pytorch_path(family, rank, kv_fill):
+    """Single-token draft steps with scalar gates, calibrated thresholds, stand-ins and a branch
+    that never skips: the same skips and counts, logits and cache."""
+    m = tiny(family)
+    gates, thresholds = scalar_gates(m, rank)
+    policy = BudgetPolicy(budget=0.5, thresholds=thresholds, never_skip=frozenset({(1, 1)}))
+    fused, ref = Engine(m.hf_model, kernels="cpu"), Engine(m.hf_model, kernels="torch")
+    ids = torch.randint(3, 101, (1, 14), generator=torch.Generator().manual_seed(2))
+    results = []
+    for e in (fused, ref):
+        cache, counter = prefilled(e, ids[:, :7]), SkipCounter()
+        steps = [e(ids[:, t : t + 1], cache, gates, policy, kv_fill=kv_fill, counter=counter) for t in range(7, 14)]
+        results.append((torch.cat(steps, 1), cache, (counter.total, counter.skipped, round(counter.compute_skipped, 9))))
+    (a, ca, na), (b, cb, nb) = results
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert na == nb and 0 < na[1] < na[0]
+    assert_caches_close(ca, cb, upto=14)
+
+
+@torch.inference_mode()
+def test_passes_it_does_not_cover_take_the_pytorch_path(monkeypatch):
+    """Batches, left padding, more than 8 tokens, multi-token skipping, low-rank gates and autograd
+    are the PyTorch path's; the fused pass is never called for them."""
+    m = tiny("llama", gates=True)
+    fused = Engine(m.hf_model, kernels="cpu")
+    calls = []
+    monkeypatch.setattr(fused.cpu_step, "hidden", lambda *a, **k: calls.append(1))
+    ids = torch.randint(3, 101, (2, 9), generator=torch.Generator().manual_seed(3))
+    fused(ids, fused.new_cache(2, 9))  # batch 2
+    cache = fused.new_cache(1, 20)
+    fused(ids[:1], cache)  # 9 tokens
+    fused(ids[:1, :2], cache, m.gates, BudgetPolicy(budget=0.5))  # a multi-token skipping pass
+    fused(ids[:1, :1], cache, m.gates, m.gates.policy(0.5) if m.gates.thresholds else BudgetPolicy(0.5, torch.zeros(2, 4)))  # low-rank gates
+    assert calls == []
+    fused(ids[:1, :1], cache)
+    assert calls == [1]
+    with torch.enable_grad():
+        assert not CpuStep.applies(ids[:1, :1], cache, None, None)
+
+
+def test_kernels_cpu_is_refused_where_it_cannot_run():
+    model = tiny_hf("llama").to(torch.bfloat16)
+    with pytest.raises(ValueError, match="float32.*kernels='torch'"):
+        Engine(model, kernels="cpu")
+    assert Engine(model, kernels="auto").cpu_step is None  # auto falls back to the PyTorch path
+    with pytest.raises(ValueError, match="kernels='cpu' runs CPU tensors"):
+        specgate.dispatch.resolve("cpu", "cuda")
