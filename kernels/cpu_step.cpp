@@ -1,4 +1,4 @@
-// The whole decoder stack of one small pass on the CPU, in one call: batch 1, 1-8 new tokens, fp32.
+// The whole decoder stack of one small pass on the CPU, in one call: batch 1, 1-16 new tokens, fp32.
 //
 // A decode step of a 135M model runs ~60 small operations per layer from Python; at ~1 us each
 // that is 4-6 ms of a 15-25 ms step, and a larger share of a draft step that skips half the
@@ -56,6 +56,7 @@ struct Layer {
 };
 
 constexpr int kTensorsPerLayer = 12;
+constexpr int64_t kMaxTokens = 16;  // two passes over the weights of kMaxRows token rows
 
 struct CpuStep : torch::CustomClassHolder {
   std::vector<Layer> layers;
@@ -94,7 +95,7 @@ struct CpuStep : torch::CustomClassHolder {
     const int64_t L = layers.size(), T = h.size(0);
     TORCH_CHECK(h.dim() == 2 && h.size(1) == d && h.is_contiguous() && h.scalar_type() == at::kFloat,
                 "CpuStep.run: h must be contiguous float32 (T, d)");
-    TORCH_CHECK(T >= 1 && T <= kMaxRows, "CpuStep.run: 1 to ", kMaxRows, " tokens");
+    TORCH_CHECK(T >= 1 && T <= kMaxTokens, "CpuStep.run: 1 to ", kMaxTokens, " tokens");
     TORCH_CHECK(static_cast<int64_t>(k.size()) == L && static_cast<int64_t>(v.size()) == L, "CpuStep.run: a cache per layer");
     TORCH_CHECK(pos + T <= k[0].size(2), "CpuStep.run: the cache has no room");
     const bool draft = plan.numel() > 0;

@@ -1,4 +1,4 @@
-"""The fused CPU pass: the whole decoder stack of a batch-1 pass of 1-8 tokens in one C++ call.
+"""The fused CPU pass: the whole decoder stack of a batch-1 pass of 1-16 tokens in one C++ call.
 
 A decode step run op by op from Python pays ~1 us per operation, ~60 per layer: 4-6 ms of a 15-25 ms
 step of SmolLM2-135M, and a larger share of a draft step that skips half the weights.
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from specgate.gates import GateSet
     from specgate.policy import SkipPolicy
 
-MAX_TOKENS = 8  # the small-M kernel's rows per pass over the weights
+MAX_TOKENS = 16  # 8 token rows per pass over the weights (cpu_linear.h), so 9-16 tokens read them twice
 
 
 class CpuStep:

@@ -9,7 +9,7 @@ path; the engine holds a :class:`TritonKernels` (``engine.kernels``, :func:`make
 :class:`~specgate.kernels.cpu_step.CpuStep` (``engine.cpu_step``, :func:`make_cpu_step`), or neither:
 the PyTorch path, the engine's own code, unchanged.
 
-The fused CPU pass (:mod:`specgate.kernels.cpu_step`) runs a whole batch-1 pass of 1-8 tokens in
+The fused CPU pass (:mod:`specgate.kernels.cpu_step`) runs a whole batch-1 pass of 1-16 tokens in
 one C++ call: plain decode steps, verify passes and single-token draft steps with scalar gates.
 Other passes (prefill, batches, multi-token skipping passes) run the PyTorch code.
 

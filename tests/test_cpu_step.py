@@ -59,17 +59,18 @@ def scalar_gates(m: specgate.SpecGateModel, rank: int, seed: int = 0):
 @pytest.mark.parametrize("family", FAMILIES)
 @torch.inference_mode()
 def test_plain_and_verify_passes_equal_the_pytorch_path(family):
-    """1, 3 and 8 new tokens after a prompt longer than Gemma's sliding window (5 here)."""
+    """1, 3, 8 and 12 new tokens after a prompt longer than Gemma's sliding window (5 here); 12
+    tokens take two passes over the weights."""
     fused, ref = engines(family)
     ids = torch.randint(3, 101, (1, 9), generator=torch.Generator().manual_seed(1))
-    caches = [prefilled(e, ids, room=16) for e in (fused, ref)]
-    for T in (1, 3, 8):
+    caches = [prefilled(e, ids, room=24) for e in (fused, ref)]
+    for T in (1, 3, 8, 12):
         new = torch.randint(3, 101, (1, T), generator=torch.Generator().manual_seed(T))
         a, b = (e(new, c) for e, c in zip((fused, ref), caches))
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
         assert torch.equal(a.argmax(-1), b.argmax(-1))
-    assert caches[0].host_lengths == caches[1].host_lengths == [9 + 12]
-    assert_caches_close(*caches, upto=21)
+    assert caches[0].host_lengths == caches[1].host_lengths == [9 + 24]
+    assert_caches_close(*caches, upto=33)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
@@ -97,16 +98,16 @@ def test_draft_steps_skip_as_the_pytorch_path(family, rank, kv_fill):
 
 @torch.inference_mode()
 def test_passes_it_does_not_cover_take_the_pytorch_path(monkeypatch):
-    """Batches, left padding, more than 8 tokens, multi-token skipping, low-rank gates and autograd
+    """Batches, left padding, more than 16 tokens, multi-token skipping, low-rank gates and autograd
     are the PyTorch path's; the fused pass is never called for them."""
     m = tiny("llama", gates=True)
     fused = Engine(m.hf_model, kernels="cpu")
     calls = []
     monkeypatch.setattr(fused.cpu_step, "hidden", lambda *a, **k: calls.append(1))
-    ids = torch.randint(3, 101, (2, 9), generator=torch.Generator().manual_seed(3))
-    fused(ids, fused.new_cache(2, 9))  # batch 2
-    cache = fused.new_cache(1, 20)
-    fused(ids[:1], cache)  # 9 tokens
+    ids = torch.randint(3, 101, (2, 17), generator=torch.Generator().manual_seed(3))
+    fused(ids, fused.new_cache(2, 17))  # batch 2
+    cache = fused.new_cache(1, 30)
+    fused(ids[:1], cache)  # 17 tokens
     fused(ids[:1, :2], cache, m.gates, BudgetPolicy(budget=0.5))  # a multi-token skipping pass
     fused(ids[:1, :1], cache, m.gates, m.gates.policy(0.5) if m.gates.thresholds else BudgetPolicy(0.5, torch.zeros(2, 4)))  # low-rank gates
     assert calls == []
@@ -114,6 +115,8 @@ def test_passes_it_does_not_cover_take_the_pytorch_path(monkeypatch):
     assert calls == [1]
     with torch.enable_grad():
         assert not CpuStep.applies(ids[:1, :1], cache, None, None)
+    cache.host_pad = [2]  # left padding
+    assert not CpuStep.applies(ids[:1, :1], cache, None, None)
 
 
 def test_kernels_cpu_is_refused_where_it_cannot_run():
