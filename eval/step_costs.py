@@ -5,11 +5,14 @@ passes of k + 1 tokens (k = 2, 4, 8), and draft steps at several budgets (with t
 with the draft vocabulary). Every kind of step runs once per round, rounds interleaved, and each
 figure is the median over rounds, so drift on a shared machine hits all kinds alike.
 
-``--backends auto onednn`` measures every step once per backend of the linear products
-(``SPECGATE_LINEAR``), interleaved too: ``onednn`` is what the engine used before it chose by
-measurement.
+``--paths`` measures every step once per code path, interleaved too: ``fused`` (the fused CPU
+pass, what ``kernels="auto"`` takes on the CPU), ``torch`` (the engine's PyTorch path, linear
+products by the measured choice) and ``onednn`` (the PyTorch path with every product through
+oneDNN: what the engine ran before it measured). ``--precisions`` adds draft steps over bfloat16 /
+int8 copies of the weights (fused path only).
 
     python eval/step_costs.py [--gates DIR] [--threads 2] [--rounds 30] [--budgets 0.3 0.5 0.7] [--vocab 8192]
+        [--paths fused torch] [--precisions float32 int8]
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ from pathlib import Path
 import torch
 
 import specgate
-from specgate import SkipCounter, linear
+from specgate import Engine, SkipCounter, linear
+
+# path -> (kernels=, SPECGATE_LINEAR=)
+PATHS = {"fused": ("cpu", "auto"), "torch": ("torch", "auto"), "onednn": ("torch", "onednn")}
 
 
 def cpu_name() -> str:
@@ -45,56 +51,69 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vocab", type=int, default=8192, help="draft vocabulary size for the draft rows (0: none)")
     ap.add_argument("--kv-fill", default="project", choices=["project", "copy_below"])
     ap.add_argument("--gates", default="default")
-    ap.add_argument("--backends", nargs="+", default=["auto"], help="linear backends to compare (SPECGATE_LINEAR)")
+    ap.add_argument("--paths", nargs="+", default=["fused"], choices=list(PATHS), help="code paths to compare")
+    ap.add_argument("--precisions", nargs="+", default=["float32"], choices=["float32", "bfloat16", "int8"],
+                    help="draft weight precisions (not float32: the fused path only)")  # fmt: skip
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     m = specgate.load(gates=args.gates)
+    engines = {p: m.engine if PATHS[p][0] == "cpu" else Engine(m.hf_model, kernels=PATHS[p][0]) for p in args.paths}
     ids = m.encode_chat("Write a short story about a robot learning to paint.")
     head = m.draft_head(args.vocab) if args.vocab else None
-    cache = m.engine.new_cache(1, ids.shape[1] + 16)
     steps, skipped = {}, {}
 
     with torch.inference_mode():
-        m.engine(ids, cache)
-        base = cache.lengths.clone()
+        caches = {}
+        for p, e in engines.items():
+            caches[p] = e.new_cache(1, ids.shape[1] + 16)
+            e(ids, caches[p])
+        base = caches[args.paths[0]].host_lengths
 
-        def step(T=1, policy=None, head=None, counter=None):
+        def step(path, T=1, policy=None, head=None, counter=None, precision="float32"):
+            cache = caches[path]
             cache.rewind(base)
-            m.engine(ids[:, -T:], cache, m.gates if policy else None, policy, kv_fill=args.kv_fill, head=head, counter=counter)
+            engines[path](ids[:, -T:], cache, m.gates if policy else None, policy, kv_fill=args.kv_fill, head=head,
+                          counter=counter, precision=precision)  # fmt: skip
 
-        steps["plain"] = lambda: step()
-        for k in args.verify:
-            steps[f"verify k={k} ({k + 1} tokens)"] = lambda k=k: step(T=k + 1)
-        for b in args.budgets:
-            policy = m.gates.policy(b)
-            counter = SkipCounter()
-            step(policy=policy, counter=counter)
-            skipped[b] = counter
-            steps[f"draft b={b}"] = lambda p=policy: step(policy=p)
+        for p in args.paths:
+            steps[p, "plain"] = lambda p=p: step(p)
+            for k in args.verify:
+                steps[p, f"verify k={k} ({k + 1} tokens)"] = lambda p=p, k=k: step(p, T=k + 1)
+            for b in args.budgets:
+                policy = m.gates.policy(b)
+                counter = SkipCounter()
+                step(p, policy=policy, counter=counter)
+                skipped[b] = counter
+                for pr in args.precisions if PATHS[p][0] == "cpu" else ["float32"]:
+                    tag = "" if pr == "float32" else f" {pr}"
+                    steps[p, f"draft b={b}{tag}"] = lambda p=p, q=policy, pr=pr: step(p, policy=q, precision=pr)
+                    if head is not None:
+                        steps[p, f"draft b={b} vocab {len(head)}{tag}"] = lambda p=p, q=policy, pr=pr: step(p, policy=q, head=head, precision=pr)
             if head is not None:
-                steps[f"draft b={b} vocab {len(head)}"] = lambda p=policy: step(policy=p, head=head)
-        if head is not None:
-            steps[f"plain, vocab {len(head)} head"] = lambda: step(head=head)
+                steps[p, f"plain, vocab {len(head)} head"] = lambda p=p: step(p, head=head)
+            for pr in args.precisions if PATHS[p][0] == "cpu" else []:
+                if pr != "float32" and head is not None:
+                    steps[p, f"draft b=0 vocab {len(head)} {pr}"] = lambda p=p, pr=pr: step(p, head=head, precision=pr)
 
-        times = {(b, name): [] for b in args.backends for name in steps}
-        for b in args.backends:  # warm-up: kernel builds and backend probes happen here
-            os.environ["SPECGATE_LINEAR"] = b
-            for fn in steps.values():
-                fn(), fn()
+        times = {key: [] for key in steps}
+        for _ in range(2):  # warm-up: kernel builds, backend probes, low-precision copies happen here
+            for (p, _name), fn in steps.items():
+                os.environ["SPECGATE_LINEAR"] = PATHS[p][1]
+                fn()
         for _ in range(args.rounds):
-            for b in args.backends:
-                os.environ["SPECGATE_LINEAR"] = b
-                for name, fn in steps.items():
-                    t = time.perf_counter()
-                    fn()
-                    times[b, name].append(time.perf_counter() - t)
+            for (p, name), fn in steps.items():
+                os.environ["SPECGATE_LINEAR"] = PATHS[p][1]
+                t = time.perf_counter()
+                fn()
+                times[p, name].append(time.perf_counter() - t)
 
     print(f"CPU: {cpu_name()}; threads {args.threads}; torch {torch.__version__}; rounds {args.rounds}; gates {args.gates}")
-    print(f"{'linear':<8}{'step':<34}{'median ms':>10}{'vs plain':>10}")
-    for (b, name), ts in times.items():
-        ms, plain = statistics.median(ts) * 1e3, statistics.median(times[b, "plain"]) * 1e3
-        print(f"{b:<8}{name:<34}{ms:>10.2f}{ms / plain:>9.2f}x")
+    print(f"{'path':<8}{'step':<40}{'median ms':>10}{'vs plain':>10}{'vs first plain':>16}")
+    first = statistics.median(times[args.paths[0], "plain"]) * 1e3
+    for (p, name), ts in times.items():
+        ms, plain = statistics.median(ts) * 1e3, statistics.median(times[p, "plain"]) * 1e3
+        print(f"{p:<8}{name:<40}{ms:>10.2f}{ms / plain:>9.2f}x{ms / first:>15.2f}x")
     for b, c in skipped.items():
         print(f"draft b={b}: {c.fraction:.3f} of branch evaluations and {c.compute_fraction:.3f} of layer compute skipped")
     used = sorted({c["backend"] for c in linear.choices()["choices"].values()})

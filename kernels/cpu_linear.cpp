@@ -39,7 +39,7 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const std
   at::Tensor y = at::empty({rows, n}, x.options());
   const float* xp = x2.data_ptr<float>();
   const float* wp = weight.data_ptr<float>();
-  linear_rows(xp, rows, d, wp, weight.stride(0), b, y.data_ptr<float>(), n);
+  linear_rows(xp, rows, d, wp, weight.stride(0), nullptr, b, y.data_ptr<float>(), n);
   return y.view(out_shape);
 }
 

@@ -10,11 +10,13 @@
 #endif
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 
 namespace specgate_cpu {
 
 constexpr int kMaxRows = 8;         // token rows per pass over the weights
-constexpr int64_t kPrefetch = 2048;  // floats ahead of the current weight element (8 KB), into L2
+constexpr int64_t kPrefetchBytes = 8192;  // how far ahead of the current weight element to prefetch, into L2
 
 #if defined(__AVX512F__)
 using Vec = __m512;
@@ -103,9 +105,37 @@ inline void hsums_all(const Vec* v, float* out) {
   }
 }
 
-// R output rows [w, w + R * ldw) for M token rows x (M, d), written to y[m * ldy + r].
-template <int M, int R>
-inline void rows_block(const float* x, int64_t d, const float* w, int64_t ldw, const float* bias, float* y, int64_t ldy) {
+// Weights are float32, bfloat16 (its bits, uint16_t) or int8 (with a float scale per output row):
+// load_w widens kLanes of them to floats, to_float one.
+inline Vec load_w(const float* p) { return vload(p); }
+inline float to_float(float w) { return w; }
+inline float to_float(uint16_t w) {
+  const uint32_t bits = static_cast<uint32_t>(w) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+inline float to_float(int8_t w) { return static_cast<float>(w); }
+#if defined(__AVX512F__)
+inline Vec load_w(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+inline Vec load_w(const int8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p))); }
+#elif defined(__AVX2__) && defined(__FMA__)
+inline Vec load_w(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+inline Vec load_w(const int8_t* p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p))); }
+#else
+inline Vec load_w(const uint16_t* p) { return to_float(*p); }
+inline Vec load_w(const int8_t* p) { return to_float(*p); }
+#endif
+
+// R output rows [w, w + R * ldw) for M token rows x (M, d), written to y[m * ldy + r]; each row's
+// sum times scale[r] (none: 1), plus bias[r] (none: 0).
+template <int M, int R, typename W>
+inline void rows_block(const float* x, int64_t d, const W* w, int64_t ldw, const float* scale, const float* bias, float* y,
+                       int64_t ldy) {
   constexpr int N = R * M;
   Vec acc[N];  // acc[r * M + m]: weight row r times token row m
   for (int i = 0; i < N; ++i) acc[i] = vzero();
@@ -113,8 +143,8 @@ inline void rows_block(const float* x, int64_t d, const float* w, int64_t ldw, c
   for (; k + kLanes <= d; k += kLanes) {
     Vec wv[R];
     for (int r = 0; r < R; ++r) {
-      __builtin_prefetch(w + r * ldw + k + kPrefetch, 0, 2);
-      wv[r] = vload(w + r * ldw + k);
+      __builtin_prefetch(reinterpret_cast<const char*>(w + r * ldw + k) + kPrefetchBytes, 0, 2);
+      wv[r] = load_w(w + r * ldw + k);
     }
     for (int m = 0; m < M; ++m) {
       const Vec xv = vload(x + m * d + k);
@@ -126,33 +156,36 @@ inline void rows_block(const float* x, int64_t d, const float* w, int64_t ldw, c
   for (int r = 0; r < R; ++r) {
     for (int m = 0; m < M; ++m) {
       float s = sums[r * M + m];
-      for (int64_t kk = k; kk < d; ++kk) s += w[r * ldw + kk] * x[m * d + kk];  // d % kLanes leftover
+      for (int64_t kk = k; kk < d; ++kk) s += to_float(w[r * ldw + kk]) * x[m * d + kk];  // d % kLanes leftover
+      if (scale) s *= scale[r];
       y[m * ldy + r] = bias ? s + bias[r] : s;
     }
   }
 }
 
 // Output rows [n0, n1) for M token rows: blocks of R weight rows, then the leftover rows one by one.
-template <int M>
-inline void rows_range(const float* x, int64_t d, const float* w, int64_t ldw, const float* bias, float* y, int64_t ldy,
-                int64_t n0, int64_t n1) {
+template <int M, typename W>
+inline void rows_range(const float* x, int64_t d, const W* w, int64_t ldw, const float* scale, const float* bias, float* y,
+                       int64_t ldy, int64_t n0, int64_t n1) {
   constexpr int R = block_rows<M>();
+  auto at = [](const float* p, int64_t n) { return p ? p + n : nullptr; };
   int64_t n = n0;
-  for (; n + R <= n1; n += R) rows_block<M, R>(x, d, w + n * ldw, ldw, bias ? bias + n : nullptr, y + n, ldy);
-  for (; n < n1; ++n) rows_block<M, 1>(x, d, w + n * ldw, ldw, bias ? bias + n : nullptr, y + n, ldy);
+  for (; n + R <= n1; n += R) rows_block<M, R>(x, d, w + n * ldw, ldw, at(scale, n), at(bias, n), y + n, ldy);
+  for (; n < n1; ++n) rows_block<M, 1>(x, d, w + n * ldw, ldw, at(scale, n), at(bias, n), y + n, ldy);
 }
 
-inline void rows_range_any(int M, const float* x, int64_t d, const float* w, int64_t ldw, const float* bias, float* y,
-                    int64_t ldy, int64_t n0, int64_t n1) {
+template <typename W>
+inline void rows_range_any(int M, const float* x, int64_t d, const W* w, int64_t ldw, const float* scale, const float* bias,
+                           float* y, int64_t ldy, int64_t n0, int64_t n1) {
   switch (M) {
-    case 1: return rows_range<1>(x, d, w, ldw, bias, y, ldy, n0, n1);
-    case 2: return rows_range<2>(x, d, w, ldw, bias, y, ldy, n0, n1);
-    case 3: return rows_range<3>(x, d, w, ldw, bias, y, ldy, n0, n1);
-    case 4: return rows_range<4>(x, d, w, ldw, bias, y, ldy, n0, n1);
-    case 5: return rows_range<5>(x, d, w, ldw, bias, y, ldy, n0, n1);
-    case 6: return rows_range<6>(x, d, w, ldw, bias, y, ldy, n0, n1);
-    case 7: return rows_range<7>(x, d, w, ldw, bias, y, ldy, n0, n1);
-    default: return rows_range<8>(x, d, w, ldw, bias, y, ldy, n0, n1);
+    case 1: return rows_range<1>(x, d, w, ldw, scale, bias, y, ldy, n0, n1);
+    case 2: return rows_range<2>(x, d, w, ldw, scale, bias, y, ldy, n0, n1);
+    case 3: return rows_range<3>(x, d, w, ldw, scale, bias, y, ldy, n0, n1);
+    case 4: return rows_range<4>(x, d, w, ldw, scale, bias, y, ldy, n0, n1);
+    case 5: return rows_range<5>(x, d, w, ldw, scale, bias, y, ldy, n0, n1);
+    case 6: return rows_range<6>(x, d, w, ldw, scale, bias, y, ldy, n0, n1);
+    case 7: return rows_range<7>(x, d, w, ldw, scale, bias, y, ldy, n0, n1);
+    default: return rows_range<8>(x, d, w, ldw, scale, bias, y, ldy, n0, n1);
   }
 }
 
@@ -170,16 +203,17 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-// y (rows, n) = x (rows, d) @ w (n rows of stride ldw)^T + bias: the weight rows split over torch's
-// threads, each weight row read once per kMaxRows token rows.
-inline void linear_rows(const float* x, int64_t rows, int64_t d, const float* w, int64_t ldw, const float* bias, float* y,
-                        int64_t n) {
-  // Enough weight rows per task (>= ~32K floats) that the threads' start-up cost stays small.
+// y (rows, n) = x (rows, d) @ w (n rows of stride ldw)^T * scale + bias: the weight rows split over
+// torch's threads, each weight row read once per kMaxRows token rows.
+template <typename W>
+inline void linear_rows(const float* x, int64_t rows, int64_t d, const W* w, int64_t ldw, const float* scale,
+                        const float* bias, float* y, int64_t n) {
+  // Enough weight rows per task (>= ~32K weights) that the threads' start-up cost stays small.
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(d, 1));
   at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
     for (int64_t m0 = 0; m0 < rows; m0 += kMaxRows) {
       const int M = static_cast<int>(std::min<int64_t>(kMaxRows, rows - m0));
-      rows_range_any(M, x + m0 * d, d, w, ldw, bias, y + m0 * n, n, n0, n1);
+      rows_range_any(M, x + m0 * d, d, w, ldw, scale, bias, y + m0 * n, n, n0, n1);
     }
   });
 }

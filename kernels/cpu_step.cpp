@@ -14,6 +14,9 @@
 // threshold never skips, and the gate is then not computed); a skipped branch adds its stand-in
 // (c + (x A) B) to the residual stream, and a skipped attention branch still writes the token's
 // K/V: projected from x, or copied from the layer below (kv_fill "copy_below").
+//
+// The weight matrices may be a bfloat16 or int8 copy (a low-precision draft, kernels/cpu_step.py):
+// the products widen them to float32 as they stream in, and everything else stays float32.
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
@@ -44,18 +47,115 @@ void rope(float* x, const float* cos, const float* sin, int64_t hd) {
   }
 }
 
-float activation(float g, int64_t act) {
-  if (act == 0) return g / (1.0f + std::exp(-g));  // SiLU
-  const float c = 0.7978845608028654f;             // sqrt(2 / pi): GELU, tanh approximation
-  return 0.5f * g * (1.0f + std::tanh(c * (g + 0.044715f * g * g * g)));
+// e^x of kLanes floats (Cephes' expf: 2^n e^r with |r| <= ln 2 / 2, a degree-6 polynomial for e^r;
+// within 2 ulp), so softmax and the activation do not call the scalar exp ~10^5 times a step.
+#if defined(__AVX512F__)
+inline Vec vset(float a) { return _mm512_set1_ps(a); }
+inline Vec vexp(Vec x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, vset(88.3762626647949f)), vset(-87.3365447504f));
+  const Vec n = _mm512_roundscale_ps(_mm512_mul_ps(x, vset(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  Vec r = _mm512_fnmadd_ps(n, vset(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, vset(-2.12194440e-4f), r);
+  Vec p = vset(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = _mm512_fmadd_ps(p, r, vset(c));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, vset(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+inline Vec vset(float a) { return _mm256_set1_ps(a); }
+inline Vec vexp(Vec x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, vset(88.3762626647949f)), vset(-87.3365447504f));
+  const Vec n = _mm256_round_ps(_mm256_mul_ps(x, vset(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  Vec r = _mm256_fnmadd_ps(n, vset(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, vset(-2.12194440e-4f), r);
+  Vec p = vset(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = _mm256_fmadd_ps(p, r, vset(c));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, vset(1.0f)));
+  // 2^n: n + 127 into the exponent bits (n is in [-127, 128] after the clamp above)
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#else
+inline Vec vset(float a) { return a; }
+inline Vec vexp(Vec x) { return std::exp(x); }
+#endif
+
+// y[i] = e^(x[i] - shift) for n floats; returns their sum.
+float exp_sum(float* y, const float* x, int64_t n, float shift) {
+  float sum = 0.0f;
+  int64_t i = 0;
+  float lanes[kLanes];
+  for (; i + kLanes <= n; i += kLanes) {
+#if defined(__AVX512F__)
+    const Vec e = vexp(_mm512_sub_ps(vload(x + i), vset(shift)));
+    _mm512_storeu_ps(y + i, e);
+#elif defined(__AVX2__) && defined(__FMA__)
+    const Vec e = vexp(_mm256_sub_ps(vload(x + i), vset(shift)));
+    _mm256_storeu_ps(y + i, e);
+#else
+    const Vec e = vexp(x[i] - shift);
+    y[i] = e;
+#endif
+    std::copy(y + i, y + i + kLanes, lanes);
+    for (float v : lanes) sum += v;
+  }
+  for (; i < n; ++i) sum += y[i] = std::exp(x[i] - shift);
+  return sum;
 }
 
+// a[f] = act(gate[f]) * up[f] for n features: SiLU (act 0) or GELU with the tanh approximation (1),
+// through e^x: silu(g) = g / (1 + e^-g), tanh(z) = 1 - 2 / (e^2z + 1).
+void gated_activation(const float* gate, const float* up, float* a, int64_t n, int64_t act) {
+  constexpr float c = 0.7978845608028654f;  // sqrt(2 / pi)
+  int64_t f = 0;
+  float e[kLanes];
+  for (; f + kLanes <= n; f += kLanes) {
+    float z[kLanes];
+    for (int j = 0; j < kLanes; ++j) {
+      const float g = gate[f + j];
+      z[j] = act == 0 ? -g : 2.0f * c * (g + 0.044715f * g * g * g);
+    }
+    exp_sum(e, z, kLanes, 0.0f);
+    for (int j = 0; j < kLanes; ++j) {
+      const float g = gate[f + j];
+      const float y = act == 0 ? g / (1.0f + e[j]) : 0.5f * g * (2.0f - 2.0f / (e[j] + 1.0f));
+      a[f + j] = y * up[f + j];
+    }
+  }
+  for (; f < n; ++f) {
+    const float g = gate[f];
+    const float y = act == 0 ? g / (1.0f + std::exp(-g)) : 0.5f * g * (1.0f + std::tanh(c * (g + 0.044715f * g * g * g)));
+    a[f] = y * up[f];
+  }
+}
+
+// A weight matrix (n, d): float32, bfloat16, or int8 with a float32 scale per row.
+struct Mat {
+  at::Tensor w, scale;
+
+  // y (rows, n) = x (rows, d) @ w[row0 : row0 + n]^T (+ bias[0 : n]).
+  void apply(const float* x, int64_t rows, int64_t row0, int64_t n, const float* bias, float* y) const {
+    const int64_t d = w.size(1);
+    switch (w.scalar_type()) {
+      case at::kFloat:
+        return linear_rows(x, rows, d, w.data_ptr<float>() + row0 * d, d, nullptr, bias, y, n);
+      case at::kBFloat16:
+        return linear_rows(x, rows, d, reinterpret_cast<const uint16_t*>(w.data_ptr()) + row0 * d, d, nullptr, bias, y, n);
+      default:
+        return linear_rows(x, rows, d, w.data_ptr<int8_t>() + row0 * d, d, scale.data_ptr<float>() + row0, bias, y, n);
+    }
+  }
+};
+
 struct Layer {
-  at::Tensor attn_norm, qkv_w, qkv_b, o_w, o_b, mlp_norm, gate_up_w, down_w, q_norm, k_norm, post_attn, post_mlp;
+  at::Tensor attn_norm, qkv_b, o_b, mlp_norm, q_norm, k_norm, post_attn, post_mlp;
+  Mat qkv, o, gate_up, down;
   int64_t window, rope;
 };
 
-constexpr int kTensorsPerLayer = 12;
+constexpr int kTensorsPerLayer = 16;
 constexpr int64_t kMaxTokens = 16;  // two passes over the weights of kMaxRows token rows
 
 struct CpuStep : torch::CustomClassHolder {
@@ -63,7 +163,10 @@ struct CpuStep : torch::CustomClassHolder {
   int64_t d, n_heads, n_kv, hd, act;
   double eps, scaling;
 
-  // tensors: 12 per layer in Layer's order (an empty tensor for an absent one); ints: n_heads,
+  // tensors, 16 per layer (an empty tensor for an absent one): attn_norm, qkv_w, qkv_b, o_w, o_b,
+  // mlp_norm, gate_up_w, down_w, q_norm, k_norm, post_attn_norm, post_mlp_norm, then the int8
+  // matrices' row scales: qkv, o, gate_up, down. Matrices are float32, bfloat16 or int8, the rest
+  // float32. ints: n_heads,
   // n_kv_heads, head_dim, activation (0 SiLU, 1 GELU-tanh), then per layer its sliding window (0:
   // none) and its RoPE table's index; floats: RMSNorm eps, attention scaling.
   CpuStep(std::vector<at::Tensor> tensors, std::vector<int64_t> ints, std::vector<double> floats) {
@@ -73,13 +176,24 @@ struct CpuStep : torch::CustomClassHolder {
     const int64_t L = static_cast<int64_t>(tensors.size()) / kTensorsPerLayer;
     TORCH_CHECK(static_cast<int64_t>(tensors.size()) == L * kTensorsPerLayer && ints.size() == 4 + 2 * L,
                 "CpuStep: ", kTensorsPerLayer, " tensors and 2 ints per layer");
-    for (const auto& t : tensors)
+    auto vec = [](const at::Tensor& t) {
       TORCH_CHECK(t.numel() == 0 || (t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu()),
-                  "CpuStep: weights must be contiguous float32 CPU tensors");
+                  "CpuStep: norms, biases and scales must be contiguous float32 CPU tensors");
+      return t;
+    };
+    auto mat = [](const at::Tensor& w, const at::Tensor& scale) {
+      const auto type = w.scalar_type();
+      TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.device().is_cpu() &&
+                      (type == at::kFloat || type == at::kBFloat16 || type == at::kChar),
+                  "CpuStep: weight matrices must be contiguous float32, bfloat16 or int8 CPU tensors");
+      TORCH_CHECK(type != at::kChar || (scale.scalar_type() == at::kFloat && scale.numel() == w.size(0)),
+                  "CpuStep: an int8 matrix needs a float32 scale per row");
+      return Mat{w, scale};
+    };
     for (int64_t i = 0; i < L; ++i) {
       const auto* t = &tensors[i * kTensorsPerLayer];
-      layers.push_back({t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8], t[9], t[10], t[11], ints[4 + i],
-                        ints[4 + L + i]});
+      layers.push_back({vec(t[0]), vec(t[2]), vec(t[4]), vec(t[5]), vec(t[8]), vec(t[9]), vec(t[10]), vec(t[11]),
+                        mat(t[1], t[12]), mat(t[3], t[13]), mat(t[6], t[14]), mat(t[7], t[15]), ints[4 + i], ints[4 + L + i]});
     }
     d = layers.at(0).attn_norm.numel();
   }
@@ -100,7 +214,7 @@ struct CpuStep : torch::CustomClassHolder {
     TORCH_CHECK(pos + T <= k[0].size(2), "CpuStep.run: the cache has no room");
     const bool draft = plan.numel() > 0;
     TORCH_CHECK(!draft || (T == 1 && plan.size(0) == 2 * L && plan.size(1) == d + 2), "CpuStep.run: bad plan");
-    const int64_t q_dim = n_heads * hd, kv_dim = n_kv * hd, ff = layers[0].down_w.size(1);
+    const int64_t q_dim = n_heads * hd, kv_dim = n_kv * hd, ff = layers[0].down.w.size(1);
     std::vector<float> x(T * d), qkv(T * (q_dim + 2 * kv_dim)), o(T * q_dim), y(T * d), gu(T * 2 * ff), a(T * ff);
     at::Tensor skipped = at::zeros({draft ? 2 * L : 0}, at::kByte);
     float* hp = h.data_ptr<float>();
@@ -118,13 +232,13 @@ struct CpuStep : torch::CustomClassHolder {
           copy_kv(k[i - 1], k[i], pos), copy_kv(v[i - 1], v[i], pos);
         } else {
           const float* bias = ptr(lw.qkv_b);
-          linear_rows(x.data(), 1, d, ptr(lw.qkv_w) + q_dim * d, d, bias ? bias + q_dim : nullptr, qkv.data(), 2 * kv_dim);
+          lw.qkv.apply(x.data(), 1, q_dim, 2 * kv_dim, bias ? bias + q_dim : nullptr, qkv.data());
           keys_values(lw, qkv.data(), 2 * kv_dim, 1, c, s, k[i], v[i], pos);
         }
         add_standin(standins, 2 * i, x.data(), hp);
       } else {
         const int64_t n = q_dim + 2 * kv_dim;
-        linear_rows(x.data(), T, d, ptr(lw.qkv_w), d, ptr(lw.qkv_b), qkv.data(), n);
+        lw.qkv.apply(x.data(), T, 0, n, ptr(lw.qkv_b), qkv.data());
         for (int64_t t = 0; t < T; ++t)
           for (int64_t j = 0; j < n_heads; ++j) {
             float* q = qkv.data() + t * n + j * hd;
@@ -133,7 +247,7 @@ struct CpuStep : torch::CustomClassHolder {
           }
         keys_values(lw, qkv.data() + q_dim, n, T, c, s, k[i], v[i], pos);
         attend(qkv.data(), n, T, k[i], v[i], pos, lw.window, o.data());
-        linear_rows(o.data(), T, q_dim, ptr(lw.o_w), q_dim, ptr(lw.o_b), y.data(), d);
+        lw.o.apply(o.data(), T, 0, d, ptr(lw.o_b), y.data());
         add_output(lw.post_attn, T, y.data(), hp);
       }
       // -- MLP --
@@ -143,10 +257,10 @@ struct CpuStep : torch::CustomClassHolder {
         add_standin(standins, 2 * i + 1, x.data(), hp);
         continue;
       }
-      linear_rows(x.data(), T, d, ptr(lw.gate_up_w), d, nullptr, gu.data(), 2 * ff);
+      lw.gate_up.apply(x.data(), T, 0, 2 * ff, nullptr, gu.data());
       for (int64_t t = 0; t < T; ++t)
-        for (int64_t f = 0; f < ff; ++f) a[t * ff + f] = activation(gu[t * 2 * ff + f], act) * gu[t * 2 * ff + ff + f];
-      linear_rows(a.data(), T, ff, ptr(lw.down_w), ff, nullptr, y.data(), d);
+        gated_activation(gu.data() + t * 2 * ff, gu.data() + t * 2 * ff + ff, a.data() + t * ff, ff, act);
+      lw.down.apply(a.data(), T, 0, d, nullptr, y.data());
       add_output(lw.post_mlp, T, y.data(), hp);
     }
     return skipped;
@@ -228,9 +342,9 @@ struct CpuStep : torch::CustomClassHolder {
         const float* qh = q + t * ld + j * hd;
         const float* keys = kp + kvh * max_len * hd;
         const float* values = vp + kvh * max_len * hd;
-        float top = -INFINITY, sum = 0.0f;
+        float top = -INFINITY;
         for (int64_t u = first; u <= last; ++u) top = std::max(top, p[u] = dot(qh, keys + u * hd, hd) * scaling);
-        for (int64_t u = first; u <= last; ++u) sum += p[u] = std::exp(p[u] - top);
+        const float sum = exp_sum(p.data() + first, p.data() + first, last - first + 1, top);
         float* out = o + t * n_heads * hd + j * hd;
         std::fill(out, out + hd, 0.0f);
         for (int64_t u = first; u <= last; ++u) {

@@ -10,6 +10,11 @@ only pick skips with no policy), and single-token draft steps with scalar gates 
 thresholds (:class:`specgate.policy.BudgetPolicy`), stand-ins of any rank and both K/V fills; fp32,
 batch 1, no left padding, no autograd. :meth:`CpuStep.applies` says whether a pass is covered;
 everything else runs the engine's PyTorch code.
+
+``precision="bfloat16"`` or ``"int8"`` builds the pass over a low-precision copy of the weight
+matrices (int8: symmetric, one scale per output row): a draft that reads a half or a quarter of the
+bytes (the engine's ``draft_precision``). It costs that copy's memory; the verifier keeps the
+float32 weights, so speculation stays lossless.
 """
 
 from __future__ import annotations
@@ -26,26 +31,31 @@ if TYPE_CHECKING:
     from specgate.gates import GateSet
     from specgate.policy import SkipPolicy
 
+PRECISIONS = ("float32", "bfloat16", "int8")
 MAX_TOKENS = 16  # 8 token rows per pass over the weights (cpu_linear.h), so 9-16 tokens read them twice
 
 
 class CpuStep:
-    """The fused pass over one model's weights (shared, not copied). ``act``: the MLP activation's
-    name (one of :attr:`ACTIVATIONS`)."""
+    """The fused pass over one model's weights (shared, not copied, in float32; ``precision``: see
+    the module docstring). ``act``: the MLP activation's name (one of :attr:`ACTIVATIONS`)."""
 
     ACTIVATIONS = ("silu", "gelu_tanh")  # codes 0 and 1 of cpu_step.cpp
 
-    def __init__(self, weights: "ModelWeights", act: str):
+    def __init__(self, weights: "ModelWeights", act: str, precision: str = "float32"):
         if cpu_linear.load() is None:
             raise RuntimeError("the CPU kernels could not be built (see the warning above): use kernels='torch'")
         if weights.embed.dtype != torch.float32:
             raise ValueError(f"the fused CPU pass runs float32 weights, not {weights.embed.dtype}: use kernels='torch'")
-        empty = torch.empty(0)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        vec = lambda t: torch.empty(0) if t is None else t.detach().float().contiguous()  # noqa: E731
         tensors = []
         for lw in weights.layers:
-            for t in (lw.attn_norm, lw.qkv_w, lw.qkv_b, lw.o_w, lw.o_b, lw.mlp_norm, lw.gate_up_w, lw.down_w,
-                      lw.q_norm, lw.k_norm, lw.post_attn_norm, lw.post_mlp_norm):  # fmt: skip
-                tensors.append(empty if t is None else t.detach().float().contiguous())
+            mats = [low_precision(w, precision) for w in (lw.qkv_w, lw.o_w, lw.gate_up_w, lw.down_w)]
+            (qkv, o, gate_up, down), scales = zip(*mats)
+            tensors += [vec(lw.attn_norm), qkv, vec(lw.qkv_b), o, vec(lw.o_b), vec(lw.mlp_norm), gate_up, down]
+            tensors += [vec(t) for t in (lw.q_norm, lw.k_norm, lw.post_attn_norm, lw.post_mlp_norm)] + list(scales)
+        self.precision, self.act = precision, act
         self.rope_kinds = list(weights.rope)
         ints = [weights.n_heads, weights.n_kv_heads, weights.head_dim, self.ACTIVATIONS.index(act)]
         ints += [lw.window or 0 for lw in weights.layers] + [self.rope_kinds.index(lw.rope) for lw in weights.layers]
@@ -64,10 +74,9 @@ class CpuStep:
             return False
         if gates is None or policy is None:  # gates without a policy skip nothing
             return gates is None or not gates.config.scale_output
-        return (
-            T == 1 and isinstance(policy, BudgetPolicy) and policy.thresholds is not None
-            and gates.config.kind == "scalar" and not gates.config.scale_output
-        )  # fmt: skip
+        if gates.config.scale_output or not isinstance(policy, BudgetPolicy) or T != 1:
+            return False
+        return policy.thresholds is None or gates.config.kind == "scalar"  # no thresholds: one token skips nothing
 
     def hidden(self, h: torch.Tensor, cache: "StaticKVCache", gates, policy, copy_below: bool) -> list[int] | None:
         """Run the embedded tokens h (1, T, d) through every layer, in place, writing their K/V at the
@@ -75,7 +84,8 @@ class CpuStep:
         skipped (2 L flags, row 2 i + b), else None."""
         T, pos = h.shape[1], cache.host_lengths[0]
         cos, sin = self._rope(pos + T)
-        plan, standins = self._plan(gates, policy) if gates is not None and policy is not None else (torch.empty(0), [])
+        drafting = gates is not None and policy is not None and policy.thresholds is not None
+        plan, standins = self._plan(gates, policy) if drafting else (torch.empty(0), [])
         skipped = self._step.run(
             h.view(T, -1), cache.k, cache.v, pos, [c[pos : pos + T] for c in cos], [s[pos : pos + T] for s in sin],
             plan, standins, copy_below,
@@ -116,3 +126,15 @@ class CpuStep:
             self._plans.clear()
         self._plans[key] = (gates, policy, plan, standins)
         return plan, standins
+
+
+def low_precision(w: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight matrix (n, d) in ``precision`` and its row scales (int8; else empty): float32 is w
+    itself, bfloat16 a rounded copy, int8 round(w / s) with s = max |w| / 127 per row."""
+    w, empty = w.detach(), torch.empty(0)
+    if precision == "float32":
+        return w.float().contiguous(), empty
+    if precision == "bfloat16":
+        return w.to(torch.bfloat16).contiguous(), empty
+    scale = w.float().abs().amax(1).clamp_min(1e-30) / 127
+    return torch.round(w.float() / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous(), scale

@@ -15,6 +15,7 @@ import typing
 from pathlib import Path
 
 from .loading import DEFAULT_MODEL
+from .kernels.cpu_step import PRECISIONS
 from .speculative import SpecConfig
 from .train import TrainConfig
 
@@ -86,9 +87,11 @@ def _spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-vocab", type=_positive_int, default=None, help="draft LM head over the N tokens the model writes most (default: full head)")
     p.add_argument("--verifier", choices=["original", "gated"], default=None, help="original: output equals the model's own (default)")
     p.add_argument("--kv-fill", choices=["project", "copy_below"], default=None, help=f"K/V of tokens that skip attention in the draft (default {d.kv_fill})")
+    p.add_argument("--draft-precision", choices=PRECISIONS, default=None,
+                   help=f"the draft's weight matrices; bfloat16 / int8 read a copy (extra memory, CPU only) (default {d.draft_precision})")  # fmt: skip
 
 
-SPEC_FLAGS = ("draft_budget", "max_draft", "draft_vocab", "verifier", "kv_fill")
+SPEC_FLAGS = ("draft_budget", "max_draft", "draft_vocab", "verifier", "kv_fill", "draft_precision")
 
 
 def _spec_config(args) -> SpecConfig | None:
@@ -286,6 +289,7 @@ def cmd_tune(args) -> int:
     config = tune.TuneConfig(
         budgets=tuple(args.budgets) if args.budgets else None, vocabs=tuple(args.vocab) if args.vocab is not None else None,
         max_draft=args.max_draft, prompts=args.prompts, tokens=args.tokens, rounds=args.rounds, kv_fills=tuple(args.kv_fills),
+        precisions=tuple(args.precisions),
     )  # fmt: skip
     m = _load(args)
     start = time.perf_counter()
@@ -366,6 +370,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=_positive_int, default=t.rounds, help=f"timed repetitions of each step (default {t.rounds})")
     p.add_argument("--kv-fills", nargs="+", choices=KV_FILLS, default=list(t.kv_fills),
                    help=f"K/V fills of the draft to try (default {' '.join(t.kv_fills)})")  # fmt: skip
+    p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(t.precisions),
+                   help=f"draft weight precisions to try; bfloat16 / int8 cost a copy of the weights in memory (default {' '.join(t.precisions)})")  # fmt: skip
     p.add_argument("--out", type=_output_file, default=None, help="also write the result as JSON to this file")
     p.set_defaults(func=cmd_tune)
     return top

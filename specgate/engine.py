@@ -159,6 +159,7 @@ class Engine:
         self._skip_ones: dict[torch.device, _Selection] = {}
         self.kernels = dispatch.make(kernels, self.weights)
         self.cpu_step = dispatch.make_cpu_step(kernels, self.weights)
+        self._low_steps: dict[str, object] = {}  # precision -> the fused pass over a low-precision copy
 
     @property
     def num_layers(self) -> int:
@@ -194,12 +195,14 @@ class Engine:
         logits_to_keep: int = 0,
         counter: SkipCounter | None = None,
         head: DraftHead | None = None,
+        precision: str = "float32",
     ) -> torch.Tensor:
         """Run T new tokens (B, T) against the cache; returns logits (B, T, V), or of the last
         ``logits_to_keep`` positions. Writes their K/V and advances the cache by T. ``kv_fill``:
         the K/V of tokens that skip attention (see :data:`KVFill`). ``head``: a draft vocabulary's
-        head (logits -inf outside it) instead of the full LM head."""
-        h = self.hidden(input_ids, cache, gates, policy, kv_fill=kv_fill, counter=counter)
+        head (logits -inf outside it) instead of the full LM head. ``precision``: the weight matrices' precision
+        (``"bfloat16"``, ``"int8"``: a copy, for drafts; see :mod:`specgate.kernels.cpu_step`)."""
+        h = self.hidden(input_ids, cache, gates, policy, kv_fill=kv_fill, counter=counter, precision=precision)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         return head.logits(h) if head is not None else layers.head(self.weights, h)
@@ -215,6 +218,7 @@ class Engine:
         *,
         kv_fill: KVFill = "project",
         counter: SkipCounter | None = None,
+        precision: str = "float32",
     ) -> torch.Tensor:
         """:meth:`forward` without the LM head: the last layer's hidden states (B, T, d), for a
         head the engine does not run (the Triton path's fused draft head). Reads nothing from the
@@ -226,7 +230,13 @@ class Engine:
         if kv_fill not in KV_FILLS:
             raise ValueError(f"kv_fill must be one of {KV_FILLS}, got {kv_fill!r}")
         if self.cpu_step is not None and self.cpu_step.applies(input_ids, cache, gates, policy):
-            return self._fused(input_ids, cache, gates, policy, kv_fill, counter)
+            return self._fused(input_ids, cache, gates, policy, kv_fill, counter, precision)
+        if precision != "float32":
+            raise ValueError(
+                f"precision={precision!r} runs on the fused CPU pass (kernels='auto' or 'cpu', float32 weights on the "
+                "CPU), which covers batch 1, passes of 1-16 tokens without gates and single-token drafts with scalar "
+                "gates that only pick skips: use precision='float32' here"
+            )
         p = self._prepare(input_ids, cache)
         p.gates, p.policy, p.kv_fill, p.counter = gates, policy, kv_fill, counter
         if self.kernels is not None and self.kernels.applies(gates, policy):
@@ -242,10 +252,11 @@ class Engine:
 
     # -- one pass --------------------------------------------------------------------------------
 
-    def _fused(self, input_ids, cache, gates, policy, kv_fill, counter) -> torch.Tensor:
-        """:meth:`hidden` by the fused CPU pass (:mod:`specgate.dispatch`)."""
+    def _fused(self, input_ids, cache, gates, policy, kv_fill, counter, precision) -> torch.Tensor:
+        """:meth:`hidden` by the fused CPU pass (:mod:`specgate.dispatch`), in ``precision``."""
         h = layers.embed(self.weights, input_ids)
-        skipped = self.cpu_step.hidden(h, cache, gates, policy, copy_below=kv_fill == "copy_below")
+        step = self.cpu_step if precision == "float32" else self.low_precision_step(precision)
+        skipped = step.hidden(h, cache, gates, policy, copy_below=kv_fill == "copy_below")
         T = input_ids.shape[1]
         cache.advance(T)
         if counter is not None and gates is not None:  # every gated branch counts, as in _select
@@ -254,6 +265,15 @@ class Engine:
                 for b in (0, 1):
                     counter.add(T, skipped[2 * i + b] if skipped else 0, cost[b][i], saved[b][i])
         return h
+
+    def low_precision_step(self, precision: str):
+        """The fused CPU pass over a ``precision`` copy of the weight matrices, made on first use
+        (int8: about a quarter of the float32 weights' memory, bfloat16 half)."""
+        if self.cpu_step is None:
+            raise ValueError(f"precision={precision!r} needs the fused CPU pass: kernels='auto' or 'cpu', float32 weights on the CPU")
+        if precision not in self._low_steps:
+            self._low_steps[precision] = type(self.cpu_step)(self.weights, self.cpu_step.act, precision)
+        return self._low_steps[precision]
 
     def _prepare(self, input_ids: torch.Tensor, cache: StaticKVCache) -> _Pass:
         B, T = input_ids.shape

@@ -85,9 +85,10 @@ class GateSet(nn.Module):
         return (self.attn if branch == 0 else self.mlp)[layer]
 
     def policy(self, budget: float) -> BudgetPolicy:
-        """The skip policy at ``budget``, with calibrated single-token thresholds if there are any."""
+        """The skip policy at ``budget``, with calibrated single-token thresholds if there are any
+        (budget 0 skips nothing: a draft that saves only by its precision or vocabulary)."""
         thresholds = None
-        if self.thresholds:
+        if self.thresholds and budget > 0:
             nearest = min(self.thresholds, key=lambda b: abs(b - budget))
             if abs(nearest - budget) > 1e-6:
                 raise ValueError(

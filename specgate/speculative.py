@@ -24,6 +24,7 @@ import torch
 from .engine import Engine, KVFill, SkipCounter
 from .gates import GateSet
 from .generation import Sampling, next_token, prefill, probabilities, sample
+from .kernels.cpu_step import PRECISIONS
 from .output import Emitter
 from .policy import SkipPolicy
 from .vocab import DraftHead
@@ -42,6 +43,9 @@ class SpecConfig:
     verifier: Literal["original", "gated"] = "original"
     kv_fill: KVFill = "project"
     draft_vocab: int | None = None  # draft LM head over the n tokens the model writes most; None: all
+    # the draft's weight matrices: "float32" shares the model's; "bfloat16" / "int8" read a copy made
+    # on first use (extra memory; the fused CPU pass only); the verifier keeps float32: still lossless
+    draft_precision: Literal["float32", "bfloat16", "int8"] = "float32"
 
     def __post_init__(self):
         if self.verifier not in ("original", "gated"):
@@ -55,6 +59,8 @@ class SpecConfig:
             )
         if not 0.0 <= self.min_draft_prob < 1.0:
             raise ValueError(f"min_draft_prob must be in [0, 1), got {self.min_draft_prob}")
+        if self.draft_precision not in PRECISIONS:
+            raise ValueError(f"draft_precision must be one of {PRECISIONS}, got {self.draft_precision!r}")
         if self.draft_vocab is not None and self.draft_vocab < 1:
             raise ValueError(f"draft_vocab must be a number of tokens >= 1 (or None: the full vocabulary), got {self.draft_vocab}")
 
@@ -157,6 +163,8 @@ def speculative_generate(
     """Decode into ``out`` by drafting and verifying; returns the statistics of the call. ``head``:
     the draft vocabulary's LM head (:mod:`specgate.vocab`), None for the full one."""
     start_time = time.perf_counter()
+    if config.draft_precision != "float32":
+        engine.low_precision_step(config.draft_precision)  # made now, or refused with what to do
     counter = SkipCounter()
     draft = _Drafter(engine, gates, draft_policy(gates, config), head, sampling, config, generator, counter)
     verifier = gates if config.verifier == "gated" else None
@@ -237,10 +245,12 @@ class _Drafter:
         for _ in range(k):
             args = (token[:, None], cache, self.gates, self.policy)
             if fused:
-                h = self.engine.hidden(*args, kv_fill=self.config.kv_fill, counter=self.counter)[:, -1]
+                h = self.engine.hidden(*args, kv_fill=self.config.kv_fill, counter=self.counter,
+                                       precision=self.config.draft_precision)[:, -1]  # fmt: skip
                 token, top = kern.draft_argmax(self.head, h)
             else:
-                step = self.engine(*args, kv_fill=self.config.kv_fill, counter=self.counter, head=self.head)[:, -1]
+                step = self.engine(*args, kv_fill=self.config.kv_fill, counter=self.counter, head=self.head,
+                                   precision=self.config.draft_precision)[:, -1]  # fmt: skip
                 probs = probabilities(step, self.sampling)
                 token = sample(probs, self.generator) if self.sampling.do_sample else step.argmax(-1)
                 top = probs.max(-1).values

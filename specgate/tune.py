@@ -3,14 +3,16 @@
 Whether drafting with the gated model beats plain decoding depends on what a draft step and a verify
 pass cost here (CPU, threads, torch build) relative to a plain step, and on how often drafts are
 accepted (the gates, the budget, the draft vocabulary). :func:`tune` measures both and picks the
-``(draft_budget, max_draft, draft_vocab, kv_fill)`` with the highest predicted speed-up
+``(draft_budget, max_draft, draft_vocab, kv_fill, draft_precision)`` with the highest predicted speed-up
 
     E / (k c + v),   E = (1 - a^(k+1)) / (1 - a) tokens per round,
 
 for k drafts, per-position acceptance a, draft-step cost c and verify cost v of k + 1 tokens, both
 relative to a plain step; plain decoding (1.0x) is one of the options. ``kv_fill`` is there because
 projecting the K/V of a token that skips attention costs a share of the branch, and copying the
-layer below's instead costs the draft some acceptance: which pays is measured, per machine. The choice is stored in
+layer below's instead costs the draft some acceptance: which pays is measured, per machine.
+``draft_precision`` (bfloat16 or int8 copies of the weights, tried only when ``precisions`` names
+them: they cost memory) trades acceptance for bytes read the same way. The choice is stored in
 ``<cache>/tune-<key>.json``; the key hashes the model, the gates' tensors, the CPU, torch and the
 thread count, so anything that changes the costs or the acceptance makes the stored choice unused.
 ``SpecGateModel.generate(speculative=True)`` without explicit settings uses it (:func:`resolve`).
@@ -36,6 +38,7 @@ import torch
 from .kernels.cpu_linear import cache_dir
 from .linear import machine_key, probe_threads
 from .engine import KV_FILLS
+from .kernels.cpu_step import PRECISIONS
 from .prompts import split
 from .speculative import SpecConfig
 
@@ -55,6 +58,7 @@ class TuneConfig:
     budgets: tuple[float, ...] | None = None  # None: every budget the gates are calibrated for
     vocabs: tuple[int, ...] | None = None  # restricted draft vocabularies; None: DEFAULT_VOCABS (full head always)
     kv_fills: tuple[str, ...] = KV_FILLS  # the draft's K/V of tokens that skip attention (Engine.forward)
+    precisions: tuple[str, ...] = ("float32",)  # the draft's weight precisions (others cost a copy in memory)
     max_draft: int = 8  # k is chosen in 1..max_draft
     prompts: int = 6  # calibration prompts (train split) for the acceptance runs
     tokens: int = 64  # new tokens per acceptance run
@@ -66,6 +70,8 @@ class TuneConfig:
                 raise ValueError(f"{name} must be 1 or more, got {getattr(self, name)}")
         if not self.kv_fills or not set(self.kv_fills) <= set(KV_FILLS):
             raise ValueError(f"kv_fills must be some of {KV_FILLS}, got {self.kv_fills}")
+        if not self.precisions or not set(self.precisions) <= set(PRECISIONS):
+            raise ValueError(f"precisions must be some of {PRECISIONS}, got {self.precisions}")
 
 
 # -- the choice --------------------------------------------------------------------------------------
@@ -91,12 +97,12 @@ def best_k(a: float, c: float, verify: dict[int, float]) -> tuple[int, float]:
 # -- measuring ---------------------------------------------------------------------------------------
 
 
-Setting = tuple[float, "int | None", str]  # (draft budget, draft vocabulary (None: full head), kv_fill)
+Setting = tuple[float, "int | None", str, str]  # (draft budget, draft vocabulary (None: full head), kv_fill, precision)
 
 
 def candidates(m: SpecGateModel, config: TuneConfig) -> list[Setting]:
     """Settings to try: calibrated budgets (filtered by ``config.budgets``) times the full head and
-    the restricted vocabularies smaller than the model's, times ``config.kv_fills``."""
+    the restricted vocabularies smaller than the model's, times ``config.kv_fills`` and ``config.precisions``."""
     gates = m.gates
     if gates is None or not gates.thresholds:
         raise ValueError("tuning needs calibrated gates: pass --gates DIR, and run `specgate calibrate --gates DIR` first")
@@ -115,7 +121,10 @@ def candidates(m: SpecGateModel, config: TuneConfig) -> list[Setting]:
     else:
         wanted = DEFAULT_VOCABS if config.vocabs is None else config.vocabs
         vocabs += sorted({n for n in wanted if n < len(gates.token_ranking)})
-    return [(b, v, f) for b in budgets for v in vocabs for f in config.kv_fills]
+    low = [p for p in config.precisions if p != "float32"]  # these drafts save without skipping too: budget 0
+    return [(0.0, v, "project", p) for v in vocabs for p in low] + [
+        (b, v, f, p) for b in budgets for v in vocabs for f in config.kv_fills for p in config.precisions
+    ]
 
 
 def prompt_ids(m: SpecGateModel, n: int) -> list[torch.Tensor]:
@@ -150,18 +159,18 @@ def step_costs(m: SpecGateModel, ids: torch.Tensor, settings: list[Setting], max
     engine(ids[:, :-tail], cache)
     base = cache.host_lengths[0]
 
-    def run(j: int, T: int = 1, policy=None, head=None, kv_fill="project") -> None:
+    def run(j: int, T: int = 1, policy=None, head=None, kv_fill="project", precision="float32") -> None:
         """T tokens from tail position j on, against the prompt's cache up to there."""
         cache.rewind([base + j])  # a list: no read from the device in the timed step
         start = ids.shape[1] - tail + j
-        engine(ids[:, start : start + T], cache, gates if policy else None, policy, head=head, kv_fill=kv_fill)
+        engine(ids[:, start : start + T], cache, gates if policy else None, policy, head=head, kv_fill=kv_fill, precision=precision)
 
     steps: dict[str, Callable[[int], None]] = {"plain": run}
     for k in range(1, max_draft + 1):
         steps[f"verify {k}"] = lambda j, k=k: run(0, T=k + 1)
-    for b, v, f in settings:
+    for b, v, f, pr in settings:
         policy, head = gates.policy(b), (m.draft_head(v) if v else None)
-        steps[draft_name(b, v, f)] = lambda j, p=policy, h=head, f=f: run(j, policy=p, head=h, kv_fill=f)
+        steps[draft_name(b, v, f, pr)] = lambda j, p=policy, h=head, f=f, pr=pr: run(j, policy=p, head=h, kv_fill=f, precision=pr)
     times: dict[str, list[float]] = {name: [] for name in steps}
     for r in range(rounds + 2):  # two warm-up rounds: backend probes, kernel builds, caches
         for name, fn in steps.items():
@@ -175,9 +184,9 @@ def step_costs(m: SpecGateModel, ids: torch.Tensor, settings: list[Setting], max
     return {"plain_ms": plain * 1e3, **{name: statistics.median(ts) / plain for name, ts in times.items()}}
 
 
-def draft_name(budget: float, vocab: int | None, kv_fill: str) -> str:
+def draft_name(budget: float, vocab: int | None, kv_fill: str, precision: str = "float32") -> str:
     """The step-cost entry of a draft setting."""
-    return f"draft {budget:g} {vocab or 'full'} {kv_fill}"
+    return f"draft {budget:g} {vocab or 'full'} {kv_fill}" + ("" if precision == "float32" else f" {precision}")
 
 
 class _RoundSizes:
@@ -199,9 +208,9 @@ def acceptance(m: SpecGateModel, prompts: list[torch.Tensor], setting: Setting, 
     accepted n < max_draft drafts tested n + 1 positions and accepted n, a full one tested and
     accepted all. Pooled over the prompts' rounds (the last one of each, maybe cut short by the
     token limit, left out); greedy decoding, as the choice assumes."""
-    budget, vocab, kv_fill = setting
+    budget, vocab, kv_fill, precision = setting
     spec = SpecConfig(draft_budget=budget, max_draft=max_draft, init_draft=max_draft, draft_vocab=vocab, adaptive=False,
-                      kv_fill=kv_fill)  # fmt: skip
+                      kv_fill=kv_fill, draft_precision=precision)  # fmt: skip
     accepted = tested = 0
     skipped: list[float] = []
     for ids in prompts:
@@ -252,14 +261,15 @@ def tune(m: SpecGateModel, config: TuneConfig = TuneConfig(), prompts: list[torc
     costs = step_costs(m, prompts[0], settings, config.max_draft, config.rounds)
     verify = {k: costs[f"verify {k}"] for k in range(1, config.max_draft + 1)}
     rows = []
-    for b, v, f in settings:
-        acc = acceptance(m, prompts, (b, v, f), config.max_draft, config.tokens)
-        c = costs[draft_name(b, v, f)]
+    for b, v, f, pr in settings:
+        acc = acceptance(m, prompts, (b, v, f, pr), config.max_draft, config.tokens)
+        c = costs[draft_name(b, v, f, pr)]
         k, s = best_k(acc["a"], c, verify)
-        rows.append({"budget": b, "vocab": v, "kv_fill": f, "draft_cost": c, **acc, "k": k, "verify_cost": verify[k], "speedup": s})
+        rows.append({"budget": b, "vocab": v, "kv_fill": f, "precision": pr, "draft_cost": c, **acc, "k": k,
+                     "verify_cost": verify[k], "speedup": s})  # fmt: skip
     best = max(rows, key=lambda r: r["speedup"])
     spec = SpecConfig(draft_budget=best["budget"], max_draft=best["k"], init_draft=best["k"], adaptive=False,
-                      draft_vocab=best["vocab"], kv_fill=best["kv_fill"])  # fmt: skip
+                      draft_vocab=best["vocab"], kv_fill=best["kv_fill"], draft_precision=best["precision"])  # fmt: skip
     return {
         "key": tune_key(m, threads),
         "model": m.name,
@@ -340,14 +350,15 @@ def report(result: dict) -> str:
     verify = "  ".join(f"k={k}: {c[f'verify {k}']:.2f}" for k in range(1, result["config"]["max_draft"] + 1))
     lines = [
         f"plain step {c['plain_ms']:.2f} ms at {result['threads']} threads; verify k+1 tokens (x plain): {verify}",
-        f"{'budget':>6} {'vocab':>6} {'kv_fill':>10} {'draft cost':>10} {'skipped':>8} {'accept a':>9} {'best k':>6} {'speed-up':>9}",
+        f"{'budget':>6} {'vocab':>6} {'kv_fill':>10} {'weights':>8} {'draft cost':>10} {'skipped':>8} {'accept a':>9} "
+        f"{'best k':>6} {'speed-up':>9}",
     ]
     for r in result["settings"]:
-        lines.append(f"{r['budget']:>6g} {r['vocab'] or 'full':>6} {r['kv_fill']:>10} {r['draft_cost']:>9.2f}x "
+        lines.append(f"{r['budget']:>6g} {r['vocab'] or 'full':>6} {r['kv_fill']:>10} {r.get('precision', 'float32'):>8} {r['draft_cost']:>9.2f}x "
                      f"{r['skip_fraction']:>8.1%} {r['a']:>9.2f} {r['k']:>6} {r['speedup']:>8.2f}x")  # fmt: skip
     s = result["spec_config"]
     best = (f"draft_budget={s['draft_budget']:g}, max_draft={s['max_draft']}, draft_vocab={s['draft_vocab'] or 'full'}, "
-            f"kv_fill={s['kv_fill']}")  # fmt: skip
+            f"kv_fill={s['kv_fill']}, draft_precision={s.get('draft_precision', 'float32')}")  # fmt: skip
     if result["speculate"]:
         lines.append(f"choice: {best}, predicted {result['predicted_speedup']:.2f}x plain decoding")
     else:
