@@ -62,7 +62,7 @@ class CpuStep:
         self._step = torch.classes.specgate.CpuStep(tensors, ints, [weights.eps, weights.scaling])
         self.weights = weights
         self._tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # RoPE cos, sin per position
-        self._plans: dict[tuple[int, int], tuple] = {}  # (gates, thresholds) ids -> (gates, policy, plan, stand-ins)
+        self._plans: dict[tuple, tuple] = {}  # (gates, thresholds, never_skip) -> (gates, thresholds, plan, stand-ins)
 
     @staticmethod
     def applies(input_ids: torch.Tensor, cache: "StaticKVCache", gates: "GateSet | None", policy: "SkipPolicy | None") -> bool:
@@ -106,9 +106,9 @@ class CpuStep:
 
     def _plan(self, gates: "GateSet", policy) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The draft's plan (2 L, d + 2): per branch its gate's weights and bias and its threshold
-        (-1 where the step never skips), and the stand-ins' tensors; built once per gates and policy."""
-        key = (id(gates), id(policy))
-        if key in self._plans and self._plans[key][0] is gates and self._plans[key][1] is policy:
+        (-1 where the step never skips), and the stand-ins' tensors; built once per gates and thresholds."""
+        key = (id(gates), id(policy.thresholds), policy.never_skip)  # a budget's policies share its thresholds
+        if key in self._plans and self._plans[key][0] is gates and self._plans[key][1] is policy.thresholds:
             return self._plans[key][2:]
         L, d = gates.config.num_layers, gates.config.hidden_size
         plan = torch.full((2 * L, d + 2), -1.0)
@@ -122,9 +122,9 @@ class CpuStep:
                         plan[2 * i + b, d + 1] = policy.threshold(i, b)
         s = gates.standins
         standins = [] if s is None else [t.detach().float().contiguous() for t in ([s.bias] if s.rank == 0 else [s.bias, s.down, s.up])]
-        if len(self._plans) >= 8:  # a few policies live at once (one per budget tried)
+        if len(self._plans) >= 16:  # a few live at once (one per calibrated budget)
             self._plans.clear()
-        self._plans[key] = (gates, policy, plan, standins)
+        self._plans[key] = (gates, policy.thresholds, plan, standins)
         return plan, standins
 
 
