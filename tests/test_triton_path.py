@@ -72,8 +72,9 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error():
         specgate.load("no-such-model", kernels="triton")
 
 
-def test_auto_on_cpu_picks_torch():
-    assert dispatch.resolve("auto", "cpu") == "torch"
+def test_auto_on_cpu_takes_no_triton():
+    """On the CPU "auto" means the fused CPU pass (kernels/cpu_step.py) where it builds, never Triton."""
+    assert dispatch.resolve("auto", "cpu") == "cpu"
     assert specgate.SpecGateModel(tiny().hf_model, kernels="auto").engine.kernels is None
     assert tiny().engine.kernels is None  # the default
 
