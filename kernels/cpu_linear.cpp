@@ -19,27 +19,40 @@ namespace {
 
 using namespace specgate_cpu;
 
-at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+// y = x @ weight^T (* scale per output row) (+ bias). weight: float32, bfloat16, or int8 with a
+// float32 scale per row (a low-precision draft's copy, kernels/cpu_step.py).
+at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                        const std::optional<at::Tensor>& scale) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "small_linear: CPU tensors only");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, "small_linear: float32 only");
+  const auto type = weight.scalar_type();
+  TORCH_CHECK(x.scalar_type() == at::kFloat && (type == at::kFloat || type == at::kBFloat16 || type == at::kChar),
+              "small_linear: float32 x, and float32, bfloat16 or int8 weights");
   TORCH_CHECK(weight.dim() == 2 && weight.stride(1) == 1, "small_linear: weight must be 2-D with contiguous rows");
   const int64_t n = weight.size(0), d = weight.size(1);
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == d, "small_linear: x's last dim ", x.size(-1), " != weight's ", d);
-  const float* b = nullptr;
-  at::Tensor bias_c;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == n, "small_linear: bias must be float32 (n,)");
-    bias_c = bias->contiguous();
-    b = bias_c.data_ptr<float>();
-  }
+  auto floats = [n](const std::optional<at::Tensor>& t, const char* name, at::Tensor& keep) -> const float* {
+    if (!t.has_value() || !t->defined()) return nullptr;
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == n, "small_linear: ", name, " must be float32 (n,)");
+    keep = t->contiguous();
+    return keep.data_ptr<float>();
+  };
+  at::Tensor bias_c, scale_c;
+  const float* b = floats(bias, "bias", bias_c);
+  const float* s = floats(scale, "scale", scale_c);
+  TORCH_CHECK((type == at::kChar) == (s != nullptr), "small_linear: int8 weights need a scale per row, others none");
   const at::Tensor x2 = x.reshape({-1, d}).contiguous();
-  const int64_t rows = x2.size(0);
+  const int64_t rows = x2.size(0), ldw = weight.stride(0);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = n;
   at::Tensor y = at::empty({rows, n}, x.options());
   const float* xp = x2.data_ptr<float>();
-  const float* wp = weight.data_ptr<float>();
-  linear_rows(xp, rows, d, wp, weight.stride(0), nullptr, b, y.data_ptr<float>(), n);
+  float* yp = y.data_ptr<float>();
+  if (type == at::kFloat)
+    linear_rows(xp, rows, d, weight.data_ptr<float>(), ldw, s, b, yp, n);
+  else if (type == at::kBFloat16)
+    linear_rows(xp, rows, d, reinterpret_cast<const uint16_t*>(weight.data_ptr()), ldw, s, b, yp, n);
+  else
+    linear_rows(xp, rows, d, weight.data_ptr<int8_t>(), ldw, s, b, yp, n);
   return y.view(out_shape);
 }
 
@@ -59,7 +72,7 @@ int64_t parallel_threads() {
 
 // A fragment: other code may define more ops in the specgate namespace.
 TORCH_LIBRARY_FRAGMENT(specgate, m) {
-  m.def("small_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+  m.def("small_linear(Tensor x, Tensor weight, Tensor? bias=None, Tensor? scale=None) -> Tensor");
   m.def("parallel_threads() -> int", &parallel_threads);
 }
 

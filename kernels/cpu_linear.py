@@ -51,6 +51,7 @@ def cpu_signature() -> str:
     return f"{model} | {flags}"
 
 
+@functools.cache
 def build_key() -> str:
     """Hash of everything the compiled binary depends on."""
     text = "\n".join([*(f.read_text() for f in (*SOURCES, HEADER)), cpu_signature(), torch.__version__, " ".join(CFLAGS)])
@@ -61,7 +62,7 @@ def _register_fake() -> None:
     """Shape-only implementation, so torch.compile / export can trace through the op."""
 
     @torch.library.register_fake("specgate::small_linear")
-    def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 

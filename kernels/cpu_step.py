@@ -12,8 +12,8 @@ batch 1, no left padding, no autograd. :meth:`CpuStep.applies` says whether a pa
 everything else runs the engine's PyTorch code.
 
 ``precision="bfloat16"`` or ``"int8"`` builds the pass over a low-precision copy of the weight
-matrices (int8: symmetric, one scale per output row): a draft that reads a half or a quarter of the
-bytes (the engine's ``draft_precision``). It costs that copy's memory; the verifier keeps the
+matrices and the LM head (int8: symmetric, one scale per output row): a draft that reads a half or
+a quarter of the bytes (the engine's ``draft_precision``). It costs that copy's memory; the verifier keeps the
 float32 weights, so speculation stays lossless.
 """
 
@@ -56,6 +56,7 @@ class CpuStep:
             tensors += [vec(lw.attn_norm), qkv, vec(lw.qkv_b), o, vec(lw.o_b), vec(lw.mlp_norm), gate_up, down]
             tensors += [vec(t) for t in (lw.q_norm, lw.k_norm, lw.post_attn_norm, lw.post_mlp_norm)] + list(scales)
         self.precision, self.act = precision, act
+        self.head = None if precision == "float32" else low_precision(weights.lm_head, precision)  # see logits()
         self.rope_kinds = list(weights.rope)
         ints = [weights.n_heads, weights.n_kv_heads, weights.head_dim, self.ACTIVATIONS.index(act)]
         ints += [lw.window or 0 for lw in weights.layers] + [self.rope_kinds.index(lw.rope) for lw in weights.layers]
@@ -91,6 +92,15 @@ class CpuStep:
             plan, standins, copy_below,
         )  # fmt: skip
         return skipped.tolist() if plan.numel() else None
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm, the LM head in this pass's low precision, soft-capping -> (..., V) logits (the
+        float32 pass leaves the head to the engine)."""
+        from specgate.ops import rms_norm
+
+        w, (weight, scale) = self.weights, self.head
+        logits = torch.ops.specgate.small_linear(rms_norm(h, w.final_norm, w.eps), weight, None, scale if scale.numel() else None)
+        return torch.tanh(logits / w.final_softcap) * w.final_softcap if w.final_softcap else logits
 
     def _rope(self, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """cos and sin tables per RoPE kind, (positions, hd), for at least n positions."""

@@ -205,7 +205,9 @@ class Engine:
         h = self.hidden(input_ids, cache, gates, policy, kv_fill=kv_fill, counter=counter, precision=precision)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
-        return head.logits(h) if head is not None else layers.head(self.weights, h)
+        if head is not None:
+            return head.logits(h)
+        return layers.head(self.weights, h) if precision == "float32" else self.low_precision_step(precision).logits(h)
 
     __call__ = forward
 
@@ -268,7 +270,7 @@ class Engine:
 
     def low_precision_step(self, precision: str):
         """The fused CPU pass over a ``precision`` copy of the weight matrices, made on first use
-        (int8: about a quarter of the float32 weights' memory, bfloat16 half)."""
+        and the LM head (int8: about a quarter of the float32 weights' memory, bfloat16 half)."""
         if self.cpu_step is None:
             raise ValueError(f"precision={precision!r} needs the fused CPU pass: kernels='auto' or 'cpu', float32 weights on the CPU")
         if precision not in self._low_steps:

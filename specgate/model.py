@@ -129,10 +129,14 @@ class SpecGateModel:
         )
         stats = None
         if speculative:
-            if self.gates is None:
-                raise ValueError("speculative decoding needs gates: load trained gates (gates=PATH) or `specgate train`")
             # spec_config, else what `specgate tune` stored for this machine, else the defaults
             spec, settings = resolve_settings(self, spec_config, {"draft_budget": draft_budget, "max_draft": max_draft})
+            if self.gates is None and not (spec.draft_budget == 0 and spec.draft_precision != "float32" and spec.verifier == "original"):
+                raise ValueError(
+                    "speculative decoding needs gates (load trained gates with gates=PATH, or `specgate train`), or a "
+                    "draft that skips nothing and reads a low-precision copy of the weights: "
+                    "spec_config=SpecConfig(draft_budget=0, draft_precision='int8')"
+                )
             head = self.draft_head(spec.draft_vocab) if spec.draft_vocab else None
             stats = speculative_generate(
                 self.engine, self.gates, input_ids, attention_mask, out, sampling, spec, generator, head

@@ -151,7 +151,7 @@ class _Totals:
 @torch.inference_mode()
 def speculative_generate(
     engine: Engine,
-    gates: GateSet,
+    gates: GateSet | None,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     out: Emitter,
@@ -209,8 +209,11 @@ def speculative_generate(
     return _stats(tot, out, counter, time.perf_counter() - start_time)
 
 
-def draft_policy(gates: GateSet, config: SpecConfig) -> SkipPolicy:
-    """The draft's skip policy: calibrated single-token thresholds at the draft budget."""
+def draft_policy(gates: GateSet | None, config: SpecConfig) -> SkipPolicy | None:
+    """The draft's skip policy: calibrated single-token thresholds at the draft budget (None
+    without gates: a budget-0 draft, the model itself at its draft precision)."""
+    if gates is None:
+        return None
     policy = gates.policy(config.draft_budget)
     if policy.thresholds is None and config.draft_budget > 0:
         raise ValueError(
@@ -225,8 +228,8 @@ class _Drafter:
     """The draft: the skipping model with its policy, K/V fill and (draft vocabulary) head."""
 
     engine: Engine
-    gates: GateSet
-    policy: SkipPolicy
+    gates: GateSet | None
+    policy: SkipPolicy | None
     head: DraftHead | None
     sampling: Sampling
     config: SpecConfig

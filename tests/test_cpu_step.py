@@ -12,7 +12,7 @@ import specgate
 from specgate import SkipCounter
 from specgate.engine import Engine
 from specgate.kernels import cpu_linear
-from specgate.kernels.cpu_step import CpuStep
+from specgate.kernels.cpu_step import CpuStep, low_precision
 from specgate.policy import BudgetPolicy
 from specgate.standin import StandIns
 
@@ -126,3 +126,92 @@ def test_kernels_cpu_is_refused_where_it_cannot_run():
     assert Engine(model, kernels="auto").cpu_step is None  # auto falls back to the PyTorch path
     with pytest.raises(ValueError, match="kernels='cpu' runs CPU tensors"):
         specgate.dispatch.resolve("cpu", "cuda")
+
+
+def quantized_copy(family: str, precision: str) -> torch.nn.Module:
+    """The tiny model with its weight matrices and LM head rounded as a low-precision draft reads them."""
+    def rounded(w: torch.Tensor) -> torch.Tensor:
+        q, scale = low_precision(w, precision)
+        return q.float() * scale[:, None] if scale.numel() else q.float()
+
+    model = tiny_hf(family)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name and "lm_head" not in name:
+                p.copy_(rounded(p))
+        model.lm_head.weight = torch.nn.Parameter(rounded(model.lm_head.weight))  # untied: the embedding stays
+    return model
+
+
+def test_low_precision_rounds_each_matrix():
+    w = torch.randn(7, 13) * torch.logspace(-3, 1, 7)[:, None]  # rows of very different sizes
+    q, scale = low_precision(w, "int8")
+    assert q.dtype == torch.int8 and scale.shape == (7,)
+    assert ((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-7).all()
+    assert q.abs().amax(1).eq(127).all()  # each row uses the whole range
+    b, none = low_precision(w, "bfloat16")
+    assert torch.equal(b, w.to(torch.bfloat16)) and none.numel() == 0
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "int8"])
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@torch.inference_mode()
+def test_low_precision_passes_equal_the_rounded_model(family, precision):
+    """The fused pass over a bfloat16 / int8 copy computes what the PyTorch path computes with the
+    rounded weights, plain and as a draft step; the float32 pass is untouched by the copy."""
+    m = tiny(family)
+    gates, thresholds = scalar_gates(m, rank=0)
+    policy = BudgetPolicy(budget=0.5, thresholds=thresholds)
+    fused, rounded = Engine(m.hf_model, kernels="cpu"), Engine(quantized_copy(family, precision), kernels="torch")
+    ids = torch.randint(3, 101, (1, 10), generator=torch.Generator().manual_seed(4))
+    got = []
+    for e, precision_arg in ((fused, precision), (rounded, "float32")):
+        cache = e.new_cache(1, 10)
+        e(ids[:, :6], cache, precision=precision_arg)  # the same K/V history: from the rounded weights
+        plain = e(ids[:, 6:8], cache, precision=precision_arg)
+        draft = e(ids[:, 8:9], cache, gates, policy, precision=precision_arg)
+        got.append((plain, draft))
+    for a, b in zip(*got):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    full = Engine(m.hf_model, kernels="torch")
+    c1, c2 = prefilled(fused, ids[:, :6]), prefilled(full, ids[:, :6])
+    torch.testing.assert_close(fused(ids[:, 6:8], c1), full(ids[:, 6:8], c2), atol=1e-4, rtol=1e-4)
+
+
+@torch.inference_mode()
+def test_low_precision_drafts_stay_lossless():
+    """Greedy speculation with an int8 or bfloat16 draft gives plain decoding's tokens."""
+    m = tiny("llama")
+    m.gates, thresholds = scalar_gates(m, rank=0)
+    m.gates.thresholds[0.3] = thresholds
+    ids = torch.randint(3, 101, (1, 6), generator=torch.Generator().manual_seed(5))
+    plain = m.generate(ids, max_new_tokens=24)
+    for precision in ("bfloat16", "int8"):
+        spec = specgate.SpecConfig(draft_budget=0.3, draft_precision=precision)
+        out = m.generate(ids, max_new_tokens=24, speculative=True, spec_config=spec, return_dict_in_generate=True)
+        assert torch.equal(out.sequences, plain), precision
+        assert out.spec_stats.drafted > 0
+
+
+def test_low_precision_outside_the_fused_pass_is_refused():
+    m = tiny("llama")
+    torch_engine = Engine(m.hf_model, kernels="torch")
+    ids = torch.randint(3, 101, (1, 4))
+    with pytest.raises(ValueError, match="fused CPU pass"):
+        torch_engine(ids, torch_engine.new_cache(1, 4), precision="int8")
+    with pytest.raises(ValueError, match="draft_precision must be one of"):
+        specgate.SpecConfig(draft_precision="fp8")
+
+
+@torch.inference_mode()
+def test_a_low_precision_draft_needs_no_gates():
+    """Without gates a budget-0 draft over the int8 copy still speculates, losslessly; a skipping
+    draft without gates is refused with what to do."""
+    m = tiny("llama")
+    assert m.gates is None
+    ids = torch.randint(3, 101, (1, 6), generator=torch.Generator().manual_seed(6))
+    spec = specgate.SpecConfig(draft_budget=0.0, draft_precision="int8")
+    out = m.generate(ids, max_new_tokens=16, speculative=True, spec_config=spec, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, m.generate(ids, max_new_tokens=16)) and out.spec_stats.drafted > 0
+    with pytest.raises(ValueError, match="needs gates.*draft_budget=0, draft_precision='int8'"):
+        m.generate(ids, max_new_tokens=4, speculative=True, draft_budget=0.3)
