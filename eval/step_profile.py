@@ -1,6 +1,7 @@
-"""Where a decode step's time goes: torch.profiler over 20 plain steps and 20 draft steps (budget
-0.5, draft vocabulary 8,192), split into the linear products and everything else, and the
-operators a step calls (nested ones included).
+"""Where a decode step's time goes on the PyTorch path (``kernels="torch"``; the fused CPU pass runs
+a whole step in one call, which the profiler cannot split): torch.profiler over 20 plain steps and
+20 draft steps (budget 0.5, draft vocabulary 8,192), split into the linear products and everything
+else, and the operators a step calls (nested ones included).
 
     python eval/step_profile.py [--threads 2]
 """
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    m = specgate.load()
+    m = specgate.load(kernels="torch")
     ids = m.encode_chat("Write a short story about a robot learning to paint.")
     cache = m.engine.new_cache(1, ids.shape[1] + 16)
     with torch.inference_mode():
