@@ -71,10 +71,10 @@ def products(reps: int) -> None:
 
 def steps(reps: int, n_steps: int) -> None:
     modes = [m for m in MODES if m == "auto" or L.available()[m]]
-    m = specgate.load()
+    m = specgate.load(kernels="torch")  # the PyTorch path, whose products SPECGATE_LINEAR routes (not the fused pass)
     ids = m.encode_chat("Write a short story about a robot learning to paint.")
-    print(f"\n## Whole steps: SmolLM2-135M-Instruct fp32, prompt {ids.shape[1]} tokens, median ms of {reps} rounds "
-          f"x {n_steps} steps, modes interleaved (SPECGATE_LINEAR=mode)")  # fmt: skip
+    print(f"\n## Whole steps on the PyTorch path: SmolLM2-135M-Instruct fp32, prompt {ids.shape[1]} tokens, median ms of "
+          f"{reps} rounds x {n_steps} steps, modes interleaved (SPECGATE_LINEAR=mode)")  # fmt: skip
     with torch.inference_mode():
         cache = m.engine.new_cache(1, 512)
         m.engine(ids, cache)
