@@ -27,7 +27,8 @@ import torch
 SOURCES = [Path(__file__).with_name(f) for f in ("cpu_linear.cpp", "cpu_step.cpp")]
 HEADER = Path(__file__).with_name("cpu_linear.h")
 OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []  # macOS clang has no -fopenmp
-CFLAGS = ["-O3", "-march=native", *OPENMP]
+# SPECGATE_CPU_CFLAGS adds flags, e.g. "-mno-avx512f" to build (and test) the AVX2 code on an AVX-512 machine
+CFLAGS = ["-O3", "-march=native", *OPENMP, *os.environ.get("SPECGATE_CPU_CFLAGS", "").split()]
 
 
 def cache_dir() -> Path:

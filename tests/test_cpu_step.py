@@ -4,6 +4,11 @@ same K/V in the cache and the same skips, on every supported family."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -191,6 +196,10 @@ def test_low_precision_drafts_stay_lossless():
         out = m.generate(ids, max_new_tokens=24, speculative=True, spec_config=spec, return_dict_in_generate=True)
         assert torch.equal(out.sequences, plain), precision
         assert out.spec_stats.drafted > 0
+        # sampling: the draft's probabilities come from the low-precision pass, rejection sampling corrects them
+        sample = lambda seed: m.generate(ids, max_new_tokens=24, speculative=True, spec_config=spec, do_sample=True,  # noqa: E731
+                                         generator=torch.Generator().manual_seed(seed))  # fmt: skip
+        assert torch.equal(sample(0), sample(0)) and sample(0).shape == plain.shape
 
 
 def test_low_precision_outside_the_fused_pass_is_refused():
@@ -215,3 +224,18 @@ def test_a_low_precision_draft_needs_no_gates():
     assert torch.equal(out.sequences, m.generate(ids, max_new_tokens=16)) and out.spec_stats.drafted > 0
     with pytest.raises(ValueError, match="needs gates.*draft_budget=0, draft_precision='int8'"):
         m.generate(ids, max_new_tokens=4, speculative=True, draft_budget=0.3)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 vector units")
+@pytest.mark.skipif(bool(os.environ.get("SPECGATE_CPU_CFLAGS")), reason="this run already narrowed the build")
+@pytest.mark.parametrize("flags", ["-mno-avx512f", "-mno-avx512f -mno-avx2 -mno-fma"], ids=["avx2", "scalar"])
+def test_the_kernels_pass_with_narrower_vector_units(flags):
+    """The kernels' AVX2 and scalar code, built by switching the wider units off, passes this file's
+    tests and the small-M kernel's: machines differ (AVX-512 on some, AVX2 only on others)."""
+    tests = Path(__file__).parent
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(Path(__file__)),
+         f"{tests / 'test_linear.py'}::test_kernel_matches_f_linear", f"{tests / 'test_linear.py'}::test_kernel_reads_low_precision_weights"],
+        env={**os.environ, "SPECGATE_CPU_CFLAGS": flags}, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
