@@ -1,4 +1,5 @@
-// The whole decoder stack of one small pass on the CPU, in one call: batch 1, 1-16 new tokens, fp32.
+// The whole decoder stack of one small pass on the CPU, in one call: 1-16 new token rows (a batch of
+// B sequences times T new tokens each, left padding allowed), fp32 activations.
 //
 // A decode step of a 135M model runs ~60 small operations per layer from Python; at ~1 us each
 // that is 4-6 ms of a 15-25 ms step, and a larger share of a draft step that skips half the
@@ -156,7 +157,19 @@ struct Layer {
 };
 
 constexpr int kTensorsPerLayer = 16;
-constexpr int64_t kMaxTokens = 16;  // two passes over the weights of kMaxRows token rows
+constexpr int64_t kMaxTokens = 16;  // token rows: two passes over the weights of kMaxRows rows
+
+// Where the R = B T rows of a pass sit: row r is token t = r % T of sequence b = r / T, at cache
+// slot pos[b] + t of that sequence, whose first pad[b] slots are left padding.
+struct Rows {
+  int64_t T;
+  const std::vector<int64_t>& pos;
+  const std::vector<int64_t>& pad;
+
+  int64_t seq(int64_t r) const { return r / T; }
+  int64_t slot(int64_t r) const { return pos[r / T] + r % T; }
+  int64_t position(int64_t r) const { return std::max<int64_t>(0, slot(r) - pad[r / T]); }  // RoPE position
+};
 
 struct CpuStep : torch::CustomClassHolder {
   std::vector<Layer> layers;
@@ -198,22 +211,28 @@ struct CpuStep : torch::CustomClassHolder {
     d = layers.at(0).attn_norm.numel();
   }
 
-  // Runs the T rows of h (T, d) through every layer, in place, writing their K/V at cache slots
-  // pos .. pos + T - 1 of k[i], v[i] (1, n_kv, max_len, hd). cos, sin: per RoPE table, (T, hd).
+  // Runs the R = B T rows of h (R, d) through every layer, in place, writing their K/V at cache
+  // slots pos[b] .. pos[b] + T - 1 of k[i][b], v[i][b] (k[i]: (B, n_kv, max_len, hd)); pad[b]: the
+  // left padding of sequence b. cos, sin: per RoPE table, (positions, hd), indexed by position.
   // plan: empty, or (2 L, d + 2) rows [gate weights, gate bias, threshold] per branch 2 i + b, for
-  // a single-token draft step; standins: empty, or [c (2 L, d)] or [c, A (2 L, d, r), B (2 L, r, d)].
-  // Returns the branches skipped, (2 L,) uint8 (empty without a plan).
-  at::Tensor run(at::Tensor h, std::vector<at::Tensor> k, std::vector<at::Tensor> v, int64_t pos,
-                 std::vector<at::Tensor> cos, std::vector<at::Tensor> sin, at::Tensor plan,
+  // a single-token draft step of one sequence; standins: empty, or [c (2 L, d)] or [c, A (2 L, d, r),
+  // B (2 L, r, d)]. Returns the branches skipped, (2 L,) uint8 (empty without a plan).
+  at::Tensor run(at::Tensor h, std::vector<at::Tensor> k, std::vector<at::Tensor> v, std::vector<int64_t> pos,
+                 std::vector<int64_t> pad, std::vector<at::Tensor> cos, std::vector<at::Tensor> sin, at::Tensor plan,
                  std::vector<at::Tensor> standins, bool copy_below) {
-    const int64_t L = layers.size(), T = h.size(0);
+    const int64_t L = layers.size(), R = h.size(0), B = pos.size();
     TORCH_CHECK(h.dim() == 2 && h.size(1) == d && h.is_contiguous() && h.scalar_type() == at::kFloat,
-                "CpuStep.run: h must be contiguous float32 (T, d)");
-    TORCH_CHECK(T >= 1 && T <= kMaxTokens, "CpuStep.run: 1 to ", kMaxTokens, " tokens");
-    TORCH_CHECK(static_cast<int64_t>(k.size()) == L && static_cast<int64_t>(v.size()) == L, "CpuStep.run: a cache per layer");
-    TORCH_CHECK(pos + T <= k[0].size(2), "CpuStep.run: the cache has no room");
+                "CpuStep.run: h must be contiguous float32 (rows, d)");
+    TORCH_CHECK(R >= 1 && R <= kMaxTokens && B >= 1 && R % B == 0 && pad.size() == pos.size(),
+                "CpuStep.run: 1 to ", kMaxTokens, " rows, T per sequence");
+    const Rows rows{R / B, pos, pad};
+    TORCH_CHECK(static_cast<int64_t>(k.size()) == L && static_cast<int64_t>(v.size()) == L && k[0].size(0) == B,
+                "CpuStep.run: a cache per layer, a cache row per sequence");
+    for (int64_t b = 0; b < B; ++b)
+      TORCH_CHECK(pos[b] + rows.T <= k[0].size(2) && pos[b] + rows.T <= cos[0].size(0), "CpuStep.run: the cache has no room");
     const bool draft = plan.numel() > 0;
-    TORCH_CHECK(!draft || (T == 1 && plan.size(0) == 2 * L && plan.size(1) == d + 2), "CpuStep.run: bad plan");
+    TORCH_CHECK(!draft || (R == 1 && plan.size(0) == 2 * L && plan.size(1) == d + 2), "CpuStep.run: bad plan");
+    const int64_t T = R;  // the loops below run over all rows
     const int64_t q_dim = n_heads * hd, kv_dim = n_kv * hd, ff = layers[0].down.w.size(1);
     std::vector<float> x(T * d), qkv(T * (q_dim + 2 * kv_dim)), o(T * q_dim), y(T * d), gu(T * 2 * ff), a(T * ff);
     at::Tensor skipped = at::zeros({draft ? 2 * L : 0}, at::kByte);
@@ -229,11 +248,11 @@ struct CpuStep : torch::CustomClassHolder {
       if (draft && skips(plan, 2 * i, x.data())) {
         skip[2 * i] = 1;
         if (copy_below && i > 0) {
-          copy_kv(k[i - 1], k[i], pos), copy_kv(v[i - 1], v[i], pos);
+          copy_kv(k[i - 1], k[i], pos[0]), copy_kv(v[i - 1], v[i], pos[0]);
         } else {
           const float* bias = ptr(lw.qkv_b);
           lw.qkv.apply(x.data(), 1, q_dim, 2 * kv_dim, bias ? bias + q_dim : nullptr, qkv.data());
-          keys_values(lw, qkv.data(), 2 * kv_dim, 1, c, s, k[i], v[i], pos);
+          keys_values(lw, qkv.data(), 2 * kv_dim, rows, 1, c, s, k[i], v[i]);
         }
         add_standin(standins, 2 * i, x.data(), hp);
       } else {
@@ -243,10 +262,10 @@ struct CpuStep : torch::CustomClassHolder {
           for (int64_t j = 0; j < n_heads; ++j) {
             float* q = qkv.data() + t * n + j * hd;
             if (lw.q_norm.numel()) rms_norm(q, ptr(lw.q_norm), q, hd, eps);
-            rope(q, c + t * hd, s + t * hd, hd);
+            rope(q, c + rows.position(t) * hd, s + rows.position(t) * hd, hd);
           }
-        keys_values(lw, qkv.data() + q_dim, n, T, c, s, k[i], v[i], pos);
-        attend(qkv.data(), n, T, k[i], v[i], pos, lw.window, o.data());
+        keys_values(lw, qkv.data() + q_dim, n, rows, T, c, s, k[i], v[i]);
+        attend(qkv.data(), n, rows, T, k[i], v[i], lw.window, o.data());
         lw.o.apply(o.data(), T, 0, d, ptr(lw.o_b), y.data());
         add_output(lw.post_attn, T, y.data(), hp);
       }
@@ -300,25 +319,27 @@ struct CpuStep : torch::CustomClassHolder {
     }
   }
 
-  // Projected keys and values (T rows of stride ld: k heads, then v heads) -> k-norm and RoPE of
-  // the keys -> cache slots pos .. pos + T - 1.
-  void keys_values(const Layer& lw, float* kv, int64_t ld, int64_t T, const float* c, const float* s, at::Tensor& kc,
-                   at::Tensor& vc, int64_t pos) const {
+  // Projected keys and values (R rows of stride ld: k heads, then v heads) -> k-norm and RoPE of
+  // the keys -> each row's cache slot.
+  void keys_values(const Layer& lw, float* kv, int64_t ld, const Rows& rows, int64_t R, const float* c, const float* s,
+                   at::Tensor& kc, at::Tensor& vc) const {
     const int64_t max_len = kc.size(2);
-    float* kp = kc.data_ptr<float>();
-    float* vp = vc.data_ptr<float>();
-    for (int64_t t = 0; t < T; ++t)
+    for (int64_t r = 0; r < R; ++r) {
+      float* kp = kc.data_ptr<float>() + rows.seq(r) * n_kv * max_len * hd;
+      float* vp = vc.data_ptr<float>() + rows.seq(r) * n_kv * max_len * hd;
       for (int64_t j = 0; j < n_kv; ++j) {
-        float* key = kv + t * ld + j * hd;
-        const float* value = kv + t * ld + (n_kv + j) * hd;
+        float* key = kv + r * ld + j * hd;
+        const float* value = kv + r * ld + (n_kv + j) * hd;
         if (lw.k_norm.numel()) rms_norm(key, ptr(lw.k_norm), key, hd, eps);
-        rope(key, c + t * hd, s + t * hd, hd);
-        std::copy(key, key + hd, kp + (j * max_len + pos + t) * hd);
-        std::copy(value, value + hd, vp + (j * max_len + pos + t) * hd);
+        rope(key, c + rows.position(r) * hd, s + rows.position(r) * hd, hd);
+        std::copy(key, key + hd, kp + (j * max_len + rows.slot(r)) * hd);
+        std::copy(value, value + hd, vp + (j * max_len + rows.slot(r)) * hd);
       }
+    }
   }
 
-  // The cache entries of slot pos, one layer's buffer to the next's (the K/V fill "copy_below").
+  // The cache entries of slot pos of sequence 0, one layer's buffer to the next's (the K/V fill
+  // "copy_below" of a single-sequence draft step).
   void copy_kv(const at::Tensor& below, at::Tensor& here, int64_t pos) const {
     const int64_t max_len = here.size(2);
     for (int64_t j = 0; j < n_kv; ++j) {
@@ -327,21 +348,21 @@ struct CpuStep : torch::CustomClassHolder {
     }
   }
 
-  // Softmax attention of T queries (rows of stride ld, heads first) at positions pos + t over the
-  // cache's slots 0 .. pos + t (the last `window` of them for a sliding window) -> o (T, q_dim).
-  void attend(const float* q, int64_t ld, int64_t T, const at::Tensor& kc, const at::Tensor& vc, int64_t pos,
+  // Softmax attention of R queries (rows of stride ld, heads first), each over its sequence's cache
+  // slots pad .. its own (the last `window` of them for a sliding window; a padding query sees only
+  // itself) -> o (R, q_dim).
+  void attend(const float* q, int64_t ld, const Rows& rows, int64_t R, const at::Tensor& kc, const at::Tensor& vc,
               int64_t window, float* o) const {
     const int64_t max_len = kc.size(2), group = n_heads / n_kv;
-    const float* kp = kc.data_ptr<float>();
-    const float* vp = vc.data_ptr<float>();
-    at::parallel_for(0, T * n_heads, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<float> p(pos + T);
+    at::parallel_for(0, R * n_heads, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<float> p(max_len);
       for (int64_t b = b0; b < b1; ++b) {
-        const int64_t t = b / n_heads, j = b % n_heads, kvh = j / group, last = pos + t;
-        const int64_t first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
+        const int64_t t = b / n_heads, j = b % n_heads, kvh = j / group, last = rows.slot(t), pad = rows.pad[rows.seq(t)];
+        int64_t first = std::max<int64_t>(pad, window > 0 ? last - window + 1 : 0);
+        if (last < pad) first = last;
         const float* qh = q + t * ld + j * hd;
-        const float* keys = kp + kvh * max_len * hd;
-        const float* values = vp + kvh * max_len * hd;
+        const float* keys = kc.data_ptr<float>() + (rows.seq(t) * n_kv + kvh) * max_len * hd;
+        const float* values = vc.data_ptr<float>() + (rows.seq(t) * n_kv + kvh) * max_len * hd;
         float top = -INFINITY;
         for (int64_t u = first; u <= last; ++u) top = std::max(top, p[u] = dot(qh, keys + u * hd, hd) * scaling);
         const float sum = exp_sum(p.data() + first, p.data() + first, last - first + 1, top);

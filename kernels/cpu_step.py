@@ -1,14 +1,15 @@
-"""The fused CPU pass: the whole decoder stack of a batch-1 pass of 1-16 tokens in one C++ call.
+"""The fused CPU pass: the whole decoder stack of a pass of 1-16 token rows in one C++ call.
 
 A decode step run op by op from Python pays ~1 us per operation, ~60 per layer: 4-6 ms of a 15-25 ms
 step of SmolLM2-135M, and a larger share of a draft step that skips half the weights.
 ``cpu_step.cpp`` runs the same layer math (:mod:`specgate.layers` is its reference, and the tests
 compare the two) as loops over the hidden vectors and the small-M linear kernel of ``cpu_linear.h``.
 
-It covers what decoding runs most: plain decode steps and verify passes (no gates, or gates that
-only pick skips with no policy), and single-token draft steps with scalar gates and calibrated
-thresholds (:class:`specgate.policy.BudgetPolicy`), stand-ins of any rank and both K/V fills; fp32,
-batch 1, no left padding, no autograd. :meth:`CpuStep.applies` says whether a pass is covered;
+It covers what decoding runs most: plain decode steps and verify passes of up to 16 token rows in
+all (batch x new tokens, left padding allowed; no gates, or gates that only pick skips with no
+policy), and a single sequence's draft steps with scalar gates and calibrated thresholds
+(:class:`specgate.policy.BudgetPolicy`), stand-ins of any rank and both K/V fills; fp32
+activations, no autograd. :meth:`CpuStep.applies` says whether a pass is covered;
 everything else runs the engine's PyTorch code.
 
 ``precision="bfloat16"`` or ``"int8"`` builds the pass over a low-precision copy of the weight
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from specgate.policy import SkipPolicy
 
 PRECISIONS = ("float32", "bfloat16", "int8")
-MAX_TOKENS = 16  # 8 token rows per pass over the weights (cpu_linear.h), so 9-16 tokens read them twice
+MAX_TOKENS = 16  # token rows (batch x tokens); 8 per pass over the weights (cpu_linear.h), so 9-16 read them twice
 
 
 class CpuStep:
@@ -71,26 +72,27 @@ class CpuStep:
         from specgate.policy import BudgetPolicy
 
         B, T = input_ids.shape
-        if B != 1 or T > MAX_TOKENS or cache.host_pad[0] or torch.is_grad_enabled() or input_ids.device.type != "cpu":
+        if B * T > MAX_TOKENS or torch.is_grad_enabled() or input_ids.device.type != "cpu":
             return False
         if gates is None or policy is None:  # gates without a policy skip nothing
             return gates is None or not gates.config.scale_output
         if gates.config.scale_output or not isinstance(policy, BudgetPolicy) or T != 1:
             return False
-        return policy.thresholds is None or gates.config.kind == "scalar"  # no thresholds: one token skips nothing
+        if policy.thresholds is None:  # single tokens without thresholds skip nothing
+            return True
+        return B == 1 and gates.config.kind == "scalar"  # a draft step: one sequence's skips
 
     def hidden(self, h: torch.Tensor, cache: "StaticKVCache", gates, policy, copy_below: bool) -> list[int] | None:
-        """Run the embedded tokens h (1, T, d) through every layer, in place, writing their K/V at the
+        """Run the embedded tokens h (B, T, d) through every layer, in place, writing their K/V at the
         cache's next slots (the caller advances it). Returns, for a draft step, which branches were
         skipped (2 L flags, row 2 i + b), else None."""
-        T, pos = h.shape[1], cache.host_lengths[0]
-        cos, sin = self._rope(pos + T)
+        B, T, d = h.shape
+        cos, sin = self._rope(max(cache.host_lengths) + T)
         drafting = gates is not None and policy is not None and policy.thresholds is not None
         plan, standins = self._plan(gates, policy) if drafting else (torch.empty(0), [])
         skipped = self._step.run(
-            h.view(T, -1), cache.k, cache.v, pos, [c[pos : pos + T] for c in cos], [s[pos : pos + T] for s in sin],
-            plan, standins, copy_below,
-        )  # fmt: skip
+            h.view(B * T, d), cache.k, cache.v, cache.host_lengths, cache.host_pad, cos, sin, plan, standins, copy_below
+        )
         return skipped.tolist() if plan.numel() else None
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -9,9 +9,10 @@ path; the engine holds a :class:`TritonKernels` (``engine.kernels``, :func:`make
 :class:`~specgate.kernels.cpu_step.CpuStep` (``engine.cpu_step``, :func:`make_cpu_step`), or neither:
 the PyTorch path, the engine's own code, unchanged.
 
-The fused CPU pass (:mod:`specgate.kernels.cpu_step`) runs a whole batch-1 pass of 1-16 tokens in
-one C++ call: plain decode steps, verify passes and single-token draft steps with scalar gates.
-Other passes (prefill, batches, multi-token skipping passes) run the PyTorch code.
+The fused CPU pass (:mod:`specgate.kernels.cpu_step`) runs a whole pass of up to 16 token rows
+(batch x new tokens) in one C++ call: plain decode steps, verify passes and one sequence's
+single-token draft steps with scalar gates. Other passes (prefill, more rows, a batch's skipping
+drafts, multi-token skipping passes) run the PyTorch code.
 
 What the Triton path covers: passes with gates and the engine's own :class:`BudgetPolicy`, run
 without autograd (the draft steps, and multi-token skipping passes):

@@ -236,8 +236,8 @@ class Engine:
         if precision != "float32":
             raise ValueError(
                 f"precision={precision!r} runs on the fused CPU pass (kernels='auto' or 'cpu', float32 weights on the "
-                "CPU), which covers batch 1, passes of 1-16 tokens without gates and single-token drafts with scalar "
-                "gates that only pick skips: use precision='float32' here"
+                "CPU), which covers passes of up to 16 token rows (batch x tokens) that skip nothing and one "
+                "sequence's single-token drafts with scalar gates that only pick skips: use precision='float32' here"
             )
         p = self._prepare(input_ids, cache)
         p.gates, p.policy, p.kv_fill, p.counter = gates, policy, kv_fill, counter
@@ -260,12 +260,13 @@ class Engine:
         step = self.cpu_step if precision == "float32" else self.low_precision_step(precision)
         skipped = step.hidden(h, cache, gates, policy, copy_below=kv_fill == "copy_below")
         T = input_ids.shape[1]
+        n_valid = cache.n_valid(T)
         cache.advance(T)
         if counter is not None and gates is not None:  # every gated branch counts, as in _select
             cost, saved = self.pass_costs(kv_fill, gates)
             for i in range(self.num_layers):
                 for b in (0, 1):
-                    counter.add(T, skipped[2 * i + b] if skipped else 0, cost[b][i], saved[b][i])
+                    counter.add(n_valid, skipped[2 * i + b] if skipped else 0, cost[b][i], saved[b][i])
         return h
 
     def low_precision_step(self, precision: str):

@@ -103,14 +103,16 @@ def test_draft_steps_skip_as_the_pytorch_path(family, rank, kv_fill):
 
 @torch.inference_mode()
 def test_passes_it_does_not_cover_take_the_pytorch_path(monkeypatch):
-    """Batches, left padding, more than 16 tokens, multi-token skipping, low-rank gates and autograd
-    are the PyTorch path's; the fused pass is never called for them."""
+    """More than 16 token rows, multi-token skipping, draft steps of a batch, low-rank gates and
+    autograd are the PyTorch path's; the fused pass is never called for them."""
     m = tiny("llama", gates=True)
     fused = Engine(m.hf_model, kernels="cpu")
     calls = []
     monkeypatch.setattr(fused.cpu_step, "hidden", lambda *a, **k: calls.append(1))
     ids = torch.randint(3, 101, (2, 17), generator=torch.Generator().manual_seed(3))
-    fused(ids, fused.new_cache(2, 17))  # batch 2
+    fused(ids, fused.new_cache(2, 17))  # 34 rows
+    batch = fused.new_cache(2, 20)
+    fused(ids[:, :1], batch, m.gates, BudgetPolicy(0.5, torch.zeros(2, 4)))  # a batch's draft step
     cache = fused.new_cache(1, 30)
     fused(ids[:1], cache)  # 17 tokens
     fused(ids[:1, :2], cache, m.gates, BudgetPolicy(budget=0.5))  # a multi-token skipping pass
@@ -120,8 +122,7 @@ def test_passes_it_does_not_cover_take_the_pytorch_path(monkeypatch):
     assert calls == [1]
     with torch.enable_grad():
         assert not CpuStep.applies(ids[:1, :1], cache, None, None)
-    cache.host_pad = [2]  # left padding
-    assert not CpuStep.applies(ids[:1, :1], cache, None, None)
+    assert CpuStep.applies(ids[:, :8], batch, None, None) and not CpuStep.applies(ids[:, :9], batch, None, None)
 
 
 def test_kernels_cpu_is_refused_where_it_cannot_run():
@@ -239,3 +240,37 @@ def test_the_kernels_pass_with_narrower_vector_units(flags):
         env={**os.environ, "SPECGATE_CPU_CFLAGS": flags}, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.inference_mode()
+def test_left_padded_batches_equal_the_pytorch_path(family):
+    """Three sequences with different left padding (prefilled by the PyTorch path), then passes of
+    1 and 4 tokens each: the same logits and cache as the PyTorch path."""
+    from conftest import left_padded
+
+    fused, ref = engines(family)
+    ids, mask = left_padded(torch.randint(3, 101, (3, 7), generator=torch.Generator().manual_seed(7)), [0, 2, 5])
+    caches = []
+    for e in (fused, ref):
+        cache = e.new_cache(3, 7 + 5)
+        cache.reset((mask == 0).sum(1))
+        e(ids, cache)
+        caches.append(cache)
+    for T in (1, 4):
+        new = torch.randint(3, 101, (3, T), generator=torch.Generator().manual_seed(T))
+        a, b = (e(new, c) for e, c in zip((fused, ref), caches))
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert_caches_close(*caches, upto=12)
+
+
+@torch.inference_mode()
+def test_a_batch_speculates_with_an_int8_draft():
+    from conftest import left_padded
+
+    m = tiny("gemma3")
+    ids, mask = left_padded(torch.randint(3, 101, (3, 6), generator=torch.Generator().manual_seed(8)), [0, 1, 3])
+    plain = m.generate(ids, attention_mask=mask, max_new_tokens=12)
+    spec = specgate.SpecConfig(draft_budget=0.0, draft_precision="int8", max_draft=3)
+    out = m.generate(ids, attention_mask=mask, max_new_tokens=12, speculative=True, spec_config=spec, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, plain) and out.spec_stats.drafted > 0
