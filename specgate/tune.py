@@ -375,6 +375,9 @@ def report(result: dict) -> str:
         top = max(r["speedup"] for r in result["settings"])
         lines.append(f"choice: plain decoding: speculation does not pay here (best setting, {best}, predicts {top:.2f}x); "
                      "`generate(speculative=True)` still uses that best setting")  # fmt: skip
+        if set(result["config"].get("precisions", ["float32"])) == {"float32"}:
+            lines.append("hint: `--precisions float32 int8` also tries drafts over an int8 copy of the weights "
+                         "(+25% memory, still lossless)")  # fmt: skip
     if result["fastest_threads"] != result["threads"]:
         lines.append(f"note: a decode product ran fastest at {result['fastest_threads']} threads; tuned at {result['threads']} "
                      f"(tune again with --threads {result['fastest_threads']} and decode with it)")  # fmt: skip
