@@ -98,11 +98,10 @@ class CpuStep:
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm, the LM head in this pass's low precision, soft-capping -> (..., V) logits (the
         float32 pass leaves the head to the engine)."""
-        from specgate.ops import rms_norm
+        from specgate.layers import head
 
-        w, (weight, scale) = self.weights, self.head
-        logits = torch.ops.specgate.small_linear(rms_norm(h, w.final_norm, w.eps), weight, None, scale if scale.numel() else None)
-        return torch.tanh(logits / w.final_softcap) * w.final_softcap if w.final_softcap else logits
+        weight, scale = self.head
+        return head(self.weights, h, lambda x: torch.ops.specgate.small_linear(x, weight, None, scale if scale.numel() else None))
 
     def _rope(self, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """cos and sin tables per RoPE kind, (positions, hd), for at least n positions."""

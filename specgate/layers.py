@@ -87,9 +87,11 @@ def mlp(w: ModelWeights, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
     return post_norm(w, linear(w.act(gate) * up, lw.down_w), lw.post_mlp_norm)
 
 
-def head(w: ModelWeights, h: torch.Tensor) -> torch.Tensor:
-    """Final norm, LM head and soft-capping -> logits."""
-    logits = linear(rms_norm(h, w.final_norm, w.eps), w.lm_head)
+def head(w: ModelWeights, h: torch.Tensor, product: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Final norm, LM head and soft-capping -> logits. ``product``: the head's product of the normed
+    states, if not the full float32 LM head (a draft vocabulary's rows, a low-precision copy)."""
+    x = rms_norm(h, w.final_norm, w.eps)
+    logits = linear(x, w.lm_head) if product is None else product(x)
     return torch.tanh(logits / w.final_softcap) * w.final_softcap if w.final_softcap else logits
 
 

@@ -19,7 +19,8 @@ from collections.abc import Iterable
 import torch
 
 from .adapters import ModelWeights
-from .ops import linear, rms_norm
+from .layers import head
+from .ops import linear
 
 
 def rank_tokens(documents: Iterable[list[int]], vocab_size: int) -> torch.Tensor:
@@ -58,9 +59,6 @@ class DraftHead:
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm, the subset's rows of the LM head, soft-capping -> (..., V) logits."""
-        w = self.weights
-        sub = linear(rms_norm(h, w.final_norm, w.eps), self.weight)
-        if w.final_softcap:
-            sub = torch.tanh(sub / w.final_softcap) * w.final_softcap
+        sub = head(self.weights, h, lambda x: linear(x, self.weight))
         out = sub.new_full((*sub.shape[:-1], self.vocab_size), float("-inf"))
         return out.index_copy_(-1, self.ids, sub)
