@@ -4,7 +4,8 @@
 Triton imports; on the CPU the fused pass where it applies, else PyTorch), ``"torch"`` (always the
 PyTorch path), ``"triton"`` (the kernels of :mod:`specgate.kernels`; on the CPU only under
 ``TRITON_INTERPRET=1``, set before Python imports torch) or ``"cpu"`` (the fused pass, an error
-where it cannot be built). This module is the one place that chooses: :func:`resolve` names the
+where it cannot be built). ``"auto"`` takes the fused pass where the small-M kernel is the measured
+fastest product for the model's layers (:func:`_fused_pays`). This module is the one place that chooses: :func:`resolve` names the
 path; the engine holds a :class:`TritonKernels` (``engine.kernels``, :func:`make`) or a
 :class:`~specgate.kernels.cpu_step.CpuStep` (``engine.cpu_step``, :func:`make_cpu_step`), or neither:
 the PyTorch path, the engine's own code, unchanged.
@@ -88,20 +89,33 @@ def make(kernels: str, weights: "ModelWeights") -> "TritonKernels | None":
     return TritonKernels(weights) if resolve(kernels, weights.embed.device) == "triton" else None
 
 
-def make_cpu_step(kernels: str, weights: "ModelWeights") -> "CpuStep | None":
-    """The engine's fused CPU pass, or None (another path). ``"auto"`` falls back to the PyTorch
-    path where the fused pass cannot run (no compiler, not float32, another activation); ``"cpu"``
-    then raises an error that says so."""
-    if resolve(kernels, weights.embed.device) != "cpu":
+def make_cpu_step(kernels: str, weights: "ModelWeights", precision: str = "float32") -> "CpuStep | None":
+    """The engine's fused CPU pass (over a ``precision`` copy of the weights), or None (another
+    path). ``"auto"`` falls back to the PyTorch path where the fused pass cannot run (no compiler,
+    not float32, another activation) or is not the faster one here; ``"cpu"`` then raises an error
+    that says so."""
+    if resolve(kernels, weights.embed.device) != "cpu" or (kernels == "auto" and not _fused_pays(weights)):
         return None
     from .kernels.cpu_step import CpuStep
 
     try:
-        return CpuStep(weights, activation_name(weights.act, CpuStep.ACTIVATIONS))
+        return CpuStep(weights, activation_name(weights.act, CpuStep.ACTIVATIONS), precision)
     except (RuntimeError, ValueError):
         if kernels == "cpu":
             raise
         return None
+
+
+def _fused_pays(weights: "ModelWeights") -> bool:
+    """Whether the fused pass is the faster path on this machine. It runs every product with the
+    small-M kernel and saves the per-operation overhead, so it is when that kernel is what the
+    measured choice of :mod:`specgate.linear` takes for a decode step's layer products (measured at
+    first use, kept on disk); elsewhere (another CPU where BLAS wins, a forced backend, no compiler)
+    the PyTorch path keeps the faster products."""
+    from . import linear
+
+    lw = weights.layers[0]
+    return all(linear.backend_for(w) == "smallm" for w in (lw.qkv_w, lw.o_w, lw.gate_up_w, lw.down_w))
 
 
 def activation_name(act, names: tuple[str, ...] = ("silu", "gelu_tanh")) -> str:

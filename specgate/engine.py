@@ -17,6 +17,7 @@ from . import dispatch, layers
 from .adapters import LayerWeights, ModelWeights, read_weights
 from .cache import StaticKVCache
 from .gates import GateSet
+from .kernels.cpu_step import CpuStep
 from .ops import gather_tokens, scatter_add_tokens
 from .policy import BudgetPolicy, SkipPolicy
 from .vocab import DraftHead
@@ -159,6 +160,7 @@ class Engine:
         self._skip_ones: dict[torch.device, _Selection] = {}
         self.kernels = dispatch.make(kernels, self.weights)
         self.cpu_step = dispatch.make_cpu_step(kernels, self.weights)
+        self._kernels = kernels
         self._low_steps: dict[str, object] = {}  # precision -> the fused pass over a low-precision copy
 
     @property
@@ -231,7 +233,8 @@ class Engine:
             raise ValueError(f"cache of {cache.max_len} slots cannot take {T} more tokens")
         if kv_fill not in KV_FILLS:
             raise ValueError(f"kv_fill must be one of {KV_FILLS}, got {kv_fill!r}")
-        if self.cpu_step is not None and self.cpu_step.applies(input_ids, cache, gates, policy):
+        fusable = CpuStep.applies(input_ids, cache, gates, policy)
+        if fusable and (self.cpu_step is not None or precision != "float32"):
             return self._fused(input_ids, cache, gates, policy, kv_fill, counter, precision)
         if precision != "float32":
             raise ValueError(
@@ -272,10 +275,10 @@ class Engine:
     def low_precision_step(self, precision: str):
         """The fused CPU pass over a ``precision`` copy of the weight matrices, made on first use
         and the LM head (int8: about a quarter of the float32 weights' memory, bfloat16 half)."""
-        if self.cpu_step is None:
-            raise ValueError(f"precision={precision!r} needs the fused CPU pass: kernels='auto' or 'cpu', float32 weights on the CPU")
         if precision not in self._low_steps:
-            self._low_steps[precision] = type(self.cpu_step)(self.weights, self.cpu_step.act, precision)
+            if dispatch.resolve(self._kernels, self.device) != "cpu":
+                raise ValueError(f"precision={precision!r} needs the fused CPU pass: kernels='auto' or 'cpu', on the CPU")
+            self._low_steps[precision] = dispatch.make_cpu_step("cpu", self.weights, precision)  # raises what is wrong
         return self._low_steps[precision]
 
     def _prepare(self, input_ids: torch.Tensor, cache: StaticKVCache) -> _Pass:

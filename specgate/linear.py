@@ -100,16 +100,26 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``F.linear(x, weight, bias)`` computed by the fastest backend for this shape and row count on this CPU."""
     if x.device.type != "cpu" or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         return F.linear(x, weight, bias)
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if rows == 0:
+    if x.numel() == 0:
         return F.linear(x, weight, bias)
+    return RUN[_backend(x, weight, bias)](x, weight, bias)
+
+
+def backend_for(weight: torch.Tensor, rows: int = 1) -> str:
+    """The backend :func:`linear` takes for ``rows`` token rows times ``weight`` here (measured now if
+    it has not been yet)."""
+    with torch.no_grad():
+        return _backend(torch.zeros(rows, weight.shape[1], dtype=weight.dtype), weight.detach(), None)
+
+
+def _backend(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str:
+    rows = x.numel() // x.shape[-1]
     bucket: Bucket = rows if rows <= SMALL_M else "many"
     forced = _forced()
     if forced != "auto":
-        return RUN[forced if _applies(forced, x, weight, bucket) else "torch"](x, weight, bias)
+        return forced if _applies(forced, x, weight, bucket) else "torch"
     key = (torch.get_num_threads(), weight.shape[0], weight.shape[1], x.dtype, weight.dtype, bucket)
-    backend = _choice.get(key) or _choose(key, x, weight, bias)
-    return RUN[backend](x, weight, bias)
+    return _choice.get(key) or _choose(key, x, weight, bias)
 
 
 def machine_key(threads: int | None = None) -> str:

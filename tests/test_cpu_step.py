@@ -274,3 +274,13 @@ def test_a_batch_speculates_with_an_int8_draft():
     spec = specgate.SpecConfig(draft_budget=0.0, draft_precision="int8", max_draft=3)
     out = m.generate(ids, attention_mask=mask, max_new_tokens=12, speculative=True, spec_config=spec, return_dict_in_generate=True)
     assert torch.equal(out.sequences, plain) and out.spec_stats.drafted > 0
+
+
+def test_auto_takes_the_fused_pass_where_the_small_m_kernel_is_the_faster_product(monkeypatch):
+    """kernels='auto' follows the measured choice of specgate.linear (forced here): where BLAS wins
+    the layer products, the PyTorch path keeps them; low-precision drafts still get the fused pass."""
+    monkeypatch.setenv("SPECGATE_LINEAR", "torch")
+    engine = Engine(tiny_hf("llama"))
+    assert engine.cpu_step is None and engine.low_precision_step("int8") is not None
+    monkeypatch.setenv("SPECGATE_LINEAR", "smallm")
+    assert Engine(tiny_hf("llama")).cpu_step is not None
