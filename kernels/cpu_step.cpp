@@ -216,10 +216,11 @@ struct CpuStep : torch::CustomClassHolder {
   // left padding of sequence b. cos, sin: per RoPE table, (positions, hd), indexed by position.
   // plan: empty, or (2 L, d + 2) rows [gate weights, gate bias, threshold] per branch 2 i + b, for
   // a single-token draft step of one sequence; standins: empty, or [c (2 L, d)] or [c, A (2 L, d, r),
-  // B (2 L, r, d)]. Returns the branches skipped, (2 L,) uint8 (empty without a plan).
+  // B (2 L, r, d)], added where the draft skips a branch; adapters: the same, added where it runs one.
+  // Returns the branches skipped, (2 L,) uint8 (empty without a plan).
   at::Tensor run(at::Tensor h, std::vector<at::Tensor> k, std::vector<at::Tensor> v, std::vector<int64_t> pos,
                  std::vector<int64_t> pad, std::vector<at::Tensor> cos, std::vector<at::Tensor> sin, at::Tensor plan,
-                 std::vector<at::Tensor> standins, bool copy_below) {
+                 std::vector<at::Tensor> standins, std::vector<at::Tensor> adapters, bool copy_below) {
     const int64_t L = layers.size(), R = h.size(0), B = pos.size();
     TORCH_CHECK(h.dim() == 2 && h.size(1) == d && h.is_contiguous() && h.scalar_type() == at::kFloat,
                 "CpuStep.run: h must be contiguous float32 (rows, d)");
@@ -254,7 +255,7 @@ struct CpuStep : torch::CustomClassHolder {
           lw.qkv.apply(x.data(), 1, q_dim, 2 * kv_dim, bias ? bias + q_dim : nullptr, qkv.data());
           keys_values(lw, qkv.data(), 2 * kv_dim, rows, 1, c, s, k[i], v[i]);
         }
-        add_standin(standins, 2 * i, x.data(), hp);
+        add_map(standins, 2 * i, x.data(), hp);
       } else {
         const int64_t n = q_dim + 2 * kv_dim;
         lw.qkv.apply(x.data(), T, 0, n, ptr(lw.qkv_b), qkv.data());
@@ -268,12 +269,13 @@ struct CpuStep : torch::CustomClassHolder {
         attend(qkv.data(), n, rows, T, k[i], v[i], lw.window, o.data());
         lw.o.apply(o.data(), T, 0, d, ptr(lw.o_b), y.data());
         add_output(lw.post_attn, T, y.data(), hp);
+        if (draft) add_map(adapters, 2 * i, x.data(), hp);
       }
       // -- MLP --
       for (int64_t t = 0; t < T; ++t) rms_norm(hp + t * d, ptr(lw.mlp_norm), x.data() + t * d, d, eps);
       if (draft && skips(plan, 2 * i + 1, x.data())) {
         skip[2 * i + 1] = 1;
-        add_standin(standins, 2 * i + 1, x.data(), hp);
+        add_map(standins, 2 * i + 1, x.data(), hp);
         continue;
       }
       lw.gate_up.apply(x.data(), T, 0, 2 * ff, nullptr, gu.data());
@@ -281,6 +283,7 @@ struct CpuStep : torch::CustomClassHolder {
         gated_activation(gu.data() + t * 2 * ff, gu.data() + t * 2 * ff + ff, a.data() + t * ff, ff, act);
       lw.down.apply(a.data(), T, 0, d, nullptr, y.data());
       add_output(lw.post_mlp, T, y.data(), hp);
+      if (draft) add_map(adapters, 2 * i + 1, x.data(), hp);
     }
     return skipped;
   }
@@ -295,15 +298,15 @@ struct CpuStep : torch::CustomClassHolder {
     return g <= threshold;
   }
 
-  // h += the stand-in of branch kb at the normed input x (one token).
-  void add_standin(const std::vector<at::Tensor>& standins, int64_t kb, const float* x, float* h) const {
-    if (standins.empty()) return;
-    const float* c = standins[0].data_ptr<float>() + kb * d;
+  // h += c + x A B, branch kb's stand-in or adapter (maps: [c] or [c, A, B]), at the normed input x (one token).
+  void add_map(const std::vector<at::Tensor>& maps, int64_t kb, const float* x, float* h) const {
+    if (maps.empty()) return;
+    const float* c = maps[0].data_ptr<float>() + kb * d;
     for (int64_t j = 0; j < d; ++j) h[j] += c[j];
-    if (standins.size() < 3) return;
-    const int64_t r = standins[1].size(2);
-    const float* A = standins[1].data_ptr<float>() + kb * d * r;  // (d, r)
-    const float* B = standins[2].data_ptr<float>() + kb * r * d;  // (r, d)
+    if (maps.size() < 3) return;
+    const int64_t r = maps[1].size(2);
+    const float* A = maps[1].data_ptr<float>() + kb * d * r;  // (d, r)
+    const float* B = maps[2].data_ptr<float>() + kb * r * d;  // (r, d)
     std::vector<float> z(r, 0.0f);
     for (int64_t j = 0; j < d; ++j)
       for (int64_t q = 0; q < r; ++q) z[q] += x[j] * A[j * r + q];

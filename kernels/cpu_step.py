@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from specgate.cache import StaticKVCache
     from specgate.gates import GateSet
     from specgate.policy import SkipPolicy
+    from specgate.standin import StandIns
 
 PRECISIONS = ("float32", "bfloat16", "int8")
 MAX_TOKENS = 16  # token rows (batch x tokens); 8 per pass over the weights (cpu_linear.h), so 9-16 read them twice
@@ -69,6 +70,7 @@ class CpuStep:
     @staticmethod
     def applies(input_ids: torch.Tensor, cache: "StaticKVCache", gates: "GateSet | None", policy: "SkipPolicy | None") -> bool:
         """Whether the fused pass computes this forward (else the engine's PyTorch code does)."""
+        from specgate.engine import draft_adapters
         from specgate.policy import BudgetPolicy
 
         B, T = input_ids.shape
@@ -78,8 +80,8 @@ class CpuStep:
             return gates is None or not gates.config.scale_output
         if gates.config.scale_output or not isinstance(policy, BudgetPolicy) or T != 1:
             return False
-        if policy.thresholds is None:  # single tokens without thresholds skip nothing
-            return True
+        if policy.thresholds is None:  # single tokens without thresholds skip nothing (no adapters either)
+            return draft_adapters(gates, policy) is None
         return B == 1 and gates.config.kind == "scalar"  # a draft step: one sequence's skips
 
     def hidden(self, h: torch.Tensor, cache: "StaticKVCache", gates, policy, copy_below: bool) -> list[int] | None:
@@ -89,10 +91,11 @@ class CpuStep:
         B, T, d = h.shape
         cos, sin = self._rope(max(cache.host_lengths) + T)
         drafting = gates is not None and policy is not None and policy.thresholds is not None
-        plan, standins = self._plan(gates, policy) if drafting else (torch.empty(0), [])
+        plan, standins, adapters = self._plan(gates, policy) if drafting else (torch.empty(0), [], [])
         skipped = self._step.run(
-            h.view(B * T, d), cache.k, cache.v, cache.host_lengths, cache.host_pad, cos, sin, plan, standins, copy_below
-        )
+            h.view(B * T, d), cache.k, cache.v, cache.host_lengths, cache.host_pad, cos, sin, plan, standins, adapters,
+            copy_below,
+        )  # fmt: skip
         return skipped.tolist() if plan.numel() else None
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -115,9 +118,10 @@ class CpuStep:
                 self._tables[kind] = (cos[0].float().contiguous(), sin[0].float().contiguous())
         return [self._tables[k][0] for k in self.rope_kinds], [self._tables[k][1] for k in self.rope_kinds]
 
-    def _plan(self, gates: "GateSet", policy) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _plan(self, gates: "GateSet", policy) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """The draft's plan (2 L, d + 2): per branch its gate's weights and bias and its threshold
-        (-1 where the step never skips), and the stand-ins' tensors; built once per gates and thresholds."""
+        (-1 where the step never skips), and the stand-ins' and adapters' tensors; built once per gates
+        and thresholds."""
         key = (id(gates), id(policy.thresholds), policy.never_skip)  # a budget's policies share its thresholds
         if key in self._plans and self._plans[key][0] is gates and self._plans[key][1] is policy.thresholds:
             return self._plans[key][2:]
@@ -131,12 +135,18 @@ class CpuStep:
                     plan[2 * i + b, d] = proj.bias.float()
                     if policy.may_skip(i, b, 1):
                         plan[2 * i + b, d + 1] = policy.threshold(i, b)
-        s = gates.standins
-        standins = [] if s is None else [t.detach().float().contiguous() for t in ([s.bias] if s.rank == 0 else [s.bias, s.down, s.up])]
+        maps = [_map_tensors(gates.standins), _map_tensors(gates.adapters)]
         if len(self._plans) >= 16:  # a few live at once (one per calibrated budget)
             self._plans.clear()
-        self._plans[key] = (gates, policy.thresholds, plan, standins)
-        return plan, standins
+        self._plans[key] = (gates, policy.thresholds, plan, *maps)
+        return plan, *maps
+
+
+def _map_tensors(s: "StandIns | None") -> list[torch.Tensor]:
+    """The C++ pass's form of stand-ins or adapters: [], [c] or [c, A, B], float32."""
+    if s is None:
+        return []
+    return [t.detach().float().contiguous() for t in ([s.bias] if s.rank == 0 else [s.bias, s.down, s.up])]
 
 
 def low_precision(w: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.Tensor]:

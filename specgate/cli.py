@@ -165,7 +165,7 @@ def cmd_bench(args) -> int:
 
 _HELP = {
     "objective": "paper: CE + lambda*L2 with budget warm-up; distill: KL to the original model; "
-    "damage: fit scalar gates to the measured cost of each skip; standins: train the stand-ins of the "
+    "damage: fit scalar gates to the measured cost of each skip; standins: train the stand-ins (and adapters) of the "
     "--context-gates draft by KL to the original model",
     "data": "training text: .txt, or .jsonl with {'text': ...} or {'messages': [...]} per line "
     "(default: the model's own answers to specgate.prompts + pydoc topics)",
@@ -180,8 +180,9 @@ _HELP = {
     "ridge": "damage: L2 penalty on the standardized gate weights of the Poisson fit",
     "standin_rank": "fit stand-ins for skipped branches of this rank (0: each branch's mean output) and train "
     "the gates with them in place",
+    "adapter_rank": "standins: also train draft-only adapters of this rank, added where the draft runs a branch",
     "context_gates": "a calibrated gate directory: damage prices each skip in the context of the draft it makes "
-    "(a second round; its stand-ins are kept); standins trains its stand-ins",
+    "(a second round; its stand-ins are kept); standins trains its stand-ins and adapters",
     "context_budget": "the budget of that draft",
     "time_limit_s": "stop with a checkpoint after this many seconds",
     "resume": "continue from the checkpoints in OUTPUT_DIR (refused if they were made from another model, data or settings)",

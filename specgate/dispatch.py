@@ -242,6 +242,7 @@ class TritonKernels:
         mask = None if causal else p.mask(lw.window)
         k, v = p.cache.k[i][:, :, : p.S], p.cache.v[i][:, :, : p.S]
         o = layers.attend(w, q, k, v, mask, causal)  # (B, heads, T, hd)
+        h = self._adapt(h, x, i, 0, r, p)
         if r is None:
             o = layers.attention_output(w, lw, o)
             return h + (o if g is None else g * o)
@@ -253,6 +254,7 @@ class TritonKernels:
         """The engine's ``_mlp`` after the norm."""
         w = self.weights
         g, r = self.route(engine, x, i, 1, p)
+        h = self._adapt(h, x, i, 1, r, p)
         if r is None:
             o = layers.mlp(w, lw, x)
             return h + (o if g is None else g * o)
@@ -263,9 +265,17 @@ class TritonKernels:
     @staticmethod
     def _stand_in(x: torch.Tensor, i: int, branch: int, p: "_Pass") -> torch.Tensor | None:
         """The branch's stand-in (:mod:`specgate.standin`) of every row, (N, d); the residual
-        kernel adds it at the rows that skip the branch (the engine's ``_stand_in``)."""
+        kernel adds it at the rows that skip the branch (the engine's ``_draft_terms``)."""
         s = p.gates.standins
         return None if s is None else s(x, i, branch).reshape(-1, x.shape[-1])
+
+    @staticmethod
+    def _adapt(h: torch.Tensor, x: torch.Tensor, i: int, branch: int, r, p: "_Pass") -> torch.Tensor:
+        """h plus the draft's adapter at the rows that run the branch (all rows when r is None)."""
+        if p.adapters is None:
+            return h
+        a = p.adapters(x, i, branch)
+        return h + (a if r is None else a * r.active.view(*x.shape[:2], 1).to(a.dtype))
 
     def _residual(self, h: torch.Tensor, y: torch.Tensor, r, g: torch.Tensor | None, fill: torch.Tensor | None) -> torch.Tensor:
         h = h.contiguous()

@@ -20,6 +20,7 @@ from .gates import GateSet
 from .kernels.cpu_step import CpuStep
 from .ops import gather_tokens, scatter_add_tokens
 from .policy import BudgetPolicy, SkipPolicy
+from .standin import StandIns
 from .vocab import DraftHead
 
 # The K/V of a token that skips attention: ``project`` runs the k/v projections on its passed-through
@@ -45,6 +46,7 @@ class _Pass:
     policy: SkipPolicy | None = None
     kv_fill: KVFill = "project"
     counter: "SkipCounter | None" = None
+    adapters: StandIns | None = None  # the draft's adapters, in a pass that may skip
     masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)  # built on first use
     kernels: "dispatch.TritonKernels | None" = None  # the Triton path of this pass (None: PyTorch)
     skips: list = field(default_factory=list)  # the Triton routes' skip counts, on the device
@@ -66,6 +68,14 @@ class _Pass:
         if window is not None:
             m &= q - j < window
         return (m | (j == q))[:, None]  # a padding query sees itself: no empty rows
+
+
+def draft_adapters(gates: GateSet | None, policy: SkipPolicy | None) -> StandIns | None:
+    """The gates' draft-only adapters if a pass with this policy may skip (one that skips nothing
+    is the original model, adapters or not)."""
+    if gates is None or gates.adapters is None or policy is None:
+        return None
+    return None if isinstance(policy, BudgetPolicy) and policy.budget == 0 else gates.adapters
 
 
 @dataclass
@@ -244,6 +254,7 @@ class Engine:
             )
         p = self._prepare(input_ids, cache)
         p.gates, p.policy, p.kv_fill, p.counter = gates, policy, kv_fill, counter
+        p.adapters = draft_adapters(gates, policy)
         if self.kernels is not None and self.kernels.applies(gates, policy):
             p.kernels = self.kernels
         h = layers.embed(self.weights, input_ids)
@@ -361,7 +372,7 @@ class Engine:
         else:
             p.cache.write(i, p.slots, *layers.keys_values(w, lw, x, cos, sin), p.uniform)
         if sel is not None and sel.order.shape[1] == 0:
-            return self._stand_in(h, x, i, 0, sel, p)  # every token skips attention
+            return self._draft_terms(h, x, i, 0, sel, p)  # every token skips attention
 
         # 2. Queries of the active tokens attend to the cache.
         causal = p.causal and sel is None and (lw.window is None or p.S <= lw.window)
@@ -372,14 +383,14 @@ class Engine:
                 mask = mask.gather(2, sel.order[:, None, :, None].expand(-1, 1, -1, p.S))
         k, v = p.cache.k[i][:, :, : p.S], p.cache.v[i][:, :, : p.S]  # (B, n_kv, S, hd)
         o = layers.attention_output(w, lw, layers.attend(w, q, k, v, mask, causal))  # (B, n, d)
-        return self._residual(self._stand_in(h, x, i, 0, sel, p), o, g, sel)
+        return self._residual(self._draft_terms(h, x, i, 0, sel, p), o, g, sel)
 
     def _mlp(self, h: torch.Tensor, i: int, lw: LayerWeights, p: _Pass) -> torch.Tensor:
         x = layers.norm(self.weights, h, lw.mlp_norm)
         if p.kernels is not None:
             return p.kernels.mlp(self, h, x, i, lw, p)
         g, sel = self._select(x, i, 1, p)
-        h = self._stand_in(h, x, i, 1, sel, p)
+        h = self._draft_terms(h, x, i, 1, sel, p)
         if sel is not None:
             if sel.order.shape[1] == 0:
                 return h
@@ -387,12 +398,19 @@ class Engine:
         return self._residual(h, layers.mlp(self.weights, lw, x), g, sel)
 
     @staticmethod
-    def _stand_in(h: torch.Tensor, x: torch.Tensor, i: int, branch: int, sel: _Selection | None, p: _Pass) -> torch.Tensor:
-        """h plus the branch's stand-in (:mod:`specgate.standin`) at the tokens that skip it."""
-        if sel is None or p.gates.standins is None:
+    def _draft_terms(h: torch.Tensor, x: torch.Tensor, i: int, branch: int, sel: _Selection | None, p: _Pass) -> torch.Tensor:
+        """h plus what a draft adds beside the branch outputs (:mod:`specgate.standin`): the
+        branch's stand-in at the tokens that skip it, its adapter at those that run it."""
+        standins = None if sel is None else p.gates.standins
+        if standins is None and p.adapters is None:
             return h
-        fill = p.gates.standins(x, i, branch)
-        return h + (fill if sel.order.shape[1] == 0 else fill * (~sel.active)[..., None].to(fill.dtype))
+        skip = None if sel is None else (~sel.active)[..., None].to(h.dtype)
+        if standins is not None:
+            h = h + standins(x, i, branch) * skip
+        if p.adapters is not None:
+            a = p.adapters(x, i, branch)
+            h = h + (a if skip is None else a * (1 - skip))
+        return h
 
     @staticmethod
     def _residual(h: torch.Tensor, o: torch.Tensor, g: torch.Tensor | None, sel: _Selection | None) -> torch.Tensor:

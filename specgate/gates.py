@@ -68,7 +68,8 @@ class GateSet(nn.Module):
     calibration; a branch with importance at or below its threshold is skipped. ``token_ranking``:
     every token id, most frequent in the model's own outputs first, for the draft vocabulary
     (:mod:`specgate.vocab`); None if the gates were saved without one. ``standins``: what a draft
-    adds where it skips a branch (:mod:`specgate.standin`); None: nothing.
+    adds where it skips a branch, ``adapters``: what it adds beside a branch's output where it
+    runs it (:mod:`specgate.standin`); None: nothing. A pass that skips nothing uses neither.
     """
 
     def __init__(self, config: GateConfig):
@@ -80,6 +81,7 @@ class GateSet(nn.Module):
         self.thresholds: dict[float, torch.Tensor] = {}
         self.token_ranking: torch.Tensor | None = None
         self.standins: StandIns | None = None
+        self.adapters: StandIns | None = None
 
     def gate(self, layer: int, branch: int) -> Gate:
         return (self.attn if branch == 0 else self.mlp)[layer]
@@ -154,8 +156,9 @@ def load_gates(path: str | Path, model_config=None, dtype: torch.dtype | None = 
                 f"the token ranking in {path / WEIGHTS_NAME} covers {len(gates.token_ranking)} tokens, the model has "
                 f"{model_config.vocab_size}: these gates were made for another tokenizer"
             )
-    if "standins.down" in tensors:
-        gates.standins = StandIns(config.num_layers, config.hidden_size, tensors["standins.down"].shape[-1])
+    for name in ("standins", "adapters"):
+        if f"{name}.down" in tensors:
+            setattr(gates, name, StandIns(config.num_layers, config.hidden_size, tensors[f"{name}.down"].shape[-1]))
     expected = {k: v.shape for k, v in gates.state_dict().items()}
     found = {k: v.shape for k, v in tensors.items()}
     if expected != found:

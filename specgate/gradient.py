@@ -55,8 +55,9 @@ def gated_forward(
     """Differentiable dense forward over whole sequences (B, T) from position 0 -> logits (B, T, V).
 
     The same model as ``engine(ids, fresh_cache, gates, policy)`` with ``kv_fill="project"`` when
-    ``decide`` picks the same tokens; gates scale the branches if their config says so, and skipped
-    tokens get the gates' stand-ins, if any.
+    ``decide`` picks the same tokens; gates scale the branches if their config says so, skipped
+    tokens get the gates' stand-ins and, in a skipping pass (``decide`` given), running ones their
+    adapters, if any.
     """
     if gates is None:
         return dense_forward(engine.weights, input_ids)
@@ -73,6 +74,9 @@ def gated_forward(
         factor = branch_factor(g, run, scale)
         if run is not None and gates.standins is not None:
             h = h + gates.standins(x, i, branch) * (~run)[..., None].to(h.dtype)
+        if decide is not None and gates.adapters is not None:  # a skipping pass: the draft's adapters
+            a = gates.adapters(x, i, branch)
+            h = h + (a if run is None else a * run[..., None].to(h.dtype))
         return h + (o if factor is None else factor * o)
 
     return dense_forward(engine.weights, input_ids, add)
@@ -243,18 +247,21 @@ def train_gradient(model, config, gates: GateSet, pieces: Callable[[], list[list
 
 
 def train_standins(model, config, gates: GateSet, pieces, out: Path, accelerator) -> GateSet:
-    """The ``standins`` objective: the stand-ins of ``gates`` trained by KL distillation into the
-    draft the gates make at ``config.context_budget``; the gates and their thresholds stay as they
-    are (see :func:`train_step`)."""
-    if gates.standins is None:
-        raise ValueError(f"{config.context_gates} has no stand-ins to train: pass --standin-rank R to fit some first")
+    """The ``standins`` objective: the draft-only parameters of ``gates`` (stand-ins, adapters)
+    trained by KL distillation into the draft the gates make at ``config.context_budget``; the gates
+    and their thresholds stay as they are (see :func:`train_step`)."""
+    draft_only = [m for m in (gates.standins, gates.adapters) if m is not None]
+    if not draft_only:
+        raise ValueError(
+            f"{config.context_gates} has no stand-ins or adapters to train: pass --standin-rank R or --adapter-rank R"
+        )
     gates.draft_runs(config.context_budget)  # an uncalibrated draft fails here, before any step
     for p in gates.parameters():
         p.requires_grad_(False)
-    for p in gates.standins.parameters():
+    for p in (p for m in draft_only for p in m.parameters()):
         p.requires_grad_(True)
     gates = train_gradient(model, config, gates, pieces, out, accelerator)
-    for p in gates.standins.parameters():
+    for p in gates.parameters():
         p.requires_grad_(False)
     return gates
 

@@ -11,6 +11,11 @@ branch outputs are small): on SmolLM2 the mean fitted there drafts best, and lin
 draft's drifted inputs draft worse than the mean (README, Measured). ``specgate train --objective
 standins`` then distils them in the draft itself.
 
+Draft-only adapters have the same form and are added where a draft *runs* a branch: ``h += branch
+output + a_k(x)``. They start at zero (:meth:`StandIns.adapters`: ``B = 0``, ``A`` random), so an
+untrained adapter leaves the draft as it is, and are trained by the same distillation. Neither is
+ever used by a pass that skips nothing (the verifier, plain decoding).
+
 The fit (:func:`fit_standins`): with the input and output covariances ``Cxx`` and ``Cxo``, the ridge
 map is ``W = (Cxx + lam I)^-1 Cxo``; its best rank-r restriction in the metric of the inputs keeps the
 top r eigenvectors ``V`` of ``W^T Cxx W`` (the covariance of the fitted outputs): ``A = W V``,
@@ -37,6 +42,15 @@ class StandIns(nn.Module):
         self.bias = nn.Parameter(torch.zeros(2 * num_layers, hidden), requires_grad=False)
         self.down = nn.Parameter(torch.zeros(2 * num_layers, hidden, rank), requires_grad=False)
         self.up = nn.Parameter(torch.zeros(2 * num_layers, rank, hidden), requires_grad=False)
+
+    @classmethod
+    def adapters(cls, num_layers: int, hidden: int, rank: int, seed: int = 0) -> "StandIns":
+        """Untrained draft-only adapters: zero maps whose down-projections are random, so that
+        gradients reach both factors."""
+        a = cls(num_layers, hidden, rank)
+        g = torch.Generator().manual_seed(seed)
+        a.down.data = torch.randn(a.down.shape, generator=g) / hidden**0.5
+        return a
 
     def forward(self, x: torch.Tensor, layer: int, branch: int) -> torch.Tensor:
         """What branch ``branch`` of ``layer`` adds in place of its output for normed inputs x (..., d)."""

@@ -9,9 +9,9 @@ the layer math (:mod:`specgate.layers`) and the loop skeleton (:mod:`specgate.lo
 - ``paper`` and ``distill`` (:mod:`specgate.gradient`): the paper's cross-entropy + L2 objective,
   and KL distillation into the skipping draft, by gradient descent on a dense forward.
 - ``standins`` (:mod:`specgate.gradient`): the gates of ``context_gates`` stay as they are; their
-  stand-ins (or new ones, ``standin_rank``) are trained by KL distillation into the draft those
-  gates make at ``context_budget``: draft-only parameters, trained under the draft's own skips
-  and its own K/V history.
+  stand-ins (or new ones, ``standin_rank``) and new adapters (``adapter_rank``) are trained by KL
+  distillation into the draft those gates make at ``context_budget``: draft-only parameters,
+  trained under the draft's own skips and its own K/V history.
 
 ``standin_rank`` fits stand-ins for skipped branches (:mod:`specgate.standin`) on the training text
 first (with ``context_gates``: only at the tokens that draft skips); the objectives then train with
@@ -42,7 +42,7 @@ from .data import batched, chunk, collate, default_corpus, load_documents, paddi
 from .gates import CONFIG_NAME, GateConfig, GateSet, load_gates, save_gates
 from .loop import check_run
 from .policy import ALLOCATIONS, Allocation
-from .standin import branch_moments, fit_standins
+from .standin import StandIns, branch_moments, fit_standins
 from .vocab import rank_tokens
 
 Objective = Literal["paper", "distill", "damage", "standins"]
@@ -66,6 +66,7 @@ class TrainConfig:
     sparsity: float = 0.1  # lambda of the L2 term mean(g^2)
     ridge: float = 1.0  # damage: L2 penalty on the (standardized) weights of the Poisson fit
     standin_rank: int | None = None  # stand-ins for skipped branches (specgate.standin; 0: mean); None: none
+    adapter_rank: int | None = None  # standins: add draft-only adapters of this rank (0: a bias per branch) and train them
     context_gates: str | None = None  # damage, standins: the draft of these calibrated gates (stand-ins included)
     context_budget: float = 0.5  # ... at this budget
     budget_max: float = 0.5  # share of (token, branch) evaluations skipped (warm-up target for paper)
@@ -109,6 +110,8 @@ class TrainConfig:
             raise ValueError("context_gates is for the damage and standins objectives")
         if self.standin_rank is not None and self.standin_rank < 0:
             raise ValueError(f"standin_rank must be >= 0 (0: each branch's mean output), got {self.standin_rank}")
+        if self.adapter_rank is not None and (self.adapter_rank < 0 or self.objective != "standins"):
+            raise ValueError(f"adapter_rank (>= 0, got {self.adapter_rank}) is for the standins objective, which trains them")
         if self.checkpoint_every < 1 or (self.threads is not None and self.threads < 1):
             raise ValueError("checkpoint_every and threads must be >= 1")
 
@@ -155,6 +158,9 @@ def train(model_or_name, config: TrainConfig = TrainConfig(), documents: list[li
         decide = None if context is None else damage.draft_decisions(context, config.context_budget)
         gates = damage.train_damage(model, config, gate_config(model, config), pieces, out, accelerator, standins, decide)
     elif config.objective == "standins":
+        if config.adapter_rank is not None:
+            c = model.config
+            context.adapters = StandIns.adapters(c.num_hidden_layers, c.hidden_size, config.adapter_rank, config.seed)
         gates = gradient.train_standins(model, config, context, pieces, out, accelerator)
     else:
         torch.manual_seed(config.seed)

@@ -47,16 +47,16 @@ def assert_caches_close(a, b, upto: int) -> None:
 
 
 def scalar_gates(m: specgate.SpecGateModel, rank: int, seed: int = 0):
-    """Scalar gates that only pick skips, stand-ins of the given rank, and thresholds that skip
-    about half of the branches."""
+    """Scalar gates that only pick skips, stand-ins and adapters of the given rank, and thresholds
+    that skip about half of the branches."""
     torch.manual_seed(seed)
     gates = m.new_gates(kind="scalar")
     gates.config = dataclasses.replace(gates.config, scale_output=False)
     for p in gates.parameters():
         torch.nn.init.normal_(p, std=0.3)
     L, d = gates.config.num_layers, gates.config.hidden_size
-    gates.standins = StandIns(L, d, rank)
-    for p in gates.standins.parameters():
+    gates.standins, gates.adapters = StandIns(L, d, rank), StandIns(L, d, rank)
+    for p in [*gates.standins.parameters(), *gates.adapters.parameters()]:
         p.data.normal_(0, 0.1)
     return gates, torch.rand(2, L, generator=torch.Generator().manual_seed(seed)) * 0.6 + 0.2
 
@@ -83,8 +83,8 @@ def test_plain_and_verify_passes_equal_the_pytorch_path(family):
 @pytest.mark.parametrize("kv_fill", ["project", "copy_below"])
 @torch.inference_mode()
 def test_draft_steps_skip_as_the_pytorch_path(family, rank, kv_fill):
-    """Single-token draft steps with scalar gates, calibrated thresholds, stand-ins and a branch
-    that never skips: the same skips and counts, logits and cache."""
+    """Single-token draft steps with scalar gates, calibrated thresholds, stand-ins, adapters and a
+    branch that never skips: the same skips and counts, logits and cache."""
     m = tiny(family)
     gates, thresholds = scalar_gates(m, rank)
     policy = BudgetPolicy(budget=0.5, thresholds=thresholds, never_skip=frozenset({(1, 1)}))

@@ -11,7 +11,7 @@ import specgate
 from specgate import layers
 from specgate import train as T
 from specgate.damage import removal_damage
-from specgate.gradient import gated_forward
+from specgate.gradient import ForwardRecord, gated_forward
 from specgate.policy import BudgetPolicy
 from specgate.standin import Moments, StandIns, branch_moments, explained, fit_standins
 
@@ -114,6 +114,78 @@ def test_gate_files_keep_stand_ins_and_refuse_a_mismatch(tmp_path):
     specgate.save_gates(wrong.gates, tmp_path / "bad")
     with pytest.raises(ValueError, match="does not match its config"):
         specgate.load_gates(tmp_path / "bad", m.config)
+
+
+def test_gate_files_keep_adapters_and_refuse_another_models(tmp_path):
+    m = tiny("llama", gates=True)
+    m.gates.adapters = _standins(m, rank=2)
+    specgate.save_gates(m.gates, tmp_path / "g")
+    back = specgate.load_gates(tmp_path / "g", m.config)
+    assert back.standins is None and torch.equal(back.adapters.up, m.gates.adapters.up)
+    wrong = tiny("llama", gates=True)
+    wrong.gates.adapters = StandIns(m.engine.num_layers, m.config.hidden_size + 8, 2)  # another hidden size
+    specgate.save_gates(wrong.gates, tmp_path / "bad")
+    with pytest.raises(ValueError, match="does not match its config"):
+        specgate.load_gates(tmp_path / "bad", m.config)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@torch.no_grad()
+def test_adapters_act_only_in_passes_that_skip(family):
+    """The verifier's logits (no gates, or gates at budget 0) are bit-identical with and without
+    adapters; draft steps and skipping passes change with them; untrained adapters change nothing;
+    greedy speculation with them gives plain decoding's tokens."""
+    m = tiny(family, gates=True)
+    m.gates.config = dataclasses.replace(m.gates.config, scale_output=False)
+    L, eng = m.engine.num_layers, m.engine
+    m.gates.thresholds[0.5] = torch.full((2, L), 0.5)
+    ids = torch.randint(3, 101, (1, 9), generator=torch.Generator().manual_seed(2))
+
+    def passes():
+        out = [eng(ids, eng.new_cache(1, 10)), eng(ids, eng.new_cache(1, 10), m.gates, m.gates.policy(0))]
+        cache = eng.new_cache(1, 10)
+        eng(ids[:, :8], cache)
+        out.append(eng(ids[:, 8:], cache, m.gates, m.gates.policy(0.5)))  # a draft step
+        return out + [eng(ids, eng.new_cache(1, 10), m.gates, BudgetPolicy(budget=0.5))]  # a skipping pass
+
+    without = passes()
+    m.gates.adapters = StandIns.adapters(L, m.config.hidden_size, 3)
+    for a, b in zip(passes(), without):
+        torch.testing.assert_close(a, b)  # untrained: zero maps
+    m.gates.adapters = _standins(m, rank=3)
+    verify, gated_verify, draft, skipping = passes()
+    assert torch.equal(verify, without[0]) and torch.equal(gated_verify, without[1])
+    assert not torch.allclose(draft, without[2], atol=1e-3) and not torch.allclose(skipping, without[3], atol=1e-3)
+    plain = m.generate(ids, max_new_tokens=30, eos_token_id=None, pad_token_id=0)
+    out = m.generate(ids, max_new_tokens=30, eos_token_id=None, pad_token_id=0, speculative=True, draft_budget=0.5,
+                     return_dict_in_generate=True)  # fmt: skip
+    assert torch.equal(out.sequences, plain) and out.spec_stats.drafted > 0
+
+
+def test_the_standins_objective_trains_adapters_alone(trainee, tmp_path):
+    """Adapters on a draft without stand-ins: trained, they bring it closer to the full model; the
+    gates stay; the saved gates carry them."""
+    docs = own_docs(trainee)
+    first = T.train(trainee, train_config(tmp_path, objective="damage", steps=2), documents=docs)
+    ids = torch.tensor([d[:32] for d in own_docs(trainee, n=8)])
+    record = ForwardRecord()
+    with torch.no_grad():
+        gated_forward(trainee.engine, ids, first, None, record)
+    median = torch.stack(record.importance).flatten(1).median(1).values  # each branch skips half the tokens
+    first.thresholds[0.5] = median.view(3, 2).T.contiguous()
+    specgate.save_gates(first, tmp_path / "first")
+    config = train_config(tmp_path, objective="standins", steps=24, context_gates=str(tmp_path / "first"),
+                          adapter_rank=4, output_dir=str(tmp_path / "adapted"))  # fmt: skip
+    tuned = T.train(trainee, config, documents=docs)
+    assert tuned.standins is None and tuned.adapters.rank == 4
+    assert _draft_kl(trainee, tuned, ids) < 0.8 * _draft_kl(trainee, first, ids)
+    assert torch.equal(tuned.gate(2, 1).proj.weight, first.gate(2, 1).proj.weight)
+    saved = specgate.load_gates(tmp_path / "adapted" / "gates", trainee.config)
+    assert torch.equal(saved.adapters.up, tuned.adapters.up)
+    with pytest.raises(ValueError, match="adapter_rank"):
+        T.TrainConfig(adapter_rank=4)  # the damage objective trains no adapters
+    with pytest.raises(ValueError, match="--adapter-rank"):
+        T.train(trainee, dataclasses.replace(config, adapter_rank=None, output_dir=str(tmp_path / "none")), documents=docs)
 
 
 def test_training_fits_stand_ins_and_they_cut_the_drafts_loss(trainee, tmp_path):

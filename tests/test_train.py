@@ -26,7 +26,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("scale", [True, False])
 def test_training_forward_is_the_engine(family, scale):
     """The dense training forward computes what the engine computes, for every family, with and
-    without skipping, with gates that scale and gates that only decide, with and without stand-ins."""
+    without skipping, with gates that scale and gates that only decide, with and without stand-ins
+    and adapters."""
     m = tiny(family, gates=True)
     m.gates.config = dataclasses.replace(m.gates.config, scale_output=scale)
     ids = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -36,12 +37,13 @@ def test_training_forward_is_the_engine(family, scale):
         want = m.engine(ids, m.engine.new_cache(2, 12), m.gates, BudgetPolicy(0.3))
         got = gated_forward(m.engine, ids, m.gates, quantile_decider(0.3, valid, "branch"))
         torch.testing.assert_close(got, want)
-        m.gates.standins = StandIns(m.engine.num_layers, m.config.hidden_size, 2)  # and with stand-ins
-        for p in m.gates.standins.parameters():
-            p.normal_(0, 0.3)
-        want = m.engine(ids, m.engine.new_cache(2, 12), m.gates, BudgetPolicy(0.3))
-        got = gated_forward(m.engine, ids, m.gates, quantile_decider(0.3, valid, "branch"))
-        torch.testing.assert_close(got, want)
+        for name in ("standins", "adapters"):  # and with stand-ins, then adapters too
+            setattr(m.gates, name, StandIns(m.engine.num_layers, m.config.hidden_size, 2))
+            for p in getattr(m.gates, name).parameters():
+                p.normal_(0, 0.3)
+            want = m.engine(ids, m.engine.new_cache(2, 12), m.gates, BudgetPolicy(0.3))
+            got = gated_forward(m.engine, ids, m.gates, quantile_decider(0.3, valid, "branch"))
+            torch.testing.assert_close(got, want)
 
 
 def test_gradients_reach_the_gates(trainee):

@@ -190,15 +190,15 @@ def _standins(m, rank: int) -> StandIns:
 @needs_interpreter
 @pytest.mark.parametrize("family,rank,kv_fill", [("llama", 4, "project"), ("gemma3", 0, "copy_below")])
 def test_stand_ins_on_the_triton_path(family, rank, kv_fill):
-    """With stand-ins, a skipping pass and two draft steps give the PyTorch path's logits (rank 0:
-    the same stand-in for every row; rank 4: one per row), and the stand-ins do change them."""
+    """With stand-ins and adapters, a skipping pass and two draft steps give the PyTorch path's
+    logits (rank 0: the same vector for every row; rank 4: one per row), and they do change them."""
     m = _model(family)
     policy = m.gates.policy(0.5)
     g = torch.Generator().manual_seed(5)
     steps = [(torch.randint(3, 101, (2, 7), generator=g), True)]
     steps += [(torch.randint(3, 101, (2, 1), generator=g), True) for _ in range(2)]
     without, _, _ = _passes(m, "torch", kv_fill, policy, steps)
-    m.gates.standins = _standins(m, rank)
+    m.gates.standins, m.gates.adapters = _standins(m, rank), _standins(m, rank + 1)
     ref, _, ref_counter = _passes(m, "torch", kv_fill, policy, steps)
     tri, _, _ = _passes(m, "triton", kv_fill, policy, steps)
     assert ref_counter.skipped > 0
