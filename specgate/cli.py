@@ -236,8 +236,8 @@ def cmd_train(args) -> int:
         save_gates(gates, out / "gates")
         print(f"calibrated for budgets {args.calibrate}", file=sys.stderr)
     elif gates.thresholds:  # the standins objective keeps the thresholds of its draft
-        print(f"thresholds kept from {config.context_gates} (budgets {sorted(gates.thresholds)}); the stand-ins move the "
-              f"gates' inputs: `specgate calibrate --gates {out / 'gates'}` makes the budgets exact again", file=sys.stderr)  # fmt: skip
+        print(f"thresholds kept from {config.context_gates} (budgets {sorted(gates.thresholds)}); the stand-ins and adapters move "
+              f"the gates' inputs: `specgate calibrate --gates {out / 'gates'}` makes the budgets exact again", file=sys.stderr)  # fmt: skip
     else:
         print(f"not calibrated: run `specgate calibrate --gates {out / 'gates'}` before speculative decoding", file=sys.stderr)
     return 0

@@ -166,7 +166,7 @@ class Engine:
         self.config = model.config
         self.dtype = self.weights.embed.dtype
         self.device = self.weights.embed.device
-        self._costs: dict[tuple, tuple] = {}  # (kv_fill, stand-in weights) -> branch_costs(...)
+        self._costs: dict[tuple, tuple] = {}  # (kv_fill, stand-in, adapter weights) -> branch_costs(...)
         self._skip_ones: dict[torch.device, _Selection] = {}
         self.kernels = dispatch.make(kernels, self.weights)
         self.cpu_step = dispatch.make_cpu_step(kernels, self.weights)
@@ -177,12 +177,13 @@ class Engine:
     def num_layers(self) -> int:
         return len(self.weights.layers)
 
-    def branch_costs(self, kv_fill: KVFill = "project", standin: int = 0) -> tuple[list[list[float]], list[list[float]]]:
+    def branch_costs(self, kv_fill: KVFill = "project", standin: int = 0, adapter: int = 0) -> tuple[list[list[float]], list[list[float]]]:
         """(cost, saved): per branch (row 0 attention, 1 MLP) and layer, the weights a token reads
-        when it runs the branch, and those it does not read when it skips it (a token that skips
-        attention still projects its K/V with ``kv_fill="project"``, and reads its stand-in's
-        ``standin`` weights), as shares of all layers' weights. Skipping an MLP saves about three
-        times what skipping attention saves in SmolLM2."""
+        when it runs the branch (and its draft adapter's ``adapter`` weights), and those it does
+        not read when it skips it (a token that skips attention still projects its K/V with
+        ``kv_fill="project"``, and reads its stand-in's ``standin`` weights), as shares of all
+        layers' weights. Skipping an MLP saves about three times what skipping attention saves in
+        SmolLM2."""
         w = self.weights
         q_dim = w.n_heads * w.head_dim
         attn = [lw.qkv_w.shape[0] * lw.qkv_w.shape[1] + lw.o_w.numel() for lw in w.layers]
@@ -190,7 +191,8 @@ class Engine:
         attn_saved = attn if kv_fill == "copy_below" else [q_dim * lw.qkv_w.shape[1] + lw.o_w.numel() for lw in w.layers]
         total = sum(attn) + sum(mlp)
         share = lambda xs: [x / total for x in xs]  # noqa: E731
-        return [share(attn), share(mlp)], [share([a - standin for a in attn_saved]), share([m - standin for m in mlp])]
+        cost = [share([a + adapter for a in attn]), share([m + adapter for m in mlp])]
+        return cost, [share([a + adapter - standin for a in attn_saved]), share([m + adapter - standin for m in mlp])]
 
     def new_cache(self, batch: int, max_len: int) -> StaticKVCache:
         w = self.weights
@@ -345,8 +347,9 @@ class Engine:
         p.counter.add(p.n_valid, skipped, cost[branch][i], saved[branch][i])
 
     def pass_costs(self, kv_fill: KVFill, gates: GateSet | None) -> tuple[list[list[float]], list[list[float]]]:
-        """:meth:`branch_costs` of a pass's K/V fill and its gates' stand-ins."""
-        key = (kv_fill, 0 if gates is None or gates.standins is None else gates.standins.weights_read())
+        """:meth:`branch_costs` of a pass's K/V fill and its gates' stand-ins and adapters."""
+        maps = (None, None) if gates is None else (gates.standins, gates.adapters)
+        key = (kv_fill, *(0 if m is None else m.weights_read() for m in maps))
         if key not in self._costs:
             self._costs[key] = self.branch_costs(*key)
         return self._costs[key]

@@ -299,7 +299,7 @@ def test_moments_count_only_the_tokens_a_draft_would_skip():
     assert some.n[0] == int((valid & (x[..., 0] > 0)).sum())
 
 
-def test_a_skip_saves_its_branch_less_its_stand_in():
+def test_a_skip_saves_its_branch_less_its_stand_in_plus_its_adapter():
     m = tiny("llama", gates=True)
     eng = m.engine
     standin = _standins(m, rank=4).weights_read()
@@ -310,3 +310,8 @@ def test_a_skip_saves_its_branch_less_its_stand_in():
     for b in (0, 1):
         for i in range(eng.num_layers):
             assert saved[b][i] - less[b][i] == pytest.approx(standin / weights)
+    (more_cost, more_saved) = eng.branch_costs(adapter=standin)  # an adapter is read where the branch runs
+    for b in (0, 1):
+        for i in range(eng.num_layers):
+            assert more_cost[b][i] - cost[b][i] == pytest.approx(standin / weights)
+            assert more_saved[b][i] - saved[b][i] == pytest.approx(standin / weights)
