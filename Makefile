@@ -32,7 +32,7 @@ bench: $(STAMP)
 
 # the shipped SmolLM2 draft from scratch (README: "The shipped gates"; about 2 hours on 2 cores):
 # damage-fitted gates, their calibrated draft at 0.5, its stand-ins fitted where it skips and
-# distilled, then every budget calibrated
+# distilled, draft-only adapters distilled with them, then every budget calibrated
 G := runs/gates
 SG := $(VENV)/bin/specgate
 gates: $(STAMP)
@@ -41,7 +41,10 @@ gates: $(STAMP)
 	mkdir -p $(G)/standins && cp $(G)/damage/corpus.jsonl $(G)/standins/
 	$(SG) train --threads 2 --objective standins --context-gates $(G)/damage-cal --context-budget 0.5 --standin-rank 0 \
 		--seq-len 128 --batch-size 8 --steps 80 --output-dir $(G)/standins
-	$(SG) calibrate --threads 2 --gates $(G)/standins/gates --out $(G)/ship --budgets 0.1,0.2,0.3,0.4,0.5,0.6,0.7 \
+	mkdir -p $(G)/adapters && cp $(G)/damage/corpus.jsonl $(G)/adapters/
+	$(SG) train --threads 2 --objective standins --context-gates $(G)/standins/gates --context-budget 0.5 --adapter-rank 16 \
+		--seq-len 128 --batch-size 8 --steps 160 --output-dir $(G)/adapters
+	$(SG) calibrate --threads 2 --gates $(G)/adapters/gates --out $(G)/ship --budgets 0.1,0.2,0.3,0.4,0.5,0.6,0.7 \
 		--iterations 6 --samples 12 --tokens 96
 	@echo "gates in $(G)/ship: load them with specgate.load(..., gates='$(G)/ship')"
 

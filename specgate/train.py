@@ -148,6 +148,11 @@ def train(model_or_name, config: TrainConfig = TrainConfig(), documents: list[li
     if config.context_gates:
         context = load_gates(config.context_gates, model.config, dtype=model.engine.dtype)
     standins = None if context is None else context.standins
+    if config.objective == "damage" and context is not None and context.adapters is not None:
+        raise ValueError(
+            f"{config.context_gates} has draft adapters, which second-round damage labels do not model: "
+            "take the gates they were trained on as --context-gates, then train adapters for the new gates"
+        )
     if config.standin_rank is not None:  # closed form, deterministic: refitted, not checkpointed
         batches = (collate(p, padding_id(model.tokenizer)) for p in batched(pieces(), config.batch_size))
         where = None if context is None else skipped_by(context, config.context_budget)

@@ -184,6 +184,9 @@ def test_the_standins_objective_trains_adapters_alone(trainee, tmp_path):
     assert torch.equal(saved.adapters.up, tuned.adapters.up)
     with pytest.raises(ValueError, match="adapter_rank"):
         T.TrainConfig(adapter_rank=4)  # the damage objective trains no adapters
+    with pytest.raises(ValueError, match="second-round damage labels do not model"):
+        T.train(trainee, train_config(tmp_path, objective="damage", context_gates=str(tmp_path / "adapted" / "gates"),
+                                      output_dir=str(tmp_path / "round2")), documents=docs)  # fmt: skip
     with pytest.raises(ValueError, match="--adapter-rank"):
         T.train(trainee, dataclasses.replace(config, adapter_rank=None, output_dir=str(tmp_path / "none")), documents=docs)
 
