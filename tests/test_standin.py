@@ -5,10 +5,11 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import FAMILIES, fixed_budget_loss, own_docs, tiny, train_config
+from conftest import FAMILIES, fixed_budget_loss, interrupting, own_docs, tiny, train_config
 
 import specgate
 from specgate import layers
+from specgate import gradient as G
 from specgate import train as T
 from specgate.damage import removal_damage
 from specgate.gradient import ForwardRecord, gated_forward
@@ -162,9 +163,9 @@ def test_adapters_act_only_in_passes_that_skip(family):
     assert torch.equal(out.sequences, plain) and out.spec_stats.drafted > 0
 
 
-def test_the_standins_objective_trains_adapters_alone(trainee, tmp_path):
+def test_the_standins_objective_trains_adapters_alone(trainee, tmp_path, monkeypatch):
     """Adapters on a draft without stand-ins: trained, they bring it closer to the full model; the
-    gates stay; the saved gates carry them."""
+    gates stay; the saved gates carry them; an interrupted run resumes to the same adapters."""
     docs = own_docs(trainee)
     first = T.train(trainee, train_config(tmp_path, objective="damage", steps=2), documents=docs)
     ids = torch.tensor([d[:32] for d in own_docs(trainee, n=8)])
@@ -184,6 +185,15 @@ def test_the_standins_objective_trains_adapters_alone(trainee, tmp_path):
     assert torch.equal(saved.adapters.up, tuned.adapters.up)
     with pytest.raises(ValueError, match="adapter_rank"):
         T.TrainConfig(adapter_rank=4)  # the damage objective trains no adapters
+    # Ctrl-C during step 4, resumed: the adapters of an uninterrupted run
+    short = lambda name: dataclasses.replace(config, steps=6, output_dir=str(tmp_path / name))  # noqa: E731
+    whole = T.train(trainee, short("whole"), documents=docs)
+    with monkeypatch.context() as patch:
+        patch.setattr(G, "train_step", interrupting(G.train_step, at_call=4))
+        with pytest.raises(KeyboardInterrupt):
+            T.train(trainee, short("cut"), documents=docs)
+    resumed = T.train(trainee, short("cut"), documents=docs)
+    assert torch.equal(resumed.adapters.up, whole.adapters.up) and torch.equal(resumed.adapters.down, whole.adapters.down)
     with pytest.raises(ValueError, match="second-round damage labels do not model"):
         T.train(trainee, train_config(tmp_path, objective="damage", context_gates=str(tmp_path / "adapted" / "gates"),
                                       output_dir=str(tmp_path / "round2")), documents=docs)  # fmt: skip
