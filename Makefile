@@ -43,7 +43,7 @@ gates: $(STAMP)
 		--seq-len 128 --batch-size 8 --steps 80 --output-dir $(G)/standins
 	mkdir -p $(G)/adapters && cp $(G)/damage/corpus.jsonl $(G)/adapters/
 	$(SG) train --threads 2 --objective standins --context-gates $(G)/standins/gates --context-budget 0.5 --adapter-rank 16 \
-		--seq-len 128 --batch-size 8 --steps 160 --output-dir $(G)/adapters
+		--seq-len 128 --batch-size 8 --steps 320 --output-dir $(G)/adapters
 	$(SG) calibrate --threads 2 --gates $(G)/adapters/gates --out $(G)/ship --budgets 0.1,0.2,0.3,0.4,0.5,0.6,0.7 \
 		--iterations 6 --samples 12 --tokens 96
 	@echo "gates in $(G)/ship: load them with specgate.load(..., gates='$(G)/ship')"

@@ -98,11 +98,14 @@ def test_shipped_gates_load_by_default_and_stay_lossless(smollm2):
     path = default_gates("smollm2-135m-instruct")
     assert path is not None, "trained gates ship in specgate/gates/smollm2-135m-instruct"
     m = SpecGateModel(smollm2.hf_model, smollm2.tokenizer, load_gates(path, smollm2.config))
+    assert m.gates.standins is not None and m.gates.adapters is not None  # the shipped draft's parts
     for prompt in PROMPTS[:2]:
         ids = m.encode_chat(prompt)
         out = m.generate(ids, max_new_tokens=40, speculative=True, return_dict_in_generate=True)
         assert torch.equal(out.sequences, m.generate(ids, max_new_tokens=40)), prompt
         assert out.spec_stats.skip_fraction > 0
+        half = m.generate(ids, max_new_tokens=40, speculative=True, draft_budget=0.5, return_dict_in_generate=True)
+        assert torch.equal(half.sequences, out.sequences) and half.spec_stats.alpha > 0.2, half.spec_stats
 
 
 def test_int8_draft_is_lossless_and_mostly_accepted(smollm2):
