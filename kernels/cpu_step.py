@@ -90,8 +90,11 @@ class CpuStep:
         skipped (2 L flags, row 2 i + b), else None."""
         B, T, d = h.shape
         cos, sin = self._rope(max(cache.host_lengths) + T)
+        from specgate.engine import draft_adapters
+
         drafting = gates is not None and policy is not None and policy.thresholds is not None
         plan, standins, adapters = self._plan(gates, policy) if drafting else (torch.empty(0), [], [])
+        adapters = adapters if draft_adapters(gates, policy) is not None else []  # as the PyTorch path decides
         skipped = self._step.run(
             h.view(B * T, d), cache.k, cache.v, cache.host_lengths, cache.host_pad, cos, sin, plan, standins, adapters,
             copy_below,

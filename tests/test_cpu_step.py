@@ -102,6 +102,19 @@ def test_draft_steps_skip_as_the_pytorch_path(family, rank, kv_fill):
 
 
 @torch.inference_mode()
+def test_a_budget_0_policy_with_thresholds_uses_no_adapters():
+    """Adapters belong to passes that may skip as a draft: a policy at budget 0 gets none on the
+    fused pass, as on the PyTorch path, even with thresholds that skip."""
+    m = tiny("llama")
+    gates, thresholds = scalar_gates(m, rank=2)
+    policy = BudgetPolicy(budget=0.0, thresholds=thresholds)
+    fused, ref = Engine(m.hf_model, kernels="cpu"), Engine(m.hf_model, kernels="torch")
+    ids = torch.randint(3, 101, (1, 8), generator=torch.Generator().manual_seed(6))
+    a, b = ((e(ids[:, 7:], prefilled(e, ids[:, :7]), gates, policy)) for e in (fused, ref))
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@torch.inference_mode()
 def test_passes_it_does_not_cover_take_the_pytorch_path(monkeypatch):
     """More than 16 token rows, multi-token skipping, draft steps of a batch, low-rank gates and
     autograd are the PyTorch path's; the fused pass is never called for them."""
