@@ -90,11 +90,8 @@ class CpuStep:
         skipped (2 L flags, row 2 i + b), else None."""
         B, T, d = h.shape
         cos, sin = self._rope(max(cache.host_lengths) + T)
-        from specgate.engine import draft_adapters
-
         drafting = gates is not None and policy is not None and policy.thresholds is not None
         plan, standins, adapters = self._plan(gates, policy) if drafting else (torch.empty(0), [], [])
-        adapters = adapters if draft_adapters(gates, policy) is not None else []  # as the PyTorch path decides
         skipped = self._step.run(
             h.view(B * T, d), cache.k, cache.v, cache.host_lengths, cache.host_pad, cos, sin, plan, standins, adapters,
             copy_below,
@@ -125,7 +122,11 @@ class CpuStep:
         """The draft's plan (2 L, d + 2): per branch its gate's weights and bias and its threshold
         (-1 where the step never skips), and the stand-ins' and adapters' tensors; built once per gates
         and thresholds."""
-        key = (id(gates), id(policy.thresholds), policy.never_skip)  # a budget's policies share its thresholds
+        from specgate.engine import draft_adapters
+
+        adapters = draft_adapters(gates, policy)  # as the PyTorch path decides: none at budget 0
+        # a budget's policies share its thresholds; stand-ins and adapters may be swapped on the same gates
+        key = (id(gates), id(policy.thresholds), policy.never_skip, id(gates.standins), id(adapters))
         if key in self._plans and self._plans[key][0] is gates and self._plans[key][1] is policy.thresholds:
             return self._plans[key][2:]
         L, d = gates.config.num_layers, gates.config.hidden_size
@@ -138,7 +139,7 @@ class CpuStep:
                     plan[2 * i + b, d] = proj.bias.float()
                     if policy.may_skip(i, b, 1):
                         plan[2 * i + b, d + 1] = policy.threshold(i, b)
-        maps = [_map_tensors(gates.standins), _map_tensors(gates.adapters)]
+        maps = [_map_tensors(gates.standins), _map_tensors(adapters)]
         if len(self._plans) >= 16:  # a few live at once (one per calibrated budget)
             self._plans.clear()
         self._plans[key] = (gates, policy.thresholds, plan, *maps)
