@@ -4,8 +4,8 @@
 Triton imports; on the CPU the fused pass where it applies, else PyTorch), ``"torch"`` (always the
 PyTorch path), ``"triton"`` (the kernels of :mod:`specgate.kernels`; on the CPU only under
 ``TRITON_INTERPRET=1``, set before Python imports torch) or ``"cpu"`` (the fused pass, an error
-where it cannot be built). ``"auto"`` takes the fused pass where the small-M kernel is the measured
-fastest product for the model's layers (:func:`_fused_pays`). This module is the one place that chooses: :func:`resolve` names the
+where it cannot be built). ``"auto"`` takes the fused pass where it is measured faster than the PyTorch path
+(:func:`fused_pays`). This module is the one place that chooses: :func:`resolve` names the
 path; the engine holds a :class:`TritonKernels` (``engine.kernels``, :func:`make`) or a
 :class:`~specgate.kernels.cpu_step.CpuStep` (``engine.cpu_step``, :func:`make_cpu_step`), or neither:
 the PyTorch path, the engine's own code, unchanged.
@@ -56,7 +56,7 @@ from .policy import BudgetPolicy
 if TYPE_CHECKING:
     from .adapters import LayerWeights, ModelWeights
     from .kernels.cpu_step import CpuStep
-    from .engine import _Pass
+    from .engine import Engine, _Pass
     from .vocab import DraftHead
 
 KERNELS = ("auto", "torch", "triton", "cpu")
@@ -92,9 +92,9 @@ def make(kernels: str, weights: "ModelWeights") -> "TritonKernels | None":
 def make_cpu_step(kernels: str, weights: "ModelWeights", precision: str = "float32") -> "CpuStep | None":
     """The engine's fused CPU pass (over a ``precision`` copy of the weights), or None (another
     path). ``"auto"`` falls back to the PyTorch path where the fused pass cannot run (no compiler,
-    not float32, another activation) or is not the faster one here; ``"cpu"`` then raises an error
-    that says so."""
-    if resolve(kernels, weights.embed.device) != "cpu" or (kernels == "auto" and not _fused_pays(weights)):
+    not float32, another activation); ``"cpu"`` then raises an error that says so. Whether "auto"
+    keeps it is :func:`fused_pays`."""
+    if resolve(kernels, weights.embed.device) != "cpu":
         return None
     from .kernels.cpu_step import CpuStep
 
@@ -106,16 +106,41 @@ def make_cpu_step(kernels: str, weights: "ModelWeights", precision: str = "float
         return None
 
 
-def _fused_pays(weights: "ModelWeights") -> bool:
-    """Whether the fused pass is the faster path on this machine. It runs every product with the
-    small-M kernel and saves the per-operation overhead, so it is when that kernel is what the
-    measured choice of :mod:`specgate.linear` takes for a decode step's layer products (measured at
-    first use, kept on disk); elsewhere (another CPU where BLAS wins, a forced backend, no compiler)
-    the PyTorch path keeps the faster products."""
+def fused_pays(engine: "Engine") -> bool:
+    """Whether ``kernels="auto"`` takes the engine's fused pass: the faster of it and the PyTorch path
+    (products by the measured choice of :mod:`specgate.linear`) for a decode step plus a 5-token verify
+    pass, timed interleaved on a scratch cache once per machine, thread count and model shape, and kept
+    on disk with the products' choices. Which wins depends on the CPU: the fused pass saves ~60
+    operations' overhead per layer, but its products are our small-M kernel, and on some CPUs BLAS
+    beats it for one row. ``SPECGATE_LINEAR`` forcing a backend decides without timing (the fused
+    pass runs the small-M kernel only)."""
     from . import linear
 
-    lw = weights.layers[0]
-    return all(linear.backend_for(w) == "smallm" for w in (lw.qkv_w, lw.o_w, lw.gate_up_w, lw.down_w))
+    forced = linear.forced_backend()
+    if forced != "auto" or engine.cpu_step is None:
+        return forced == "smallm" and engine.cpu_step is not None
+    w, step = engine.weights, engine.cpu_step
+    ids = torch.arange(40).remainder(w.embed.shape[0]).unsqueeze(0)
+    cache = engine.new_cache(1, ids.shape[1] + 8)
+    engine.cpu_step = None
+    with torch.inference_mode():
+        engine.hidden(ids[:, :32], cache)  # a prompt (the PyTorch path: prefill is not fused)
+        start = cache.host_lengths
+
+        def passes(fused: bool) -> None:
+            engine.cpu_step = step if fused else None
+            for T in (1, 5):
+                cache.rewind(start)
+                engine.hidden(ids[:, 32 : 32 + T], cache)
+
+        lw = w.layers[0]
+        name = (f"fused pass: {len(w.layers)} layers {tuple(lw.qkv_w.shape)} {tuple(lw.gate_up_w.shape)}, "
+                "1 + 5 rows")  # fmt: skip
+        try:
+            choice = linear.fastest(name, {"fused": lambda: passes(True), "torch": lambda: passes(False)}, reps=5)
+        finally:
+            engine.cpu_step = step
+    return choice == "fused"
 
 
 def activation_name(act, names: tuple[str, ...] = ("silu", "gelu_tanh")) -> str:

@@ -170,6 +170,8 @@ class Engine:
         self._skip_ones: dict[torch.device, _Selection] = {}
         self.kernels = dispatch.make(kernels, self.weights)
         self.cpu_step = dispatch.make_cpu_step(kernels, self.weights)
+        if kernels == "auto" and not dispatch.fused_pays(self):
+            self.cpu_step = None
         self._kernels = kernels
         self._low_steps: dict[str, object] = {}  # precision -> the fused pass over a low-precision copy
 

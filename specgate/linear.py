@@ -83,7 +83,7 @@ def _applies(backend: str, x: torch.Tensor, weight: torch.Tensor, bucket: Bucket
     return True
 
 
-def _forced() -> str:
+def forced_backend() -> str:
     """The backend SPECGATE_LINEAR forces, or "auto"; an unusable value is an error that says what to do."""
     name = os.environ.get("SPECGATE_LINEAR", "auto").strip().lower() or "auto"
     if name != "auto" and name not in BACKENDS:
@@ -115,7 +115,7 @@ def backend_for(weight: torch.Tensor, rows: int = 1) -> str:
 def _backend(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str:
     rows = x.numel() // x.shape[-1]
     bucket: Bucket = rows if rows <= SMALL_M else "many"
-    forced = _forced()
+    forced = forced_backend()
     if forced != "auto":
         return forced if _applies(forced, x, weight, bucket) else "torch"
     key = (torch.get_num_threads(), weight.shape[0], weight.shape[1], x.dtype, weight.dtype, bucket)
@@ -173,20 +173,34 @@ def _entry_name(key: tuple) -> str:
 
 def _choose(key: tuple, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str:
     """The backend for this key: from the disk cache if it holds a usable one, else measured now."""
-    threads, bucket = key[0], key[-1]
+    bucket = key[-1]
     candidates = [b for b in BACKENDS if available()[b] and _applies(b, x, weight, bucket)]
-    name = _entry_name(key)
+    weights = cold_copies(weight)
+
+    def products(backend: str) -> None:
+        for w in weights:
+            RUN[backend](x, w, bias)
+
+    options = {b: functools.partial(products, b) for b in candidates}
+    _choice[key] = fastest(_entry_name(key), options, per_call=len(weights))
+    return _choice[key]
+
+
+def fastest(name: str, options: dict[str, Callable[[], object]], per_call: int = 1, reps: int = REPS) -> str:
+    """The fastest of ``options`` (label -> a callable doing the work) on this machine at this thread count:
+    the label kept on disk under ``name`` if there is a usable one, else timed now by :func:`measure` and
+    kept (microseconds per ``1 / per_call`` of a call). :func:`choices` reports it."""
+    threads = torch.get_num_threads()
     entry = _disk_table(threads)["choices"].get(name)
-    if entry and entry.get("backend") in candidates:
+    if entry and entry.get("backend") in options:
         source = "disk"
     else:
-        entry = {"backend": candidates[0], "us": {}}
-        if len(candidates) > 1:
-            times = measure(candidates, x, weight, bias)
-            entry = {"backend": min(times, key=times.get), "us": {b: round(t, 1) for b, t in times.items()}}
+        entry = {"backend": next(iter(options)), "us": {}}
+        if len(options) > 1:
+            times = measure(options, reps)
+            entry = {"backend": min(times, key=times.get), "us": {b: round(t / per_call, 1) for b, t in times.items()}}
             _save(threads, name, entry)
         source = "measured"
-    _choice[key] = entry["backend"]
     _report[f"{name} threads={threads}"] = {**entry, "source": source}
     return entry["backend"]
 
@@ -198,28 +212,23 @@ def cold_copies(weight: torch.Tensor) -> list[torch.Tensor]:
         return [weight] + [weight.clone() for _ in range(count - 1)]
 
 
-def measure(
-    backends: list[str], x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, reps: int = REPS
-) -> dict[str, float]:
-    """Median microseconds per product for each backend: one warm-up pass, then reps passes interleaved across
-    backends (so a busy neighbour slows them all alike), each pass over cold copies of the weight. A backend
-    whose warm-up is over 3x the fastest one's is not timed further (its warm-up time is reported): the
-    probe stays cheap."""
-    weights = cold_copies(weight)
+def measure(options: dict[str, Callable[[], object]], reps: int = REPS) -> dict[str, float]:
+    """Median microseconds per call of each option: one warm-up call each, then reps rounds interleaved across
+    options (so a busy neighbour slows them all alike). An option whose warm-up is over 3x the fastest one's
+    is not timed further (its warm-up time is reported): the probe stays cheap."""
 
-    def one_pass(backend: str) -> float:
-        run, t = RUN[backend], time.perf_counter()
-        for w in weights:
-            run(x, w, bias)
-        return (time.perf_counter() - t) / len(weights) * 1e6
+    def timed(fn: Callable[[], object]) -> float:
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e6
 
     with torch.no_grad():
-        warm = {b: one_pass(b) for b in backends}
-        times = {b: [] for b in backends if warm[b] <= 3 * min(warm.values())}
+        warm = {b: timed(fn) for b, fn in options.items()}
+        times = {b: [] for b in options if warm[b] <= 3 * min(warm.values())}
         for _ in range(reps):
             for b in times:
-                times[b].append(one_pass(b))
-    return {b: statistics.median(times[b]) if b in times else warm[b] for b in backends}
+                times[b].append(timed(options[b]))
+    return {b: statistics.median(times[b]) if b in times else warm[b] for b in options}
 
 
 def choices() -> dict:

@@ -14,6 +14,7 @@ from transformers import (
 )
 
 import specgate
+import specgate.linear as L
 from specgate import gradient as G
 from specgate.layers import dense_forward
 from specgate.policy import budget_quantile
@@ -171,3 +172,15 @@ def fixed_budget_loss(m, gates, config, ids, budget=0.3) -> float:
         G.gated_forward(m.engine, ids, gates, None, rec)
         threshold = float(budget_quantile(torch.stack(rec.importance), budget))
         return G.train_step(m.engine, gates, ids, valid, config, budget, threshold)[1].loss
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """Selection state of a new process, its disk cache in tmp_path, no forced backend."""
+    monkeypatch.setenv("SPECGATE_CACHE", str(tmp_path))
+    monkeypatch.delenv("SPECGATE_LINEAR", raising=False)
+    for name in ("_choice", "_report", "_disk"):
+        monkeypatch.setattr(L, name, {})
+    L.available.cache_clear()
+    yield tmp_path
+    L.available.cache_clear()

@@ -4,6 +4,7 @@ same K/V in the cache and the same skips, on every supported family."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
 import subprocess
@@ -248,7 +249,7 @@ def test_the_kernels_pass_with_narrower_vector_units(flags):
     tests and the small-M kernel's: machines differ (AVX-512 on some, AVX2 only on others)."""
     tests = Path(__file__).parent
     out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(Path(__file__)),
+        [sys.executable, "-P", "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(Path(__file__)),
          f"{tests / 'test_linear.py'}::test_kernel_matches_f_linear", f"{tests / 'test_linear.py'}::test_kernel_reads_low_precision_weights"],
         env={**os.environ, "SPECGATE_CPU_CFLAGS": flags}, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
@@ -289,11 +290,34 @@ def test_a_batch_speculates_with_an_int8_draft():
     assert torch.equal(out.sequences, plain) and out.spec_stats.drafted > 0
 
 
-def test_auto_takes_the_fused_pass_where_the_small_m_kernel_is_the_faster_product(monkeypatch):
-    """kernels='auto' follows the measured choice of specgate.linear (forced here): where BLAS wins
-    the layer products, the PyTorch path keeps them; low-precision drafts still get the fused pass."""
+def test_auto_with_a_forced_product_backend_decides_without_timing(monkeypatch):
+    """A forced product backend decides without timing: BLAS forced keeps the PyTorch path (the
+    fused pass runs the small-M kernel only); low-precision drafts still get the fused pass."""
     monkeypatch.setenv("SPECGATE_LINEAR", "torch")
     engine = Engine(tiny_hf("llama"))
     assert engine.cpu_step is None and engine.low_precision_step("int8") is not None
     monkeypatch.setenv("SPECGATE_LINEAR", "smallm")
     assert Engine(tiny_hf("llama")).cpu_step is not None
+
+
+@pytest.mark.skipif(cpu_linear.load() is None, reason="no C++ toolchain: the fused pass cannot be built")
+def test_auto_times_the_fused_pass_against_the_pytorch_path_once_per_machine(fresh, monkeypatch):
+    """kernels='auto' times whole passes of both paths (on an Intel Xeon BLAS won the one-row
+    products, yet the fused pass was 1.5x faster per step), keeps the winner on disk, and a later
+    engine follows the disk without timing; an entry naming the other path is followed too."""
+    import specgate.linear as L
+
+    engine = Engine(tiny_hf("llama"))
+    ((name, entry),) = [(k, v) for k, v in L.choices()["choices"].items() if k.startswith("fused pass")]
+    assert entry["source"] == "measured" and set(entry["us"]) == {"fused", "torch"}
+    assert (engine.cpu_step is not None) == (entry["backend"] == "fused")
+    saved = json.loads(L.cache_file().read_text())["choices"]
+    key = name.removesuffix(f" threads={torch.get_num_threads()}")
+    assert saved[key]["backend"] == entry["backend"]
+
+    monkeypatch.setattr(L, "measure", lambda *a, **k: pytest.fail("timed although the disk holds the choice"))
+    for backend in ("torch", "fused"):
+        saved[key] = {"backend": backend, "us": {}}
+        L.cache_file().write_text(json.dumps({"choices": saved}))
+        L._disk.clear()
+        assert (Engine(tiny_hf("llama")).cpu_step is not None) == (backend == "fused")

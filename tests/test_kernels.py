@@ -58,7 +58,7 @@ MASKS = {  # per-row masks of a (3, 5) batch: each row its own, then none and al
 def test_kernels_in_interpreter():
     """The kernel tests in a fresh process with TRITON_INTERPRET=1 set before torch is imported."""
     here = Path(__file__)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here),
+    cmd = [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here),
            "--deselect", f"{here}::test_kernels_compile_for_sm90"]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "1"})
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
@@ -96,7 +96,7 @@ print(route.route_threshold_reference(x, torch.tensor([0.5]), torch.ones(8), tor
 def test_imports_without_triton():
     """Where Triton is missing the kernel modules still import and their references run."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", _WITHOUT_TRITON], capture_output=True, text=True, env=env)
+    out = subprocess.run([sys.executable, "-P", "-c", _WITHOUT_TRITON], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
 
 

@@ -37,18 +37,6 @@ def test_kernel_runs_on_torch_threads(kernel):
         torch.set_num_threads(before)
 
 
-@pytest.fixture
-def fresh(monkeypatch, tmp_path):
-    """Selection state of a new process, its disk cache in tmp_path, no forced backend."""
-    monkeypatch.setenv("SPECGATE_CACHE", str(tmp_path))
-    monkeypatch.delenv("SPECGATE_LINEAR", raising=False)
-    for name in ("_choice", "_report", "_disk"):
-        monkeypatch.setattr(L, name, {})
-    L.available.cache_clear()
-    yield tmp_path
-    L.available.cache_clear()
-
-
 def spy(monkeypatch, backend: str) -> list[int]:
     """Count the calls that reach one backend."""
     calls, run = [], L.RUN[backend]
