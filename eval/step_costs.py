@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-fill", default="project", choices=["project", "copy_below"])
     ap.add_argument("--gates", default="default")
     ap.add_argument("--paths", nargs="+", default=["fused"], choices=list(PATHS), help="code paths to compare")
-    ap.add_argument("--precisions", nargs="+", default=["float32"], choices=["float32", "bfloat16", "int8"],
+    ap.add_argument("--precisions", nargs="+", default=["float32"], choices=["float32", "bfloat16", "int8", "int4"],
                     help="draft weight precisions (not float32: the fused path only)")  # fmt: skip
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -25,21 +25,25 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const std
                         const std::optional<at::Tensor>& scale) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "small_linear: CPU tensors only");
   const auto type = weight.scalar_type();
-  TORCH_CHECK(x.scalar_type() == at::kFloat && (type == at::kFloat || type == at::kBFloat16 || type == at::kChar),
-              "small_linear: float32 x, and float32, bfloat16 or int8 weights");
+  TORCH_CHECK(x.scalar_type() == at::kFloat &&
+                  (type == at::kFloat || type == at::kBFloat16 || type == at::kChar || type == at::kByte),
+              "small_linear: float32 x, and float32, bfloat16, int8 or 4-bit (uint8) weights");
   TORCH_CHECK(weight.dim() == 2 && weight.stride(1) == 1, "small_linear: weight must be 2-D with contiguous rows");
-  const int64_t n = weight.size(0), d = weight.size(1);
+  const bool q4 = type == at::kByte;  // two 4-bit codes per byte
+  const int64_t n = weight.size(0), d = q4 ? 2 * weight.size(1) : weight.size(1);
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == d, "small_linear: x's last dim ", x.size(-1), " != weight's ", d);
-  auto floats = [n](const std::optional<at::Tensor>& t, const char* name, at::Tensor& keep) -> const float* {
+  TORCH_CHECK(!q4 || d % kGroup == 0, "small_linear: 4-bit weights need a multiple of ", kGroup, " inputs");
+  auto floats = [](const std::optional<at::Tensor>& t, int64_t size, const char* name, at::Tensor& keep) -> const float* {
     if (!t.has_value() || !t->defined()) return nullptr;
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == n, "small_linear: ", name, " must be float32 (n,)");
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == size, "small_linear: ", name, " must be ", size, " float32");
     keep = t->contiguous();
     return keep.data_ptr<float>();
   };
   at::Tensor bias_c, scale_c;
-  const float* b = floats(bias, "bias", bias_c);
-  const float* s = floats(scale, "scale", scale_c);
-  TORCH_CHECK((type == at::kChar) == (s != nullptr), "small_linear: int8 weights need a scale per row, others none");
+  const float* b = floats(bias, n, "bias", bias_c);
+  const float* s = floats(scale, q4 ? n * row_params<q4_t>(d) : n, "scale", scale_c);
+  TORCH_CHECK((type == at::kChar || q4) == (s != nullptr),
+              "small_linear: int8 weights need a scale per row, 4-bit ones a (scale, offset) per group, others none");
   const at::Tensor x2 = x.reshape({-1, d}).contiguous();
   const int64_t rows = x2.size(0), ldw = weight.stride(0);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
@@ -51,6 +55,8 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const std
     linear_rows(xp, rows, d, weight.data_ptr<float>(), ldw, s, b, yp, n);
   else if (type == at::kBFloat16)
     linear_rows(xp, rows, d, reinterpret_cast<const uint16_t*>(weight.data_ptr()), ldw, s, b, yp, n);
+  else if (q4)
+    linear_rows(xp, rows, d, reinterpret_cast<const q4_t*>(weight.data_ptr()), ldw, s, b, yp, n);
   else
     linear_rows(xp, rows, d, weight.data_ptr<int8_t>(), ldw, s, b, yp, n);
   return y.view(out_shape);

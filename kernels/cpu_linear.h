@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace specgate_cpu {
 
@@ -131,33 +132,87 @@ inline Vec load_w(const uint16_t* p) { return to_float(*p); }
 inline Vec load_w(const int8_t* p) { return to_float(*p); }
 #endif
 
+// 4-bit weights (a draft's copy, kernels/cpu_step.py): per group of kGroup inputs, kGroup / 2 bytes,
+// byte j holding input j in its low nibble and input j + kGroup / 2 in its high one (the layout of
+// GGUF's Q4_1 blocks), and a float32 (scale, offset) pair: w = scale * code + offset. A row of d
+// inputs is d / 2 bytes (ldw counts bytes), its pairs d / kGroup (the "scale" pointer's rows).
+struct q4_t {
+  uint8_t bits;
+};
+constexpr int kGroup = 32;
+
+// Inputs a weight type's loader widens per call, and the floats of per-row parameters it reads.
+template <typename W>
+constexpr int kStep = kLanes;
+template <>
+constexpr int kStep<q4_t> = kGroup;
+template <typename W>
+constexpr int64_t byte_of(int64_t k) {  // where input k of a row starts, in bytes
+  return std::is_same_v<W, q4_t> ? k / 2 : k * static_cast<int64_t>(sizeof(W));
+}
+template <typename W>
+inline int64_t row_params(int64_t d) {
+  return std::is_same_v<W, q4_t> ? 2 * (d / kGroup) : 1;
+}
+
+// Weights k .. k + kStep of one row as kStep / kLanes vectors. params: the row's (scale, offset)
+// pairs (q4_t only).
+template <typename W>
+inline void load_step(const W* row, int64_t k, const float*, Vec* out) {
+  out[0] = load_w(row + k);
+}
+inline void load_step(const q4_t* row, int64_t k, const float* params, Vec* out) {
+  const uint8_t* b = &row[k / 2].bits;
+  const float scale = params[2 * (k / kGroup)], offset = params[2 * (k / kGroup) + 1];
+#if defined(__AVX512F__)
+  const __m128i bytes = _mm_loadu_si128((const __m128i*)b), low = _mm_set1_epi8(0x0F);
+  const __m128i codes[2] = {_mm_and_si128(bytes, low), _mm_and_si128(_mm_srli_epi16(bytes, 4), low)};
+  for (int i = 0; i < 2; ++i)
+    out[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes[i])), _mm512_set1_ps(scale), _mm512_set1_ps(offset));
+#elif defined(__AVX2__) && defined(__FMA__)
+  const __m128i bytes = _mm_loadu_si128((const __m128i*)b), low = _mm_set1_epi8(0x0F);
+  const __m128i codes[2] = {_mm_and_si128(bytes, low), _mm_and_si128(_mm_srli_epi16(bytes, 4), low)};
+  for (int i = 0; i < 4; ++i) {
+    const __m128i c = i % 2 ? _mm_srli_si128(codes[i / 2], 8) : codes[i / 2];
+    out[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c)), _mm256_set1_ps(scale), _mm256_set1_ps(offset));
+  }
+#else
+  for (int i = 0; i < kGroup; ++i) out[i] = scale * static_cast<float>(i < kGroup / 2 ? b[i] & 0x0F : b[i - kGroup / 2] >> 4) + offset;
+#endif
+}
+
 // R output rows [w, w + R * ldw) for M token rows x (M, d), written to y[m * ldy + r]; each row's
 // sum times scale[r] (none: 1), plus bias[r] (none: 0).
 template <int M, int R, typename W>
 inline void rows_block(const float* x, int64_t d, const W* w, int64_t ldw, const float* scale, const float* bias, float* y,
                        int64_t ldy) {
-  constexpr int N = R * M;
+  constexpr int N = R * M, V = kStep<W> / kLanes;
+  constexpr bool grouped = std::is_same_v<W, q4_t>;  // its parameters are per group, read by load_step
+  const int64_t np = row_params<W>(d);
   Vec acc[N];  // acc[r * M + m]: weight row r times token row m
   for (int i = 0; i < N; ++i) acc[i] = vzero();
   int64_t k = 0;
-  for (; k + kLanes <= d; k += kLanes) {
-    Vec wv[R];
+  for (; k + kStep<W> <= d; k += kStep<W>) {
+    Vec wv[R][V];
     for (int r = 0; r < R; ++r) {
-      __builtin_prefetch(reinterpret_cast<const char*>(w + r * ldw + k) + kPrefetchBytes, 0, 2);
-      wv[r] = load_w(w + r * ldw + k);
+      __builtin_prefetch(reinterpret_cast<const char*>(w + r * ldw) + byte_of<W>(k) + kPrefetchBytes, 0, 2);
+      load_step(w + r * ldw, k, grouped ? scale + r * np : nullptr, wv[r]);
     }
-    for (int m = 0; m < M; ++m) {
-      const Vec xv = vload(x + m * d + k);
-      for (int r = 0; r < R; ++r) acc[r * M + m] = vfma(wv[r], xv, acc[r * M + m]);
-    }
+    for (int v = 0; v < V; ++v)
+      for (int m = 0; m < M; ++m) {
+        const Vec xv = vload(x + m * d + k + v * kLanes);
+        for (int r = 0; r < R; ++r) acc[r * M + m] = vfma(wv[r][v], xv, acc[r * M + m]);
+      }
   }
   float sums[(N + kLanes - 1) / kLanes * kLanes];
   hsums_all<N>(acc, sums);
   for (int r = 0; r < R; ++r) {
     for (int m = 0; m < M; ++m) {
       float s = sums[r * M + m];
-      for (int64_t kk = k; kk < d; ++kk) s += to_float(w[r * ldw + kk]) * x[m * d + kk];  // d % kLanes leftover
-      if (scale) s *= scale[r];
+      if constexpr (!grouped) {  // a grouped row has no leftover (d is a multiple of kGroup) and no row scale
+        for (int64_t kk = k; kk < d; ++kk) s += to_float(w[r * ldw + kk]) * x[m * d + kk];  // d % kLanes leftover
+        if (scale) s *= scale[r];
+      }
       y[m * ldy + r] = bias ? s + bias[r] : s;
     }
   }
@@ -168,10 +223,11 @@ template <int M, typename W>
 inline void rows_range(const float* x, int64_t d, const W* w, int64_t ldw, const float* scale, const float* bias, float* y,
                        int64_t ldy, int64_t n0, int64_t n1) {
   constexpr int R = block_rows<M>();
+  const int64_t np = row_params<W>(d);
   auto at = [](const float* p, int64_t n) { return p ? p + n : nullptr; };
   int64_t n = n0;
-  for (; n + R <= n1; n += R) rows_block<M, R>(x, d, w + n * ldw, ldw, at(scale, n), at(bias, n), y + n, ldy);
-  for (; n < n1; ++n) rows_block<M, 1>(x, d, w + n * ldw, ldw, at(scale, n), at(bias, n), y + n, ldy);
+  for (; n + R <= n1; n += R) rows_block<M, R>(x, d, w + n * ldw, ldw, at(scale, n * np), at(bias, n), y + n, ldy);
+  for (; n < n1; ++n) rows_block<M, 1>(x, d, w + n * ldw, ldw, at(scale, n * np), at(bias, n), y + n, ldy);
 }
 
 template <typename W>

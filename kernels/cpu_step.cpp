@@ -16,7 +16,7 @@
 // (c + (x A) B) to the residual stream, and a skipped attention branch still writes the token's
 // K/V: projected from x, or copied from the layer below (kv_fill "copy_below").
 //
-// The weight matrices may be a bfloat16 or int8 copy (a low-precision draft, kernels/cpu_step.py):
+// The weight matrices may be a bfloat16, int8 or 4-bit copy (a low-precision draft, kernels/cpu_step.py):
 // the products widen them to float32 as they stream in, and everything else stays float32.
 #include <torch/custom_class.h>
 #include <torch/library.h>
@@ -132,20 +132,26 @@ void gated_activation(const float* gate, const float* up, float* a, int64_t n, i
   }
 }
 
-// A weight matrix (n, d): float32, bfloat16, or int8 with a float32 scale per row.
+// A weight matrix (n, d): float32, bfloat16, int8 with a float32 scale per row, or 4-bit codes
+// (uint8, (n, d / 2)) with a float32 (scale, offset) per group of kGroup inputs (cpu_linear.h).
 struct Mat {
   at::Tensor w, scale;
 
+  int64_t inputs() const { return w.scalar_type() == at::kByte ? 2 * w.size(1) : w.size(1); }
+
   // y (rows, n) = x (rows, d) @ w[row0 : row0 + n]^T (+ bias[0 : n]).
   void apply(const float* x, int64_t rows, int64_t row0, int64_t n, const float* bias, float* y) const {
-    const int64_t d = w.size(1);
+    const int64_t d = inputs(), ldw = w.size(1);
     switch (w.scalar_type()) {
       case at::kFloat:
-        return linear_rows(x, rows, d, w.data_ptr<float>() + row0 * d, d, nullptr, bias, y, n);
+        return linear_rows(x, rows, d, w.data_ptr<float>() + row0 * ldw, ldw, nullptr, bias, y, n);
       case at::kBFloat16:
-        return linear_rows(x, rows, d, reinterpret_cast<const uint16_t*>(w.data_ptr()) + row0 * d, d, nullptr, bias, y, n);
+        return linear_rows(x, rows, d, reinterpret_cast<const uint16_t*>(w.data_ptr()) + row0 * ldw, ldw, nullptr, bias, y, n);
+      case at::kByte:
+        return linear_rows(x, rows, d, reinterpret_cast<const q4_t*>(w.data_ptr()) + row0 * ldw, ldw,
+                           scale.data_ptr<float>() + row0 * row_params<q4_t>(d), bias, y, n);
       default:
-        return linear_rows(x, rows, d, w.data_ptr<int8_t>() + row0 * d, d, scale.data_ptr<float>() + row0, bias, y, n);
+        return linear_rows(x, rows, d, w.data_ptr<int8_t>() + row0 * ldw, ldw, scale.data_ptr<float>() + row0, bias, y, n);
     }
   }
 };
@@ -197,10 +203,12 @@ struct CpuStep : torch::CustomClassHolder {
     auto mat = [](const at::Tensor& w, const at::Tensor& scale) {
       const auto type = w.scalar_type();
       TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.device().is_cpu() &&
-                      (type == at::kFloat || type == at::kBFloat16 || type == at::kChar),
-                  "CpuStep: weight matrices must be contiguous float32, bfloat16 or int8 CPU tensors");
-      TORCH_CHECK(type != at::kChar || (scale.scalar_type() == at::kFloat && scale.numel() == w.size(0)),
-                  "CpuStep: an int8 matrix needs a float32 scale per row");
+                      (type == at::kFloat || type == at::kBFloat16 || type == at::kChar || type == at::kByte),
+                  "CpuStep: weight matrices must be contiguous float32, bfloat16, int8 or 4-bit (uint8) CPU tensors");
+      const int64_t params = type == at::kChar ? w.size(0) : type == at::kByte ? w.size(0) * 4 * w.size(1) / kGroup : 0;
+      TORCH_CHECK(type != at::kByte || (2 * w.size(1)) % kGroup == 0, "CpuStep: 4-bit rows need a multiple of ", kGroup, " inputs");
+      TORCH_CHECK(!params || (scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == params),
+                  "CpuStep: an int8 matrix needs a float32 scale per row, a 4-bit one a (scale, offset) per group");
       return Mat{w, scale};
     };
     for (int64_t i = 0; i < L; ++i) {
@@ -234,7 +242,7 @@ struct CpuStep : torch::CustomClassHolder {
     const bool draft = plan.numel() > 0;
     TORCH_CHECK(!draft || (R == 1 && plan.size(0) == 2 * L && plan.size(1) == d + 2), "CpuStep.run: bad plan");
     const int64_t T = R;  // the loops below run over all rows
-    const int64_t q_dim = n_heads * hd, kv_dim = n_kv * hd, ff = layers[0].down.w.size(1);
+    const int64_t q_dim = n_heads * hd, kv_dim = n_kv * hd, ff = layers[0].down.inputs();
     std::vector<float> x(T * d), qkv(T * (q_dim + 2 * kv_dim)), o(T * q_dim), y(T * d), gu(T * 2 * ff), a(T * ff);
     at::Tensor skipped = at::zeros({draft ? 2 * L : 0}, at::kByte);
     float* hp = h.data_ptr<float>();

@@ -12,10 +12,13 @@ policy), and a single sequence's draft steps with scalar gates and calibrated th
 activations, no autograd. :meth:`CpuStep.applies` says whether a pass is covered;
 everything else runs the engine's PyTorch code.
 
-``precision="bfloat16"`` or ``"int8"`` builds the pass over a low-precision copy of the weight
-matrices and the LM head (int8: symmetric, one scale per output row): a draft that reads a half or
-a quarter of the bytes (the engine's ``draft_precision``). It costs that copy's memory; the verifier keeps the
-float32 weights, so speculation stays lossless.
+``precision="bfloat16"``, ``"int8"`` or ``"int4"`` builds the pass over a low-precision copy of the
+weight matrices and the LM head (int8: symmetric, one scale per output row; int4: the layers' matrices
+in 4 bits with a scale and an offset per group of 32 inputs, GGUF's Q4_1 layout, and the head in int8):
+a draft that reads a half, a quarter or about a sixth of the layers' bytes (the engine's
+``draft_precision``). It costs that copy's memory; the verifier keeps the float32 weights, so
+speculation stays lossless. Weights that were dequantized from Q4_1 (the SmolLM2 GGUF we test with)
+come back almost exactly in int4 (4-bit codes, with the scale and offset recomputed in float32).
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ if TYPE_CHECKING:
     from specgate.policy import SkipPolicy
     from specgate.standin import StandIns
 
-PRECISIONS = ("float32", "bfloat16", "int8")
+PRECISIONS = ("float32", "bfloat16", "int8", "int4")
+GROUP = 32  # inputs per (scale, offset) pair of an int4 matrix (cpu_linear.h: kGroup)
 MAX_TOKENS = 16  # token rows (batch x tokens); 8 per pass over the weights (cpu_linear.h), so 9-16 read them twice
 
 
@@ -58,7 +62,7 @@ class CpuStep:
             tensors += [vec(lw.attn_norm), qkv, vec(lw.qkv_b), o, vec(lw.o_b), vec(lw.mlp_norm), gate_up, down]
             tensors += [vec(t) for t in (lw.q_norm, lw.k_norm, lw.post_attn_norm, lw.post_mlp_norm)] + list(scales)
         self.precision, self.act = precision, act
-        self.head = None if precision == "float32" else low_precision(weights.lm_head, precision)  # see logits()
+        self.head = None if precision == "float32" else low_precision(weights.lm_head, head_precision(precision))  # logits()
         self.rope_kinds = list(weights.rope)
         ints = [weights.n_heads, weights.n_kv_heads, weights.head_dim, self.ACTIVATIONS.index(act)]
         ints += [lw.window or 0 for lw in weights.layers] + [self.rope_kinds.index(lw.rope) for lw in weights.layers]
@@ -154,12 +158,48 @@ def _map_tensors(s: "StandIns | None") -> list[torch.Tensor]:
 
 
 def low_precision(w: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A weight matrix (n, d) in ``precision`` and its row scales (int8; else empty): float32 is w
-    itself, bfloat16 a rounded copy, int8 round(w / s) with s = max |w| / 127 per row."""
+    """A weight matrix (n, d) in ``precision`` and what the kernel needs beside it: float32 is w
+    itself, bfloat16 a rounded copy (both with an empty tensor), int8 round(w / s) with s = max |w| / 127
+    per row (and s), int4 see :func:`int4`."""
     w, empty = w.detach(), torch.empty(0)
     if precision == "float32":
         return w.float().contiguous(), empty
     if precision == "bfloat16":
         return w.to(torch.bfloat16).contiguous(), empty
+    if precision == "int4":
+        return int4(w)
     scale = w.float().abs().amax(1).clamp_min(1e-30) / 127
     return torch.round(w.float() / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous(), scale
+
+
+def int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (n, d) as 4-bit codes, (n, d / 2) uint8, and (n, d / GROUP, 2) float32 (scale, offset) per group of
+    GROUP inputs: code = round((w - offset) / scale) in 0..15 with offset the group's minimum and scale
+    its range / 15, so w ~ scale * code + offset. Byte j of a group's GROUP / 2 holds the codes of its
+    inputs j (low nibble) and j + GROUP / 2 (high nibble)."""
+    n, d = w.shape
+    if d % GROUP:
+        raise ValueError(f"an int4 copy needs a multiple of {GROUP} inputs per row, not {d}: use draft_precision='int8'")
+    g = w.detach().float().reshape(n, d // GROUP, GROUP)
+    offset = g.amin(-1, keepdim=True)
+    scale = (g.amax(-1, keepdim=True) - offset) / 15
+    codes = torch.round((g - offset) / scale.clamp_min(1e-30)).clamp(0, 15).to(torch.uint8)
+    half = GROUP // 2
+    packed = codes[..., :half] | (codes[..., half:] << 4)
+    return packed.reshape(n, d // 2).contiguous(), torch.cat([scale, offset], -1).contiguous()
+
+
+def dequantized(w: torch.Tensor, precision: str) -> torch.Tensor:
+    """The float32 matrix that w's ``precision`` copy stands for: what the kernels compute with."""
+    q, extra = low_precision(w, precision)
+    if precision == "int4":
+        n, groups = extra.shape[:2]
+        g = q.reshape(n, groups, GROUP // 2)
+        return (torch.cat([g & 15, g >> 4], -1).float() * extra[..., :1] + extra[..., 1:]).reshape(n, groups * GROUP)
+    return q.float() * extra[:, None] if extra.numel() else q.float()
+
+
+def head_precision(precision: str) -> str:
+    """The LM head's precision in a pass over a ``precision`` copy: int8 under int4 (the head decides
+    the argmax, and is a quarter of SmolLM2's weights), else the same."""
+    return "int8" if precision == "int4" else precision

@@ -88,7 +88,7 @@ def _spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verifier", choices=["original", "gated"], default=None, help="original: output equals the model's own (default)")
     p.add_argument("--kv-fill", choices=["project", "copy_below"], default=None, help=f"K/V of tokens that skip attention in the draft (default {d.kv_fill})")
     p.add_argument("--draft-precision", choices=PRECISIONS, default=None,
-                   help=f"the draft's weight matrices; bfloat16 / int8 read a copy (extra memory, CPU only) (default {d.draft_precision})")  # fmt: skip
+                   help=f"the draft's weight matrices; bfloat16 / int8 / int4 read a copy (extra memory, CPU only) (default {d.draft_precision})")  # fmt: skip
 
 
 SPEC_FLAGS = ("draft_budget", "max_draft", "draft_vocab", "verifier", "kv_fill", "draft_precision")

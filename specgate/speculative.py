@@ -43,9 +43,9 @@ class SpecConfig:
     verifier: Literal["original", "gated"] = "original"
     kv_fill: KVFill = "project"
     draft_vocab: int | None = None  # draft LM head over the n tokens the model writes most; None: all
-    # the draft's weight matrices: "float32" shares the model's; "bfloat16" / "int8" read a copy made
+    # the draft's weight matrices: "float32" shares the model's; "bfloat16" / "int8" / "int4" read a copy made
     # on first use (extra memory; the fused CPU pass only); the verifier keeps float32: still lossless
-    draft_precision: Literal["float32", "bfloat16", "int8"] = "float32"
+    draft_precision: Literal["float32", "bfloat16", "int8", "int4"] = "float32"
 
     def __post_init__(self):
         if self.verifier not in ("original", "gated"):

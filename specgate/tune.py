@@ -11,7 +11,7 @@ for k drafts, per-position acceptance a, draft-step cost c and verify cost v of 
 relative to a plain step; plain decoding (1.0x) is one of the options. ``kv_fill`` is there because
 projecting the K/V of a token that skips attention costs a share of the branch, and copying the
 layer below's instead costs the draft some acceptance: which pays is measured, per machine.
-``draft_precision`` (bfloat16 or int8 copies of the weights, tried only when ``precisions`` names
+``draft_precision`` (bfloat16, int8 or int4 copies of the weights, tried only when ``precisions`` names
 them: they cost memory) trades acceptance for bytes read the same way. The choice is stored in
 ``<cache>/tune-<key>.json``; the key hashes the model, the gates' tensors, the CPU, torch and the
 thread count, so anything that changes the costs or the acceptance makes the stored choice unused.

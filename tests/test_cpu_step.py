@@ -18,7 +18,7 @@ import specgate
 from specgate import SkipCounter
 from specgate.engine import Engine
 from specgate.kernels import cpu_linear
-from specgate.kernels.cpu_step import CpuStep, low_precision
+from specgate.kernels.cpu_step import CpuStep, dequantized, head_precision, low_precision
 from specgate.policy import BudgetPolicy
 from specgate.standin import StandIns
 
@@ -150,16 +150,13 @@ def test_kernels_cpu_is_refused_where_it_cannot_run():
 
 def quantized_copy(family: str, precision: str) -> torch.nn.Module:
     """The tiny model with its weight matrices and LM head rounded as a low-precision draft reads them."""
-    def rounded(w: torch.Tensor) -> torch.Tensor:
-        q, scale = low_precision(w, precision)
-        return q.float() * scale[:, None] if scale.numel() else q.float()
-
     model = tiny_hf(family)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 2 and "embed" not in name and "lm_head" not in name:
-                p.copy_(rounded(p))
-        model.lm_head.weight = torch.nn.Parameter(rounded(model.lm_head.weight))  # untied: the embedding stays
+                p.copy_(dequantized(p, precision))
+        head = dequantized(model.lm_head.weight, head_precision(precision))
+        model.lm_head.weight = torch.nn.Parameter(head)  # untied: the embedding stays
     return model
 
 
@@ -173,7 +170,25 @@ def test_low_precision_rounds_each_matrix():
     assert torch.equal(b, w.to(torch.bfloat16)) and none.numel() == 0
 
 
-@pytest.mark.parametrize("precision", ["bfloat16", "int8"])
+def test_int4_keeps_each_group_within_half_a_step_and_q4_1_weights_exactly():
+    """int4: 4-bit codes per group of 32 inputs with the group's own scale and offset, so a group of
+    tiny weights beside one of large weights keeps its precision; weights that are already 4-bit
+    affine per group (dequantized from GGUF's Q4_1, like the SmolLM2 file) come back to float32 rounding."""
+    w = torch.randn(5, 96) * torch.tensor([1e-3, 1.0, 30.0]).repeat_interleave(32)
+    q, params = low_precision(w, "int4")
+    assert q.dtype == torch.uint8 and q.shape == (5, 48) and params.shape == (5, 3, 2)
+    step = params[..., 0].repeat_interleave(32, -1)
+    assert ((dequantized(w, "int4") - w).abs() <= step / 2 * 1.0001 + 1e-7).all()
+    scale, offset = torch.rand(5, 3, 1).half().float(), torch.randn(5, 3, 1).half().float()
+    codes = torch.randint(0, 16, (5, 3, 32)).float()
+    codes[..., 0], codes[..., 1] = 0, 15  # each group spans its range, as Q4_1 quantizing makes it
+    q4_1 = (codes * scale + offset).reshape(5, 96)
+    torch.testing.assert_close(dequantized(q4_1, "int4"), q4_1, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="multiple of 32 inputs.*draft_precision='int8'"):
+        low_precision(torch.randn(4, 40), "int4")
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "int8", "int4"])
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 @torch.inference_mode()
 def test_low_precision_passes_equal_the_rounded_model(family, precision):
@@ -200,13 +215,13 @@ def test_low_precision_passes_equal_the_rounded_model(family, precision):
 
 @torch.inference_mode()
 def test_low_precision_drafts_stay_lossless():
-    """Greedy speculation with an int8 or bfloat16 draft gives plain decoding's tokens."""
+    """Greedy speculation with a bfloat16, int8 or int4 draft gives plain decoding's tokens."""
     m = tiny("llama")
     m.gates, thresholds = scalar_gates(m, rank=0)
     m.gates.thresholds[0.3] = thresholds
     ids = torch.randint(3, 101, (1, 6), generator=torch.Generator().manual_seed(5))
     plain = m.generate(ids, max_new_tokens=24)
-    for precision in ("bfloat16", "int8"):
+    for precision in ("bfloat16", "int8", "int4"):
         spec = specgate.SpecConfig(draft_budget=0.3, draft_precision=precision)
         out = m.generate(ids, max_new_tokens=24, speculative=True, spec_config=spec, return_dict_in_generate=True)
         assert torch.equal(out.sequences, plain), precision

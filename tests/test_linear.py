@@ -162,18 +162,19 @@ def test_probe_threads_restores_thread_count():
     assert torch.get_num_threads() == before
 
 
-@pytest.mark.parametrize("precision", ["bfloat16", "int8"])
+@pytest.mark.parametrize("precision", ["bfloat16", "int8", "int4"])
 @pytest.mark.parametrize("rows", [1, 5, 11])
 @pytest.mark.parametrize("d", [83, 600])
 def test_kernel_reads_low_precision_weights(kernel, precision, rows, d):
-    """bfloat16 and int8 (with row scales) weights give F.linear of the weights they stand for."""
-    from specgate.kernels.cpu_step import low_precision
+    """bfloat16, int8 (with row scales) and int4 (with a scale and offset per 32 inputs) weights give
+    F.linear of the weights they stand for."""
+    from specgate.kernels.cpu_step import dequantized, low_precision
 
+    d = d // 32 * 32 if precision == "int4" else d  # int4 rows come in groups of 32 inputs
     torch.manual_seed(rows)
     x, w, b = torch.randn(rows, d), torch.randn(131, d), torch.randn(131)
-    q, scale = low_precision(w, precision)
-    exact = q.float() * scale[:, None] if scale.numel() else q.float()
-    got = kernel(x, q, b, scale if scale.numel() else None)
-    torch.testing.assert_close(got, F.linear(x, exact, b), rtol=1e-5, atol=1e-4)
-    with pytest.raises(RuntimeError, match="int8 weights need a scale"):
-        kernel(x, q, b, None if scale.numel() else torch.ones(131))
+    q, extra = low_precision(w, precision)
+    got = kernel(x, q, b, extra if extra.numel() else None)
+    torch.testing.assert_close(got, F.linear(x, dequantized(w, precision), b), rtol=1e-5, atol=1e-4)
+    with pytest.raises(RuntimeError, match="need a scale per row"):
+        kernel(x, q, b, None if extra.numel() else torch.ones(131))
