@@ -74,12 +74,15 @@ int64_t parallel_threads() {
   return most.load();
 }
 
+bool int8_activations() { return kInt8Activations; }
+
 }  // namespace
 
 // A fragment: other code may define more ops in the specgate namespace.
 TORCH_LIBRARY_FRAGMENT(specgate, m) {
   m.def("small_linear(Tensor x, Tensor weight, Tensor? bias=None, Tensor? scale=None) -> Tensor");
   m.def("parallel_threads() -> int", &parallel_threads);
+  m.def("int8_activations() -> bool", &int8_activations);  // whether int8 products round the token rows to int8 (VNNI)
 }
 
 TORCH_LIBRARY_IMPL(specgate, CPU, m) { m.impl("small_linear", &small_linear); }

@@ -11,7 +11,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
+#include <vector>
 #include <type_traits>
 
 namespace specgate_cpu {
@@ -259,6 +261,79 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// int8 weights on a CPU with VNNI: the token rows are rounded to int8 too, per group of 32 inputs
+// (scale max |x| / 127), and one vpdpbusd multiplies 64 weights by 64 codes, summing them by four:
+// ~5 instructions per 64 weights where widening the weights to floats takes ~16 (the int8 draft's
+// products were compute-bound on 2 cores). vpdpbusd takes unsigned bytes times signed ones: the
+// weights, flipped to w + 128 (XOR 0x80), times the codes; the extra 128 times the codes' sum is
+// subtracted per token row (fix). Rows need a multiple of 64 inputs (else the float path runs).
+constexpr bool kInt8Activations = true;
+
+struct Int8Rows {
+  int64_t d;
+  std::vector<int8_t> codes;  // (M, d)
+  std::vector<float> scales;  // (M, d / 64, 16): per pair of groups, lanes 0-7 its first group's scale, 8-15 its second's
+  std::vector<float> fix;     // (M,): sum over groups of scale * 128 * the group's code sum
+
+  Int8Rows(const float* x, int64_t rows, int64_t d) : d(d), codes(rows * d), scales(rows * d / 4), fix(rows, 0.0f) {
+    for (int64_t m = 0; m < rows; ++m)
+      for (int64_t g = 0; g < d / 32; ++g) {
+        const float* xg = x + m * d + g * 32;
+        float top = 0.0f;
+        for (int k = 0; k < 32; ++k) top = std::max(top, std::abs(xg[k]));
+        const float sx = top / 127.0f, inv = top > 0.0f ? 127.0f / top : 0.0f;
+        int sum = 0;
+        for (int k = 0; k < 32; ++k) sum += codes[m * d + g * 32 + k] = static_cast<int8_t>(std::nearbyint(xg[k] * inv));
+        std::fill_n(scales.begin() + m * (d / 4) + g * 8, 8, sx);
+        fix[m] += sx * 128.0f * static_cast<float>(sum);
+      }
+  }
+};
+
+template <int M, int R>
+inline void rows_block_int8(const Int8Rows& xq, const int8_t* w, int64_t ldw, const float* scale, const float* bias, float* y,
+                            int64_t ldy) {
+  constexpr int N = R * M;
+  const int64_t d = xq.d;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  Vec acc[N];
+  for (int i = 0; i < N; ++i) acc[i] = vzero();
+  for (int64_t k = 0; k < d; k += 64) {
+    __m512i wv[R];
+    for (int r = 0; r < R; ++r) {
+      __builtin_prefetch(reinterpret_cast<const char*>(w + r * ldw + k) + kPrefetchBytes, 0, 2);
+      wv[r] = _mm512_xor_si512(_mm512_loadu_si512(w + r * ldw + k), flip);
+    }
+    for (int m = 0; m < M; ++m) {
+      const __m512i xv = _mm512_loadu_si512(xq.codes.data() + m * d + k);
+      const Vec sv = _mm512_loadu_ps(xq.scales.data() + m * (d / 4) + k / 4);
+      for (int r = 0; r < R; ++r)
+        acc[r * M + m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[r], xv)), sv, acc[r * M + m]);
+    }
+  }
+  float sums[(N + kLanes - 1) / kLanes * kLanes];
+  hsums_all<N>(acc, sums);
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) {
+      const float s = (sums[r * M + m] - xq.fix[m]) * scale[r];
+      y[m * ldy + r] = bias ? s + bias[r] : s;
+    }
+}
+
+template <int M>
+inline void rows_range_int8(const Int8Rows& xq, const int8_t* w, int64_t ldw, const float* scale, const float* bias, float* y,
+                            int64_t ldy, int64_t n0, int64_t n1) {
+  constexpr int R = block_rows<M>();
+  auto at = [](const float* p, int64_t n) { return p ? p + n : nullptr; };
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) rows_block_int8<M, R>(xq, w + n * ldw, ldw, scale + n, at(bias, n), y + n, ldy);
+  for (; n < n1; ++n) rows_block_int8<M, 1>(xq, w + n * ldw, ldw, scale + n, at(bias, n), y + n, ldy);
+}
+#else
+constexpr bool kInt8Activations = false;
+#endif
+
 // y (rows, n) = x (rows, d) @ w (n rows of stride ldw)^T * scale + bias: the weight rows split over
 // torch's threads, each weight row read once per kMaxRows token rows.
 template <typename W>
@@ -266,6 +341,29 @@ inline void linear_rows(const float* x, int64_t rows, int64_t d, const W* w, int
                         const float* bias, float* y, int64_t n) {
   // Enough weight rows per task (>= ~32K weights) that the threads' start-up cost stays small.
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(d, 1));
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  if constexpr (std::is_same_v<W, int8_t>) {
+    if (d % 64 == 0) {
+      for (int64_t m0 = 0; m0 < rows; m0 += kMaxRows) {
+        const int M = static_cast<int>(std::min<int64_t>(kMaxRows, rows - m0));
+        const Int8Rows xq(x + m0 * d, M, d);
+        at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
+          switch (M) {
+            case 1: return rows_range_int8<1>(xq, w, ldw, scale, bias, y + m0 * n, n, n0, n1);
+            case 2: return rows_range_int8<2>(xq, w, ldw, scale, bias, y + m0 * n, n, n0, n1);
+            case 3: return rows_range_int8<3>(xq, w, ldw, scale, bias, y + m0 * n, n, n0, n1);
+            case 4: return rows_range_int8<4>(xq, w, ldw, scale, bias, y + m0 * n, n, n0, n1);
+            case 5: return rows_range_int8<5>(xq, w, ldw, scale, bias, y + m0 * n, n, n0, n1);
+            case 6: return rows_range_int8<6>(xq, w, ldw, scale, bias, y + m0 * n, n, n0, n1);
+            case 7: return rows_range_int8<7>(xq, w, ldw, scale, bias, y + m0 * n, n, n0, n1);
+            default: return rows_range_int8<8>(xq, w, ldw, scale, bias, y + m0 * n, n, n0, n1);
+          }
+        });
+      }
+      return;
+    }
+  }
+#endif
   at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
     for (int64_t m0 = 0; m0 < rows; m0 += kMaxRows) {
       const int M = static_cast<int>(std::min<int64_t>(kMaxRows, rows - m0));

@@ -18,7 +18,7 @@ import specgate
 from specgate import SkipCounter
 from specgate.engine import Engine
 from specgate.kernels import cpu_linear
-from specgate.kernels.cpu_step import CpuStep, dequantized, head_precision, low_precision
+from specgate.kernels.cpu_step import CpuStep, dequantized, head_precision, int8_activations, low_precision, rounded_activations
 from specgate.policy import BudgetPolicy
 from specgate.standin import StandIns
 
@@ -191,13 +191,25 @@ def test_int4_keeps_each_group_within_half_a_step_and_q4_1_weights_exactly():
 @pytest.mark.parametrize("precision", ["bfloat16", "int8", "int4"])
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 @torch.inference_mode()
-def test_low_precision_passes_equal_the_rounded_model(family, precision):
+def test_low_precision_passes_equal_the_rounded_model(family, precision, monkeypatch):
     """The fused pass over a bfloat16 / int8 copy computes what the PyTorch path computes with the
     rounded weights, plain and as a draft step; the float32 pass is untouched by the copy."""
     m = tiny(family)
     gates, thresholds = scalar_gates(m, rank=0)
     policy = BudgetPolicy(budget=0.5, thresholds=thresholds)
     fused, rounded = Engine(m.hf_model, kernels="cpu"), Engine(quantized_copy(family, precision), kernels="torch")
+    tol = 1e-4
+    if precision in ("int8", "int4") and int8_activations():  # the reference rounds activations as the kernels do
+        product, head = specgate.layers.linear, rounded.weights.lm_head  # int4 passes: an int8 head
+
+        def seen(x, w):
+            int8 = precision == "int8" or w is head
+            return rounded_activations(x) if int8 and x.shape[-1] % 64 == 0 else x
+
+        monkeypatch.setattr(specgate.layers, "linear", lambda x, w, b=None: product(seen(x, w), w, b))
+        # float32 rounding differences between the paths move an activation across a rounding boundary
+        # now and then: one int8 step of one input, ~1e-3 here (the kernel itself is checked to 1e-4)
+        tol = 1e-2
     ids = torch.randint(3, 101, (1, 10), generator=torch.Generator().manual_seed(4))
     got = []
     for e, precision_arg in ((fused, precision), (rounded, "float32")):
@@ -207,7 +219,8 @@ def test_low_precision_passes_equal_the_rounded_model(family, precision):
         draft = e(ids[:, 8:9], cache, gates, policy, precision=precision_arg)
         got.append((plain, draft))
     for a, b in zip(*got):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+    monkeypatch.undo()
     full = Engine(m.hf_model, kernels="torch")
     c1, c2 = prefilled(fused, ids[:, :6]), prefilled(full, ids[:, :6])
     torch.testing.assert_close(fused(ids[:, 6:8], c1), full(ids[:, 6:8], c2), atol=1e-4, rtol=1e-4)
