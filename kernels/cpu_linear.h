@@ -262,31 +262,37 @@ inline float dot(const float* a, const float* b, int64_t n) {
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-// int8 weights on a CPU with VNNI: the token rows are rounded to int8 too, per group of 32 inputs
-// (scale max |x| / 127), and one vpdpbusd multiplies 64 weights by 64 codes, summing them by four:
-// ~5 instructions per 64 weights where widening the weights to floats takes ~16 (the int8 draft's
+// int8 weights on a CPU with VNNI: the token rows are rounded to int8 too, with a scale per 4 inputs
+// (max |x| / 127 over them: each 32-bit lane of vpdpbusd sums 4 products, so the scales cost a
+// vector multiply per 64 weights whatever their count, and this fine a grid keeps an outlier feature
+// from flattening its neighbours), and one vpdpbusd multiplies 64 weights by 64 codes: ~5
+// instructions per 64 weights where widening the weights to floats takes ~16 (the int8 draft's
 // products were compute-bound on 2 cores). vpdpbusd takes unsigned bytes times signed ones: the
-// weights, flipped to w + 128 (XOR 0x80), times the codes; the extra 128 times the codes' sum is
-// subtracted per token row (fix). Rows need a multiple of 64 inputs (else the float path runs).
+// weights, flipped to w + 128 (XOR 0x80), times the codes, and each lane starts from -128 times its
+// codes' sum, so it holds the exact integer dot product of its 4 weights and codes. Rows need a
+// multiple of 64 inputs (else the float path runs).
 constexpr bool kInt8Activations = true;
+constexpr int kActGroup = 4;  // inputs per activation scale: one vpdpbusd lane
 
 struct Int8Rows {
   int64_t d;
-  std::vector<int8_t> codes;  // (M, d)
-  std::vector<float> scales;  // (M, d / 64, 16): per pair of groups, lanes 0-7 its first group's scale, 8-15 its second's
-  std::vector<float> fix;     // (M,): sum over groups of scale * 128 * the group's code sum
+  std::vector<int8_t> codes;   // (M, d)
+  std::vector<float> scales;   // (M, d / kActGroup)
+  std::vector<int32_t> start;  // (M, d / kActGroup): -128 times the group's code sum
 
-  Int8Rows(const float* x, int64_t rows, int64_t d) : d(d), codes(rows * d), scales(rows * d / 4), fix(rows, 0.0f) {
+  Int8Rows(const float* x, int64_t rows, int64_t d)
+      : d(d), codes(rows * d), scales(rows * d / kActGroup), start(rows * d / kActGroup) {
     for (int64_t m = 0; m < rows; ++m)
-      for (int64_t g = 0; g < d / 32; ++g) {
-        const float* xg = x + m * d + g * 32;
+      for (int64_t g = 0; g < d / kActGroup; ++g) {
+        const float* xg = x + m * d + g * kActGroup;
         float top = 0.0f;
-        for (int k = 0; k < 32; ++k) top = std::max(top, std::abs(xg[k]));
-        const float sx = top / 127.0f, inv = top > 0.0f ? 127.0f / top : 0.0f;
-        int sum = 0;
-        for (int k = 0; k < 32; ++k) sum += codes[m * d + g * 32 + k] = static_cast<int8_t>(std::nearbyint(xg[k] * inv));
-        std::fill_n(scales.begin() + m * (d / 4) + g * 8, 8, sx);
-        fix[m] += sx * 128.0f * static_cast<float>(sum);
+        for (int k = 0; k < kActGroup; ++k) top = std::max(top, std::abs(xg[k]));
+        const float inv = top > 0.0f ? 127.0f / top : 0.0f;
+        int32_t sum = 0;
+        for (int k = 0; k < kActGroup; ++k)
+          sum += codes[m * d + g * kActGroup + k] = static_cast<int8_t>(std::nearbyint(xg[k] * inv));
+        scales[m * (d / kActGroup) + g] = top / 127.0f;
+        start[m * (d / kActGroup) + g] = -128 * sum;
       }
   }
 };
@@ -307,16 +313,17 @@ inline void rows_block_int8(const Int8Rows& xq, const int8_t* w, int64_t ldw, co
     }
     for (int m = 0; m < M; ++m) {
       const __m512i xv = _mm512_loadu_si512(xq.codes.data() + m * d + k);
-      const Vec sv = _mm512_loadu_ps(xq.scales.data() + m * (d / 4) + k / 4);
+      const Vec sv = _mm512_loadu_ps(xq.scales.data() + (m * d + k) / kActGroup);
+      const __m512i start = _mm512_loadu_si512(xq.start.data() + (m * d + k) / kActGroup);
       for (int r = 0; r < R; ++r)
-        acc[r * M + m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[r], xv)), sv, acc[r * M + m]);
+        acc[r * M + m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, wv[r], xv)), sv, acc[r * M + m]);
     }
   }
   float sums[(N + kLanes - 1) / kLanes * kLanes];
   hsums_all<N>(acc, sums);
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) {
-      const float s = (sums[r * M + m] - xq.fix[m]) * scale[r];
+      const float s = sums[r * M + m] * scale[r];
       y[m * ldy + r] = bias ? s + bias[r] : s;
     }
 }

@@ -19,7 +19,7 @@ a draft that reads a half, a quarter or about a sixth of the layers' bytes (the 
 ``draft_precision``). It costs that copy's memory; the verifier keeps the float32 weights, so
 speculation stays lossless. Weights that were dequantized from Q4_1 (the SmolLM2 GGUF we test with)
 come back almost exactly in int4 (4-bit codes, with the scale and offset recomputed in float32).
-On CPUs with AVX-512 VNNI the int8 products round the token rows to int8 too (per group of 32
+On CPUs with AVX-512 VNNI the int8 products round the token rows to int8 too (a scale per 4
 inputs) and multiply 64 bytes per instruction (:func:`int8_activations`): the int8 draft's products
 were compute-bound without it.
 """
@@ -215,8 +215,8 @@ def int8_activations() -> bool:
 
 
 def rounded_activations(x: torch.Tensor) -> torch.Tensor:
-    """x (..., d) as an int8 product sees it where :func:`int8_activations`: rounded to int8 per group of 32
+    """x (..., d) as an int8 product sees it where :func:`int8_activations`: rounded to int8 per group of 4
     inputs with scale max |x| / 127 (the tests' reference)."""
-    g = x.reshape(*x.shape[:-1], -1, 32)
+    g = x.reshape(*x.shape[:-1], -1, 4)
     top = g.abs().amax(-1, keepdim=True)
     return (torch.round(g * torch.where(top > 0, 127 / top, 0)) * (top / 127)).reshape(x.shape)

@@ -112,6 +112,8 @@ def bench_decode(
     }
     for spec in speculative or []:  # a SpecConfig, or None: the settings generate() chooses (tuned, else defaults)
         name = "speculative" if spec is None else f"speculative b={spec.draft_budget}"
+        if spec is not None and spec.draft_precision != "float32":
+            name += f" {spec.draft_precision}"
         methods[name] = lambda ids, spec=spec: m.generate(
             ids, max_new_tokens=max_new_tokens, speculative=True, spec_config=spec, return_dict_in_generate=True
         )

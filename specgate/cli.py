@@ -148,8 +148,10 @@ def cmd_bench(args) -> int:
     base = _spec_config(args)
     if args.no_speculative:
         speculative = []
-    elif args.budgets:
-        speculative = [dataclasses.replace(base or SpecConfig(), draft_budget=b) for b in args.budgets]
+    elif args.budgets or args.precisions:
+        base = base or SpecConfig()
+        speculative = [dataclasses.replace(base, draft_budget=b, draft_precision=q)
+                       for b in args.budgets or [base.draft_budget] for q in args.precisions or [base.draft_precision]]  # fmt: skip
     else:
         speculative = [base]  # None: what generate() chooses (tuned settings, else the defaults)
     gates = None if args.gates == "none" else args.gates
@@ -332,6 +334,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=_positive_int, default=8, help="number of MT-Bench prompts, first turns (1-80)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=128)
     p.add_argument("--budgets", type=_budget, nargs="+", default=None, help="draft skip budgets to compare (default: --draft-budget)")
+    p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=None,
+                   help="draft weight precisions to compare, each at every budget (default: --draft-precision)")  # fmt: skip
     _spec_args(p)
     p.add_argument("--no-speculative", action="store_true", help="time transformers and plain decode only")
     p.add_argument("--out", type=_output_file, default=None, help="write the results as JSON to this file")
