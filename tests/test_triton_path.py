@@ -49,7 +49,7 @@ def _interpreted_env() -> dict:
 def test_triton_path_in_interpreter():
     """This file's tests in a fresh process with TRITON_INTERPRET=1 set before torch is imported."""
     here = Path(__file__)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not integration", str(here)]
+    cmd = [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not integration", str(here)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=_interpreted_env(), cwd=here.parent.parent)
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
     assert " passed" in out.stdout and "failed" not in out.stdout, out.stdout[-3000:]
@@ -362,6 +362,6 @@ def test_smollm2_triton_matches_torch():
     took 4.4 minutes on 2 busy cores."""
     t0 = time.time()
     code = _REAL.replace("N_NEW", "6").replace("max_draft=3", "max_draft=2")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_interpreted_env(), timeout=900)
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, env=_interpreted_env(), timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     print(out.stdout, f"({time.time() - t0:.0f} s)")
