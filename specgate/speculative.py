@@ -166,7 +166,10 @@ def speculative_generate(
     if config.draft_precision != "float32":
         engine.low_precision_step(config.draft_precision)  # made now, or refused with what to do
     counter = SkipCounter()
-    draft = _Drafter(engine, gates, draft_policy(gates, config), head, sampling, config, generator, counter)
+    # a draft that skips nothing is the model itself (gates that only pick skips change nothing then):
+    # without its gates it takes the fused pass whatever their kind
+    draft_gates = gates if config.draft_budget > 0 or (gates is not None and gates.config.scale_output) else None
+    draft = _Drafter(engine, draft_gates, draft_policy(draft_gates, config), head, sampling, config, generator, counter)
     verifier = gates if config.verifier == "gated" else None
     max_len = input_ids.shape[1] + out.max_new + config.max_draft + 2
     cache, logits = prefill(engine, input_ids, attention_mask, max_len, verifier)

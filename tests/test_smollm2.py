@@ -92,7 +92,7 @@ def test_stop_strings_and_streamer_match_transformers(smollm2, capsys):
 
 
 def test_shipped_gates_load_by_default_and_stay_lossless(smollm2):
-    from specgate import SpecGateModel, load_gates
+    from specgate import SpecConfig, SpecGateModel, load_gates
     from specgate.loading import default_gates
 
     path = default_gates("smollm2-135m-instruct")
@@ -101,7 +101,7 @@ def test_shipped_gates_load_by_default_and_stay_lossless(smollm2):
     assert m.gates.standins is not None and m.gates.adapters is not None  # the shipped draft's parts
     for prompt in PROMPTS[:2]:
         ids = m.encode_chat(prompt)
-        out = m.generate(ids, max_new_tokens=40, speculative=True, return_dict_in_generate=True)
+        out = m.generate(ids, max_new_tokens=40, speculative=True, spec_config=SpecConfig(), return_dict_in_generate=True)
         assert torch.equal(out.sequences, m.generate(ids, max_new_tokens=40)), prompt
         assert out.spec_stats.skip_fraction > 0
         half = m.generate(ids, max_new_tokens=40, speculative=True, draft_budget=0.5, return_dict_in_generate=True)

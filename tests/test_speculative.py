@@ -177,7 +177,7 @@ def test_bad_speculative_calls_are_refused():
     m = tiny("llama")
     ids = _prompt()
     with pytest.raises(ValueError, match="needs gates"):
-        m.generate(ids, speculative=True, max_new_tokens=4)
+        m.generate(ids, speculative=True, draft_budget=0.3, max_new_tokens=4)
     m.gates = m.new_gates()
     with pytest.raises(ValueError, match="calibrate"):
         m.generate(ids, speculative=True, draft_budget=0.5, max_new_tokens=4)

@@ -116,3 +116,18 @@ def test_the_tune_command_takes_its_flags_and_refuses_bad_ones(capsys):
 def test_tune_refuses_an_unknown_kv_fill():
     with pytest.raises(ValueError, match="kv_fills"):
         tune.TuneConfig(kv_fills=("nearest",))
+
+
+def test_untuned_speculation_drafts_from_an_int8_copy(cache):
+    """Nothing tuned and nothing given: the int8 draft that skips nothing (tune's choice on both CPUs
+    measured), gates or not, lossless and labelled; a given budget keeps the SpecConfig defaults."""
+    if not linear.available()["smallm"]:
+        pytest.skip("no C++ toolchain: no fused pass, so no int8 copy to draft from")
+    m = tiny("llama")
+    ids = _prompts()[0]
+    out = m.generate(ids, max_new_tokens=20, eos_token_id=None, pad_token_id=0, speculative=True, return_dict_in_generate=True)
+    assert out.spec_stats.settings == "defaults (int8 draft)" and out.spec_stats.drafted > 0
+    assert torch.equal(out.sequences, m.generate(ids, max_new_tokens=20, eos_token_id=None, pad_token_id=0))
+    m.gates = _model().gates
+    given = m.generate(ids, max_new_tokens=5, speculative=True, draft_budget=0.5, return_dict_in_generate=True)
+    assert given.spec_stats.settings == "defaults + draft_budget=0.5" and given.spec_stats.skip_fraction > 0
