@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/specgate generate "Explain photosynthesis in one sentence." --speculative
+	$(VENV)/bin/specgate generate "Explain photosynthesis in a few sentences." --speculative --compare --max-new-tokens 96
 
 # measure this machine's step costs and acceptance; store the fastest speculation settings (a few minutes)
 tune: $(STAMP)

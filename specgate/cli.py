@@ -120,20 +120,31 @@ def cmd_generate(args) -> int:
 
     m = _load(args)
     ids = m.encode_chat(args.prompt) if not args.raw else m.tokenizer(args.prompt, return_tensors="pt").input_ids
-    streamer = TextStreamer(m.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
     sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 else {}
     speculative = {"speculative": True, "spec_config": _spec_config(args), "return_dict_in_generate": True}
-    start = time.perf_counter()
-    out = m.generate(ids, max_new_tokens=args.max_new_tokens, streamer=streamer, generator=generator, **sampling,
-                     **(speculative if args.speculative else {}))  # fmt: skip
-    seconds = time.perf_counter() - start
-    stats = getattr(out, "spec_stats", None)
-    new = (out.sequences if stats else out).shape[1] - ids.shape[1]
+    speculative = speculative if args.speculative else {}
+
+    def run(streamer=None, **flags):
+        generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
+        start = time.perf_counter()
+        out = m.generate(ids, max_new_tokens=args.max_new_tokens, streamer=streamer, generator=generator, **sampling, **flags)
+        seconds = time.perf_counter() - start
+        tokens = getattr(out, "sequences", out)
+        return tokens, tokens.shape[1] - ids.shape[1], seconds, getattr(out, "spec_stats", None)
+
+    if args.compare:  # the one-time costs (kernel probes, a draft's weight copy) out of the timings
+        m.generate(ids, max_new_tokens=2, **speculative)
+        plain, new, seconds, _ = run()
+        plain_rate = new / seconds
+        print(f"[plain decoding: {new} tokens in {seconds:.2f} s, {plain_rate:.1f} tokens/s]", file=sys.stderr)
+    out, new, seconds, stats = run(TextStreamer(m.tokenizer, skip_prompt=True, skip_special_tokens=True), **speculative)
     print(f"[{new} tokens in {seconds:.2f} s, {new / seconds:.1f} tokens/s]", file=sys.stderr)
     if stats:
         print(f"[tau {stats.tau:.2f}, alpha {stats.alpha:.2f}, draft skipped {stats.compute_skipped:.0%} of its compute; "
               f"settings: {stats.settings}]", file=sys.stderr)  # fmt: skip
+    if args.compare and stats:
+        same = "the same tokens" if torch.equal(out, plain) else "other tokens (sampled)"
+        print(f"[speculative {new / seconds / plain_rate:.2f}x plain decoding, {same}]", file=sys.stderr)
     return 0
 
 
@@ -325,7 +336,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
-    p.add_argument("--speculative", action="store_true", help="self-speculative decoding (needs gates)")
+    p.add_argument("--speculative", action="store_true", help="self-speculative decoding")
+    p.add_argument("--compare", action="store_true", help="decode plainly first and print both speeds (after a warm-up)")
     _spec_args(p)
     p.set_defaults(func=cmd_generate)
 

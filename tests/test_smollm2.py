@@ -119,3 +119,13 @@ def test_int8_draft_is_lossless_and_mostly_accepted(smollm2):
         out = smollm2.generate(ids, max_new_tokens=40, speculative=True, spec_config=spec, return_dict_in_generate=True)
         assert torch.equal(out.sequences, smollm2.generate(ids, max_new_tokens=40)), prompt
         assert out.spec_stats.alpha > 0.6, out.spec_stats
+
+
+def test_cli_compare_shows_speculation_against_plain_decoding(capsys):
+    """`specgate generate --speculative --compare` (what `make demo` runs) decodes both ways and says
+    how they compare; greedy, so the tokens are the same."""
+    from specgate.cli import main
+
+    assert main(["generate", "Name three colours.", "--speculative", "--compare", "--max-new-tokens", "12"]) == 0
+    err = capsys.readouterr().err
+    assert "[plain decoding: " in err and "x plain decoding, the same tokens]" in err, err
