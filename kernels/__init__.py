@@ -17,12 +17,33 @@ permutation of the pass's rows that lists the active rows first (see :mod:`.rout
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import sys
 from typing import Any, Callable
 
-import torch
+
+def _yield_the_name() -> None:
+    """Imported as the top-level ``kernels`` (Python run with the repo root on sys.path: ``python -c``,
+    a REPL or notebook there), this folder would shadow Hugging Face's ``kernels`` package, which
+    transformers imports: hand the name to that package when it is installed."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != root]
+    this = sys.modules.pop(__name__)
+    try:
+        sys.modules[__name__] = importlib.import_module(__name__)  # what `import kernels` then returns
+    except ImportError:
+        sys.modules[__name__] = this  # not installed: nothing to shadow
+    finally:
+        sys.path[:] = saved
+
+
+if __name__ == "kernels":
+    _yield_the_name()
+
+import torch  # noqa: E402
 
 INTERPRET_HINT = "set TRITON_INTERPRET=1 to run Triton kernels on the CPU (slow, for tests), or use kernels='torch'"
 

@@ -1,7 +1,13 @@
-"""The package's shape: no import cycles between its modules (function-level imports included)."""
+"""The package's shape: no import cycles between its modules (function-level imports included), and
+the top-level kernels/ folder does not hide Hugging Face's `kernels` package."""
 
 import ast
+import importlib.util
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 import specgate
 
@@ -40,3 +46,13 @@ def test_the_import_graph_has_no_cycles():
     for module in sorted(graph):
         if module not in state:
             visit(module, [])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("kernels") is None, reason="Hugging Face's kernels package is not installed")
+def test_python_run_from_the_repo_root_still_imports_transformers():
+    """`python -c` from the repo root puts it on sys.path, where our kernels/ folder would shadow Hugging
+    Face's `kernels` package, which transformers imports; the folder hands the name over."""
+    root = PACKAGE.parent
+    code = "import specgate, specgate.kernels, transformers.activations, kernels; assert 'site-packages' in kernels.__file__"
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
