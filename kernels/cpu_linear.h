@@ -220,31 +220,23 @@ inline void rows_block(const float* x, int64_t d, const W* w, int64_t ldw, const
   }
 }
 
-// Output rows [n0, n1) for M token rows: blocks of R weight rows, then the leftover rows one by one.
-template <int M, typename W>
-inline void rows_range(const float* x, int64_t d, const W* w, int64_t ldw, const float* scale, const float* bias, float* y,
-                       int64_t ldy, int64_t n0, int64_t n1) {
+// Output rows [n0, n1) for M token rows: block(R, n) for blocks of R = block_rows<M>() weight rows
+// from row n, then for the leftover rows one by one (R = 1); R comes as a std::integral_constant.
+template <int M, typename Block>
+inline void blocks(int64_t n0, int64_t n1, Block block) {
   constexpr int R = block_rows<M>();
-  const int64_t np = row_params<W>(d);
-  auto at = [](const float* p, int64_t n) { return p ? p + n : nullptr; };
   int64_t n = n0;
-  for (; n + R <= n1; n += R) rows_block<M, R>(x, d, w + n * ldw, ldw, at(scale, n * np), at(bias, n), y + n, ldy);
-  for (; n < n1; ++n) rows_block<M, 1>(x, d, w + n * ldw, ldw, at(scale, n * np), at(bias, n), y + n, ldy);
+  for (; n + R <= n1; n += R) block(std::integral_constant<int, R>{}, n);
+  for (; n < n1; ++n) block(std::integral_constant<int, 1>{}, n);
 }
 
-template <typename W>
-inline void rows_range_any(int M, const float* x, int64_t d, const W* w, int64_t ldw, const float* scale, const float* bias,
-                           float* y, int64_t ldy, int64_t n0, int64_t n1) {
-  switch (M) {
-    case 1: return rows_range<1>(x, d, w, ldw, scale, bias, y, ldy, n0, n1);
-    case 2: return rows_range<2>(x, d, w, ldw, scale, bias, y, ldy, n0, n1);
-    case 3: return rows_range<3>(x, d, w, ldw, scale, bias, y, ldy, n0, n1);
-    case 4: return rows_range<4>(x, d, w, ldw, scale, bias, y, ldy, n0, n1);
-    case 5: return rows_range<5>(x, d, w, ldw, scale, bias, y, ldy, n0, n1);
-    case 6: return rows_range<6>(x, d, w, ldw, scale, bias, y, ldy, n0, n1);
-    case 7: return rows_range<7>(x, d, w, ldw, scale, bias, y, ldy, n0, n1);
-    default: return rows_range<8>(x, d, w, ldw, scale, bias, y, ldy, n0, n1);
+// f(M) for a runtime row count M of 1..kMaxRows, M as a std::integral_constant (a template argument).
+template <int I = 1, typename F>
+inline void with_rows(int M, F f) {
+  if constexpr (I < kMaxRows) {
+    if (M != I) return with_rows<I + 1>(M, f);
   }
+  f(std::integral_constant<int, I>{});
 }
 
 // Vector-wide dot product of a and b (n floats).
@@ -328,15 +320,6 @@ inline void rows_block_int8(const Int8Rows& xq, const int8_t* w, int64_t ldw, co
     }
 }
 
-template <int M>
-inline void rows_range_int8(const Int8Rows& xq, const int8_t* w, int64_t ldw, const float* scale, const float* bias, float* y,
-                            int64_t ldy, int64_t n0, int64_t n1) {
-  constexpr int R = block_rows<M>();
-  auto at = [](const float* p, int64_t n) { return p ? p + n : nullptr; };
-  int64_t n = n0;
-  for (; n + R <= n1; n += R) rows_block_int8<M, R>(xq, w + n * ldw, ldw, scale + n, at(bias, n), y + n, ldy);
-  for (; n < n1; ++n) rows_block_int8<M, 1>(xq, w + n * ldw, ldw, scale + n, at(bias, n), y + n, ldy);
-}
 #else
 constexpr bool kInt8Activations = false;
 #endif
@@ -348,6 +331,7 @@ inline void linear_rows(const float* x, int64_t rows, int64_t d, const W* w, int
                         const float* bias, float* y, int64_t n) {
   // Enough weight rows per task (>= ~32K weights) that the threads' start-up cost stays small.
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(d, 1));
+  auto at = [](const float* p, int64_t n) { return p ? p + n : nullptr; };
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   if constexpr (std::is_same_v<W, int8_t>) {
     if (d % 64 == 0) {
@@ -355,26 +339,25 @@ inline void linear_rows(const float* x, int64_t rows, int64_t d, const W* w, int
         const int M = static_cast<int>(std::min<int64_t>(kMaxRows, rows - m0));
         const Int8Rows xq(x + m0 * d, M, d);
         at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
-          switch (M) {
-            case 1: return rows_range_int8<1>(xq, w, ldw, scale, bias, y + m0 * n, n, n0, n1);
-            case 2: return rows_range_int8<2>(xq, w, ldw, scale, bias, y + m0 * n, n, n0, n1);
-            case 3: return rows_range_int8<3>(xq, w, ldw, scale, bias, y + m0 * n, n, n0, n1);
-            case 4: return rows_range_int8<4>(xq, w, ldw, scale, bias, y + m0 * n, n, n0, n1);
-            case 5: return rows_range_int8<5>(xq, w, ldw, scale, bias, y + m0 * n, n, n0, n1);
-            case 6: return rows_range_int8<6>(xq, w, ldw, scale, bias, y + m0 * n, n, n0, n1);
-            case 7: return rows_range_int8<7>(xq, w, ldw, scale, bias, y + m0 * n, n, n0, n1);
-            default: return rows_range_int8<8>(xq, w, ldw, scale, bias, y + m0 * n, n, n0, n1);
-          }
+          with_rows(M, [&](auto m) {
+            blocks<decltype(m)::value>(n0, n1, [&](auto r, int64_t i) {
+              rows_block_int8<decltype(m)::value, decltype(r)::value>(xq, w + i * ldw, ldw, scale + i, at(bias, i), y + m0 * n + i, n);
+            });
+          });
         });
       }
       return;
     }
   }
 #endif
+  const int64_t np = row_params<W>(d);
   at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
     for (int64_t m0 = 0; m0 < rows; m0 += kMaxRows) {
-      const int M = static_cast<int>(std::min<int64_t>(kMaxRows, rows - m0));
-      rows_range_any(M, x + m0 * d, d, w, ldw, scale, bias, y + m0 * n, n, n0, n1);
+      with_rows(static_cast<int>(std::min<int64_t>(kMaxRows, rows - m0)), [&](auto m) {
+        blocks<decltype(m)::value>(n0, n1, [&](auto r, int64_t i) {
+          rows_block<decltype(m)::value, decltype(r)::value>(x + m0 * d, d, w + i * ldw, ldw, at(scale, i * np), at(bias, i), y + m0 * n + i, n);
+        });
+      });
     }
   });
 }

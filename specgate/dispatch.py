@@ -120,6 +120,11 @@ def fused_pays(engine: "Engine") -> bool:
     if forced != "auto" or engine.cpu_step is None:
         return forced == "smallm" and engine.cpu_step is not None
     w, step = engine.weights, engine.cpu_step
+    lw = w.layers[0]
+    name = f"fused pass: {len(w.layers)} layers {tuple(lw.qkv_w.shape)} {tuple(lw.gate_up_w.shape)}, 1 + 5 rows"
+    known = linear.remembered(name, ("fused", "torch"))
+    if known is not None:
+        return known == "fused"
     ids = torch.arange(40).remainder(w.embed.shape[0]).unsqueeze(0)
     cache = engine.new_cache(1, ids.shape[1] + 8)
     engine.cpu_step = None
@@ -133,9 +138,6 @@ def fused_pays(engine: "Engine") -> bool:
                 cache.rewind(start)
                 engine.hidden(ids[:, 32 : 32 + T], cache)
 
-        lw = w.layers[0]
-        name = (f"fused pass: {len(w.layers)} layers {tuple(lw.qkv_w.shape)} {tuple(lw.gate_up_w.shape)}, "
-                "1 + 5 rows")  # fmt: skip
         try:
             passes(False)  # the PyTorch path's products pick their backends now (timed at first use), not in the timing
             choice = linear.fastest(name, {"fused": lambda: passes(True), "torch": lambda: passes(False)}, reps=5)

@@ -173,35 +173,43 @@ def _entry_name(key: tuple) -> str:
 
 def _choose(key: tuple, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str:
     """The backend for this key: from the disk cache if it holds a usable one, else measured now."""
-    bucket = key[-1]
-    candidates = [b for b in BACKENDS if available()[b] and _applies(b, x, weight, bucket)]
-    weights = cold_copies(weight)
+    candidates = [b for b in BACKENDS if available()[b] and _applies(b, x, weight, key[-1])]
+    name = _entry_name(key)
+    backend = remembered(name, candidates)
+    if backend is None:
+        weights = cold_copies(weight)  # made only to measure
 
-    def products(backend: str) -> None:
-        for w in weights:
-            RUN[backend](x, w, bias)
+        def products(b: str) -> None:
+            for w in weights:
+                RUN[b](x, w, bias)
 
-    options = {b: functools.partial(products, b) for b in candidates}
-    _choice[key] = fastest(_entry_name(key), options, per_call=len(weights))
-    return _choice[key]
+        backend = fastest(name, {b: functools.partial(products, b) for b in candidates}, per_call=len(weights))
+    _choice[key] = backend
+    return backend
+
+
+def remembered(name: str, labels) -> str | None:
+    """The choice kept on disk under ``name`` for this machine and thread count, if it is one of
+    ``labels`` (else None: measure with :func:`fastest`). :func:`choices` reports it."""
+    threads = torch.get_num_threads()
+    entry = _disk_table(threads)["choices"].get(name)
+    if not entry or entry.get("backend") not in labels:
+        return None
+    _report[f"{name} threads={threads}"] = {**entry, "source": "disk"}
+    return entry["backend"]
 
 
 def fastest(name: str, options: dict[str, Callable[[], object]], per_call: int = 1, reps: int = REPS) -> str:
-    """The fastest of ``options`` (label -> a callable doing the work) on this machine at this thread count:
-    the label kept on disk under ``name`` if there is a usable one, else timed now by :func:`measure` and
-    kept (microseconds per ``1 / per_call`` of a call). :func:`choices` reports it."""
+    """The fastest of ``options`` (label -> a callable doing the work) on this machine at this thread count,
+    timed now by :func:`measure` and kept on disk under ``name`` (microseconds per ``1 / per_call`` of a
+    call) for :func:`remembered`. :func:`choices` reports it."""
     threads = torch.get_num_threads()
-    entry = _disk_table(threads)["choices"].get(name)
-    if entry and entry.get("backend") in options:
-        source = "disk"
-    else:
-        entry = {"backend": next(iter(options)), "us": {}}
-        if len(options) > 1:
-            times = measure(options, reps)
-            entry = {"backend": min(times, key=times.get), "us": {b: round(t / per_call, 1) for b, t in times.items()}}
-            _save(threads, name, entry)
-        source = "measured"
-    _report[f"{name} threads={threads}"] = {**entry, "source": source}
+    entry = {"backend": next(iter(options)), "us": {}}
+    if len(options) > 1:
+        times = measure(options, reps)
+        entry = {"backend": min(times, key=times.get), "us": {b: round(t / per_call, 1) for b, t in times.items()}}
+        _save(threads, name, entry)
+    _report[f"{name} threads={threads}"] = {**entry, "source": "measured"}
     return entry["backend"]
 
 

@@ -166,10 +166,8 @@ def speculative_generate(
     if config.draft_precision != "float32":
         engine.low_precision_step(config.draft_precision)  # made now, or refused with what to do
     counter = SkipCounter()
-    # a draft that skips nothing is the model itself (gates that only pick skips change nothing then):
-    # without its gates it takes the fused pass whatever their kind
-    draft_gates = gates if config.draft_budget > 0 or (gates is not None and gates.config.scale_output) else None
-    draft = _Drafter(engine, draft_gates, draft_policy(draft_gates, config), head, sampling, config, generator, counter)
+    run = draft_gates(gates, config)
+    draft = _Drafter(engine, run, draft_policy(run, config), head, sampling, config, generator, counter)
     verifier = gates if config.verifier == "gated" else None
     max_len = input_ids.shape[1] + out.max_new + config.max_draft + 2
     cache, logits = prefill(engine, input_ids, attention_mask, max_len, verifier)
@@ -210,6 +208,12 @@ def speculative_generate(
             full = all(n == drafts.shape[1] for n, a in zip(accepted, active) if a)
             k = min(config.max_draft, k + 1) if full else max(1, k - 1)
     return _stats(tot, out, counter, time.perf_counter() - start_time)
+
+
+def draft_gates(gates: GateSet | None, config: SpecConfig) -> GateSet | None:
+    """The gates the draft runs: none for a draft that skips nothing where the gates only pick skips
+    (it is the model itself then), so it takes the fused pass whatever their kind."""
+    return gates if config.draft_budget > 0 or (gates is not None and gates.config.scale_output) else None
 
 
 def draft_policy(gates: GateSet | None, config: SpecConfig) -> SkipPolicy | None:

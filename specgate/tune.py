@@ -41,7 +41,7 @@ from .engine import KV_FILLS
 from .kernels.cpu_step import PRECISIONS
 from .bench import mtbench_prompts
 from .prompts import split
-from .speculative import SpecConfig
+from .speculative import SpecConfig, draft_gates
 
 if TYPE_CHECKING:
     from .model import SpecGateModel
@@ -361,7 +361,7 @@ def resolve(m: SpecGateModel, spec_config: SpecConfig | None, overrides: dict[st
 
 def _int8_drafts(m: SpecGateModel) -> bool:
     """Whether the engine can draft from an int8 copy here (makes the copy, which drafting then uses)."""
-    if m.gates is not None and m.gates.config.scale_output:  # a budget-0 draft would run the gates: not fused
+    if draft_gates(m.gates, UNTUNED) is not None:  # gates that scale outputs run even at budget 0: not fused
         return False
     try:
         m.engine.low_precision_step("int8")
