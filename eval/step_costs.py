@@ -9,7 +9,9 @@ figure is the median over rounds, so drift on a shared machine hits all kinds al
 pass, what ``kernels="auto"`` takes on the CPU), ``torch`` (the engine's PyTorch path, linear
 products by the measured choice) and ``onednn`` (the PyTorch path with every product through
 oneDNN: what the engine ran before it measured). ``--precisions`` adds draft steps over bfloat16 /
-int8 copies of the weights (fused path only).
+int8 copies of the weights (fused path only). Plain and verify steps are greedy decoding's: the LM
+head is the screened one where the engine has it (``Engine.screened``); the rows "float32 head" time
+the same steps with the whole float32 head, what sampling and ``output_scores`` need.
 
     python eval/step_costs.py [--gates DIR] [--threads 2] [--rounds 30] [--budgets 0.3 0.5 0.7] [--vocab 8192]
         [--paths fused torch] [--precisions float32 int8]
@@ -70,16 +72,20 @@ def main(argv: list[str] | None = None) -> int:
             e(ids, caches[p])
         base = caches[args.paths[0]].host_lengths
 
-        def step(path, T=1, policy=None, head=None, counter=None, precision="float32"):
+        def step(path, T=1, policy=None, head=None, counter=None, precision="float32", exact=False):
             cache = caches[path]
             cache.rewind(base)
             engines[path](ids[:, -T:], cache, m.gates if policy else None, policy, kv_fill=args.kv_fill, head=head,
-                          counter=counter, precision=precision)  # fmt: skip
+                          counter=counter, precision=precision, exact_logits=exact)  # fmt: skip
 
         for p in args.paths:
             steps[p, "plain"] = lambda p=p: step(p)
             for k in args.verify:
                 steps[p, f"verify k={k} ({k + 1} tokens)"] = lambda p=p, k=k: step(p, T=k + 1)
+            if engines[p].screened is not None:  # greedy steps above take the screened head; sampling's take this
+                steps[p, "plain, float32 head (exact logits)"] = lambda p=p: step(p, exact=True)
+                for k in args.verify:
+                    steps[p, f"verify k={k}, float32 head"] = lambda p=p, k=k: step(p, T=k + 1, exact=True)
             for b in args.budgets:
                 policy = m.gates.policy(b)
                 counter = SkipCounter()

@@ -62,6 +62,72 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const std
   return y.view(out_shape);
 }
 
+// Logits x (rows, d) @ weight (V, d)^T that are exact wherever they could be a row's maximum, from
+// about a quarter of the bytes: the int8 copy (q, scale) gives every logit y_r to within
+// b_r = err[r] |x| + norm[r] |x - x~| (err: |w_r - w~_r| plus float rounding, norm: |w~_r|, with w~
+// the dequantized row and x~ the rounded token row, kernels/screened_head.py), so only the rows with
+// y_r + b_r >= max_s (y_s - b_s) can hold the maximum; those are recomputed from the float32 weights.
+// A token row with more than max_exact such rows takes every logit from float32.
+at::Tensor screened_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& q, const at::Tensor& scale,
+                           const at::Tensor& err, const at::Tensor& norm, int64_t max_exact) {
+  const int64_t V = weight.size(0), d = weight.size(1);
+  auto vec = [V](const at::Tensor& t) {
+    return t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == V && t.device().is_cpu();
+  };
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu() && x.size(-1) == d,
+              "screened_linear: x must be float32 (..., d) on the CPU");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() && weight.device().is_cpu() &&
+                  q.scalar_type() == at::kChar && q.is_contiguous() && q.sizes() == weight.sizes(),
+              "screened_linear: a contiguous float32 weight (V, d) and its int8 copy of the same shape");
+  TORCH_CHECK(vec(scale) && vec(err) && vec(norm), "screened_linear: scale, err and norm must be V contiguous float32");
+  const at::Tensor x2 = x.reshape({-1, d}).contiguous();
+  const int64_t rows = x2.size(0);
+  at::Tensor y = at::empty({rows, V}, x.options());
+  const float *xp = x2.data_ptr<float>(), *w = weight.data_ptr<float>(), *e = err.data_ptr<float>(), *nq = norm.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  linear_rows(xp, rows, d, q.data_ptr<int8_t>(), d, scale.data_ptr<float>(), nullptr, yp, V);
+  const int64_t grain = 8192;
+  std::vector<int64_t> dense;  // token rows with too many candidates: every logit from float32
+  for (int64_t m = 0; m < rows; ++m) {
+    const float* xm = xp + m * d;
+    float* ym = yp + m * V;
+    const float nx = std::sqrt(dot(xm, xm, d)), nd = rounding_bound(xm, d);
+    auto bound = [&](int64_t r) { return e[r] * nx + nq[r] * nd; };
+    const float low = at::parallel_reduce(
+        0, V, grain, -INFINITY,
+        [&](int64_t r0, int64_t r1, float best) {
+          for (int64_t r = r0; r < r1; ++r) best = std::max(best, ym[r] - bound(r));
+          return best;
+        },
+        [](float a, float b) { return std::max(a, b); });
+    const int64_t n = at::parallel_reduce(
+        0, V, grain, int64_t{0},
+        [&](int64_t r0, int64_t r1, int64_t count) {
+          for (int64_t r = r0; r < r1; ++r) count += ym[r] + bound(r) >= low;
+          return count;
+        },
+        [](int64_t a, int64_t b) { return a + b; });
+    if (n > max_exact) {
+      dense.push_back(m);
+      continue;
+    }
+    at::parallel_for(0, V, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        if (ym[r] + bound(r) >= low) ym[r] = dot(xm, w + r * d, d);
+    });
+  }
+  if (!dense.empty()) {  // one float32 pass over the head for all of them
+    const int64_t k = dense.size();
+    std::vector<float> xs(k * d), ys(k * V);
+    for (int64_t j = 0; j < k; ++j) std::copy(xp + dense[j] * d, xp + (dense[j] + 1) * d, xs.data() + j * d);
+    linear_rows(xs.data(), k, d, w, d, nullptr, nullptr, ys.data(), V);
+    for (int64_t j = 0; j < k; ++j) std::copy(ys.data() + j * V, ys.data() + (j + 1) * V, yp + dense[j] * V);
+  }
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = V;
+  return y.view(out_shape);
+}
+
 // How many threads at::parallel_for really runs here: 1 when the extension was built without
 // OpenMP, whatever torch.get_num_threads() says (the tests check it).
 int64_t parallel_threads() {
@@ -83,6 +149,10 @@ TORCH_LIBRARY_FRAGMENT(specgate, m) {
   m.def("small_linear(Tensor x, Tensor weight, Tensor? bias=None, Tensor? scale=None) -> Tensor");
   m.def("parallel_threads() -> int", &parallel_threads);
   m.def("int8_activations() -> bool", &int8_activations);  // whether int8 products round the token rows to int8 (VNNI)
+  m.def("screened_linear(Tensor x, Tensor weight, Tensor q, Tensor scale, Tensor err, Tensor norm, int max_exact) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(specgate, CPU, m) { m.impl("small_linear", &small_linear); }
+TORCH_LIBRARY_IMPL(specgate, CPU, m) {
+  m.impl("small_linear", &small_linear);
+  m.impl("screened_linear", &screened_linear);
+}

@@ -324,6 +324,24 @@ inline void rows_block_int8(const Int8Rows& xq, const int8_t* w, int64_t ldw, co
 constexpr bool kInt8Activations = false;
 #endif
 
+// An upper bound of |x - x~| (Euclidean norm), x~ the token row x (d floats) as an int8 product
+// sees it: rounded to int8 per kActGroup inputs with step max |x| / 127 over them, so each input
+// is off by at most half a step; 0 where the products take float32 rows.
+inline float rounding_bound(const float* x, int64_t d) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  if (d % 64 == 0) {
+    double sum = 0.0;  // sum over groups of kActGroup (step / 2)^2 = top^2 / 127^2
+    for (int64_t g = 0; g < d; g += kActGroup) {
+      float top = 0.0f;
+      for (int k = 0; k < kActGroup; ++k) top = std::max(top, std::abs(x[g + k]));
+      sum += static_cast<double>(top) * top;
+    }
+    return static_cast<float>(std::sqrt(sum) / 127.0);
+  }
+#endif
+  return 0.0f;
+}
+
 // y (rows, n) = x (rows, d) @ w (n rows of stride ldw)^T * scale + bias: the weight rows split over
 // torch's threads, each weight row read once per kMaxRows token rows.
 template <typename W>

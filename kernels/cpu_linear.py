@@ -66,10 +66,15 @@ def _register_fake() -> None:
     def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
+    @torch.library.register_fake("specgate::screened_linear")
+    def _(x, weight, q, scale, err, norm, max_exact: int) -> torch.Tensor:
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
 
 @functools.cache
 def load():
-    """``torch.ops.specgate.small_linear(x, weight, bias)``, built on first call; None if it cannot be built."""
+    """``torch.ops.specgate.small_linear(x, weight, bias)`` (and the module docstring's others), built on first
+    call; None if it cannot be built."""
     from torch.utils import cpp_extension
 
     key = build_key()

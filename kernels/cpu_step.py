@@ -46,11 +46,12 @@ MAX_TOKENS = 16  # token rows (batch x tokens); 8 per pass over the weights (cpu
 
 class CpuStep:
     """The fused pass over one model's weights (shared, not copied, in float32; ``precision``: see
-    the module docstring). ``act``: the MLP activation's name (one of :attr:`ACTIVATIONS`)."""
+    the module docstring). ``act``: the MLP activation's name (one of :attr:`ACTIVATIONS`). ``head``:
+    the LM head already in ``head_precision(precision)`` (:func:`low_precision`'s pair), to share."""
 
     ACTIVATIONS = ("silu", "gelu_tanh")  # codes 0 and 1 of cpu_step.cpp
 
-    def __init__(self, weights: "ModelWeights", act: str, precision: str = "float32"):
+    def __init__(self, weights: "ModelWeights", act: str, precision: str = "float32", head: tuple | None = None):
         if cpu_linear.load() is None:
             raise RuntimeError("the CPU kernels could not be built (see the warning above): use kernels='torch'")
         if weights.embed.dtype != torch.float32:
@@ -65,7 +66,9 @@ class CpuStep:
             tensors += [vec(lw.attn_norm), qkv, vec(lw.qkv_b), o, vec(lw.o_b), vec(lw.mlp_norm), gate_up, down]
             tensors += [vec(t) for t in (lw.q_norm, lw.k_norm, lw.post_attn_norm, lw.post_mlp_norm)] + list(scales)
         self.precision, self.act = precision, act
-        self.head = None if precision == "float32" else low_precision(weights.lm_head, head_precision(precision))  # logits()
+        if head is None and precision != "float32":  # else: the engine's copy of the head in head_precision(precision)
+            head = low_precision(weights.lm_head, head_precision(precision))
+        self.head = head  # logits()
         self.rope_kinds = list(weights.rope)
         ints = [weights.n_heads, weights.n_kv_heads, weights.head_dim, self.ACTIVATIONS.index(act)]
         ints += [lw.window or 0 for lw in weights.layers] + [self.rope_kinds.index(lw.rope) for lw in weights.layers]

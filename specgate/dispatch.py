@@ -44,6 +44,7 @@ available to this work) and no CUDA graph has been captured.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -56,6 +57,7 @@ from .policy import BudgetPolicy
 if TYPE_CHECKING:
     from .adapters import LayerWeights, ModelWeights
     from .kernels.cpu_step import CpuStep
+    from .kernels.screened_head import ScreenedHead
     from .engine import Engine, _Pass
     from .vocab import DraftHead
 
@@ -89,17 +91,18 @@ def make(kernels: str, weights: "ModelWeights") -> "TritonKernels | None":
     return TritonKernels(weights) if resolve(kernels, weights.embed.device) == "triton" else None
 
 
-def make_cpu_step(kernels: str, weights: "ModelWeights", precision: str = "float32") -> "CpuStep | None":
+def make_cpu_step(kernels: str, weights: "ModelWeights", precision: str = "float32", head=None) -> "CpuStep | None":
     """The engine's fused CPU pass (over a ``precision`` copy of the weights), or None (another
     path). ``"auto"`` falls back to the PyTorch path where the fused pass cannot run (no compiler,
     not float32, another activation); ``"cpu"`` then raises an error that says so. Whether "auto"
-    keeps it is :func:`fused_pays`."""
+    keeps it is :func:`fused_pays`. ``head``: the LM head's copy in the pass's head precision, if one is
+    made already (shared, not copied again)."""
     if resolve(kernels, weights.embed.device) != "cpu":
         return None
     from .kernels.cpu_step import CpuStep
 
     try:
-        return CpuStep(weights, activation_name(weights.act, CpuStep.ACTIVATIONS), precision)
+        return CpuStep(weights, activation_name(weights.act, CpuStep.ACTIVATIONS), precision, head)
     except (RuntimeError, ValueError):
         if kernels == "cpu":
             raise
@@ -144,6 +147,46 @@ def fused_pays(engine: "Engine") -> bool:
         finally:
             engine.cpu_step = step
     return choice == "fused"
+
+
+def screened_head(weights: "ModelWeights", kernels: str) -> "ScreenedHead | None":
+    """The engine's screened LM head (:mod:`specgate.kernels.screened_head`: exact greedy decisions from
+    an int8 copy of the head) where it is measured faster than the float32 head: the two products for a
+    decode step's row and a 5-token verify pass's rows, timed interleaved once per machine, thread count
+    and head shape, and kept on disk with the products' choices. None on the PyTorch and Triton paths,
+    without the CPU kernels, with ``SPECGATE_LINEAR`` forcing a backend other than ours, or with
+    ``SPECGATE_SCREENED_HEAD=0`` (to save the copy's memory, or to compare)."""
+    from . import linear
+    from .kernels import cpu_linear
+    from .kernels.screened_head import ScreenedHead
+
+    w = weights
+    usable = resolve(kernels, w.embed.device) == "cpu" and w.lm_head.dtype == torch.float32
+    if os.environ.get("SPECGATE_SCREENED_HEAD", "1") == "0":
+        return None
+    if not usable or linear.forced_backend() not in ("auto", "smallm") or cpu_linear.load() is None:
+        return None
+    if linear.forced_backend() == "smallm":
+        return ScreenedHead(w.lm_head)
+    name = f"screened head: {tuple(w.lm_head.shape)}, 1 + 5 rows"
+    known = linear.remembered(name, ("screened", "float32"))
+    if known is not None:
+        return ScreenedHead(w.lm_head) if known == "screened" else None
+    screened = ScreenedHead(w.lm_head)
+    # Token rows along head rows: confident predictions, as most decoding steps are, where the float32
+    # work left is a few rows (on MT-Bench answers a median of 10 of SmolLM2's 49,152 rows, 25 of Gemma
+    # 3's 262,144: eval/screened_head.py). States of a made-up prompt are no stand-in: a base model's
+    # distributions after arbitrary tokens can be flat, with 10^4-10^5 candidate rows.
+    rows = w.lm_head[torch.linspace(0, w.lm_head.shape[0] - 1, 5).long()].float()
+    x = rows * (4 * rows.shape[1] ** 0.5 / rows.norm(dim=1, keepdim=True).clamp_min(1e-6))  # rms 4 per input
+    with torch.inference_mode():
+        options = {
+            "screened": lambda: [screened(x[:T]) for T in (1, 5)],
+            "float32": lambda: [linear.linear(x[:T], w.lm_head) for T in (1, 5)],
+        }
+        options["float32"]()  # the float32 products pick their backends now (timed at first use), not in the timing
+        choice = linear.fastest(name, options, reps=5)
+    return screened if choice == "screened" else None
 
 
 def activation_name(act, names: tuple[str, ...] = ("silu", "gelu_tanh")) -> str:

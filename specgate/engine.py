@@ -17,7 +17,7 @@ from . import dispatch, layers
 from .adapters import LayerWeights, ModelWeights, read_weights
 from .cache import StaticKVCache
 from .gates import GateSet
-from .kernels.cpu_step import CpuStep
+from .kernels.cpu_step import CpuStep, head_precision
 from .ops import gather_tokens, scatter_add_tokens
 from .policy import BudgetPolicy, SkipPolicy
 from .standin import StandIns
@@ -159,7 +159,8 @@ class Engine:
 
     ``kernels``: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cpu"``, what runs the passes (see
     :mod:`specgate.dispatch`); ``self.kernels`` is the Triton dispatch and ``self.cpu_step`` the fused
-    CPU pass, each None where that path is not taken."""
+    CPU pass, each None where that path is not taken; ``self.screened`` the screened LM head (None where
+    it is not measured faster, or not on the CPU path)."""
 
     def __init__(self, model: torch.nn.Module, kernels: str = "auto"):
         self.weights: ModelWeights = read_weights(model)
@@ -172,6 +173,7 @@ class Engine:
         self.cpu_step = dispatch.make_cpu_step(kernels, self.weights)
         if kernels == "auto" and not dispatch.fused_pays(self):
             self.cpu_step = None
+        self.screened = dispatch.screened_head(self.weights, kernels)  # for forward(exact_logits=False)
         self._kernels = kernels
         self._low_steps: dict[str, object] = {}  # precision -> the fused pass over a low-precision copy
 
@@ -212,18 +214,24 @@ class Engine:
         counter: SkipCounter | None = None,
         head: DraftHead | None = None,
         precision: str = "float32",
+        exact_logits: bool = True,
     ) -> torch.Tensor:
         """Run T new tokens (B, T) against the cache; returns logits (B, T, V), or of the last
         ``logits_to_keep`` positions. Writes their K/V and advances the cache by T. ``kv_fill``:
         the K/V of tokens that skip attention (see :data:`KVFill`). ``head``: a draft vocabulary's
         head (logits -inf outside it) instead of the full LM head. ``precision``: the weight matrices' precision
-        (``"bfloat16"``, ``"int8"``: a copy, for drafts; see :mod:`specgate.kernels.cpu_step`)."""
+        (``"bfloat16"``, ``"int8"``: a copy, for drafts; see :mod:`specgate.kernels.cpu_step`).
+        ``exact_logits=False``: only each row's argmax must be the full head's (greedy decisions), so
+        the screened head may compute them where the engine has one (:attr:`screened`): exact where
+        they could be the maximum, within a bound elsewhere (:mod:`specgate.kernels.screened_head`)."""
         h = self.hidden(input_ids, cache, gates, policy, kv_fill=kv_fill, counter=counter, precision=precision)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         if head is not None:
             return head.logits(h)
-        return layers.head(self.weights, h) if precision == "float32" else self.low_precision_step(precision).logits(h)
+        if precision != "float32":
+            return self.low_precision_step(precision).logits(h)
+        return layers.head(self.weights, h, None if exact_logits else self.screened)
 
     __call__ = forward
 
@@ -293,7 +301,8 @@ class Engine:
         if precision not in self._low_steps:
             if dispatch.resolve(self._kernels, self.device) != "cpu":
                 raise ValueError(f"precision={precision!r} needs the fused CPU pass: kernels='auto' or 'cpu', on the CPU")
-            self._low_steps[precision] = dispatch.make_cpu_step("cpu", self.weights, precision)  # raises what is wrong
+            shared = self.screened.int8 if self.screened is not None and head_precision(precision) == "int8" else None
+            self._low_steps[precision] = dispatch.make_cpu_step("cpu", self.weights, precision, shared)  # raises what is wrong
         return self._low_steps[precision]
 
     def _prepare(self, input_ids: torch.Tensor, cache: StaticKVCache) -> _Pass:

@@ -77,6 +77,12 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
     return sample(probabilities(logits, sampling), generator)
 
 
+def needs_exact_logits(sampling: Sampling, out: Emitter) -> bool:
+    """Whether decoding needs the verifier's whole distribution (sampling, or scores kept for the
+    caller), else only each step's argmax: the engine's screened head may give it."""
+    return sampling.do_sample or out.scores is not None
+
+
 def left_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """(B,) number of left-padding tokens; right padding is refused (it would be silently wrong)."""
     if attention_mask is None:
@@ -125,6 +131,7 @@ def plain_generate(
     """Token-by-token decoding into ``out``."""
     max_len = input_ids.shape[1] + out.max_new
     cache, logits = prefill(engine, input_ids, attention_mask, max_len, gates, policy)
+    exact = needs_exact_logits(sampling, out)
     while not out.done:
         token = next_token(logits, sampling, generator)  # (B,)
         for b, t in enumerate(token.tolist()):
@@ -132,4 +139,4 @@ def plain_generate(
         if out.done:
             break
         cache.reserve(max(cache.host_lengths) + 1, max_len)
-        logits = engine(token[:, None], cache, gates, policy, counter=counter)[:, -1]
+        logits = engine(token[:, None], cache, gates, policy, counter=counter, exact_logits=exact)[:, -1]

@@ -23,7 +23,7 @@ import torch
 
 from .engine import Engine, KVFill, SkipCounter
 from .gates import GateSet
-from .generation import Sampling, next_token, prefill, probabilities, sample
+from .generation import Sampling, needs_exact_logits, next_token, prefill, probabilities, sample
 from .kernels.cpu_step import PRECISIONS
 from .output import Emitter
 from .policy import SkipPolicy
@@ -173,6 +173,7 @@ def speculative_generate(
     cache, logits = prefill(engine, input_ids, attention_mask, max_len, verifier)
     last = next_token(logits, sampling, generator)  # (B,) the first new token comes from the verifier
     tot, k = _Totals(), config.first_draft
+    exact = needs_exact_logits(sampling, out)
     for b, t in enumerate(last.tolist()):
         out.emit(b, [t], logits[b : b + 1])
         tot.verifier_lp.append(float(logits[b].float().log_softmax(-1)[t]))
@@ -186,7 +187,7 @@ def speculative_generate(
         # 2. Verify the last token and the drafts in one full-compute pass.
         t1 = time.perf_counter()
         cache.rewind(start)
-        target_logits = engine(torch.cat([last[:, None], drafts], 1), cache, verifier)  # (B, n+1, V)
+        target_logits = engine(torch.cat([last[:, None], drafts], 1), cache, verifier, exact_logits=exact)  # (B, n+1, V)
         t2 = time.perf_counter()
         # 3. Accept the agreed prefix and one more token from the verifier.
         kern = engine.kernels  # the Triton kernels, or None: the PyTorch functions above
@@ -260,10 +261,10 @@ class _Drafter:
                 token, top = kern.draft_argmax(self.head, h)
             else:
                 step = self.engine(*args, kv_fill=self.config.kv_fill, counter=self.counter, head=self.head,
-                                   precision=self.config.draft_precision)[:, -1]  # fmt: skip
-                probs = probabilities(step, self.sampling)
+                                   precision=self.config.draft_precision, exact_logits=self.sampling.do_sample)[:, -1]  # fmt: skip
+                probs = probabilities(step, self.sampling) if self.sampling.do_sample or self.config.min_draft_prob else None
                 token = sample(probs, self.generator) if self.sampling.do_sample else step.argmax(-1)
-                top = probs.max(-1).values
+                top = None if probs is None else probs.max(-1).values
                 logits.append(step)
             tokens.append(token)
             if self.config.min_draft_prob and bool((top < self.config.min_draft_prob).all()):

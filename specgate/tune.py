@@ -173,7 +173,8 @@ def step_costs(m: SpecGateModel, ids: torch.Tensor, settings: list[Setting], max
         """T tokens from tail position j on, against the prompt's cache up to there."""
         cache.rewind([base + j])  # a list: no read from the device in the timed step
         start = ids.shape[1] - tail + j
-        engine(ids[:, start : start + T], cache, gates if policy else None, policy, head=head, kv_fill=kv_fill, precision=precision)
+        engine(ids[:, start : start + T], cache, gates if policy else None, policy, head=head, kv_fill=kv_fill,
+               precision=precision, exact_logits=False)  # greedy decoding's steps  # fmt: skip
 
     steps: dict[str, Callable[[int], None]] = {"plain": run}
     for k in range(1, max_draft + 1):

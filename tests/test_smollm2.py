@@ -32,11 +32,23 @@ def test_logits_and_cached_decode_equal_hf_forward(smollm2):
     torch.testing.assert_close(torch.cat(parts, 1), full, **tol)
 
 
-def test_greedy_equals_transformers_generate(smollm2):
-    for prompt in PROMPTS:
-        ids = smollm2.encode_chat(prompt)
-        ref = smollm2.hf_model.generate(ids, max_new_tokens=40, do_sample=False)
-        assert torch.equal(smollm2.generate(ids, max_new_tokens=40), ref), prompt
+@pytest.mark.parametrize("head", ["float32", "screened"])
+def test_greedy_equals_transformers_generate(smollm2, head):
+    """With the float32 LM head and with the screened one (int8 screening, float32 candidates)."""
+    from specgate.kernels import cpu_linear
+    from specgate.kernels.screened_head import ScreenedHead
+
+    if head == "screened" and cpu_linear.load() is None:
+        pytest.skip("no C++ toolchain: no screened head")
+    chosen = smollm2.engine.screened
+    smollm2.engine.screened = ScreenedHead(smollm2.engine.weights.lm_head) if head == "screened" else None
+    try:
+        for prompt in PROMPTS:
+            ids = smollm2.encode_chat(prompt)
+            ref = smollm2.hf_model.generate(ids, max_new_tokens=40, do_sample=False)
+            assert torch.equal(smollm2.generate(ids, max_new_tokens=40), ref), prompt
+    finally:
+        smollm2.engine.screened = chosen
 
 
 def test_left_padded_batch_equals_transformers_generate(smollm2):

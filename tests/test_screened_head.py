@@ -1,0 +1,123 @@
+"""The screened LM head: its kernel against the PyTorch reference, its bound, and greedy decoding with it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import specgate
+from conftest import FAMILIES, tiny, tiny_hf
+from specgate import Engine
+from specgate.kernels import cpu_linear
+from specgate.kernels.screened_head import ScreenedHead
+
+pytestmark = pytest.mark.skipif(cpu_linear.load() is None, reason="no C++ toolchain: the CPU kernels cannot be built")
+
+
+def head_and_rows(V: int, d: int, rows: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A head (V, d) with a near tie (rows 3 and 7) and token rows (rows, d), one of them along row 3."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(V, d, generator=g) * 0.05
+    w[7] = w[3] + 1e-5 * torch.randn(d, generator=g)
+    x = torch.randn(rows, d, generator=g) * 2
+    x[0] = w[3] * 40
+    return w, x
+
+
+@pytest.mark.parametrize("rows", [1, 5, 11])
+@pytest.mark.parametrize("V, d", [(1823, 83), (5000, 640), (301, 64)])
+def test_kernel_matches_the_reference_and_the_float32_argmax(V, d, rows):
+    w, x = head_and_rows(V, d, rows)
+    head = ScreenedHead(w)
+    out, exact = head(x), (x.double() @ w.double().T).float()
+    torch.testing.assert_close(out, head.reference(x), atol=1e-4, rtol=1e-4)
+    approx, bound = head.bounds(x)
+    candidate = approx + bound >= (approx - bound).amax(-1, keepdim=True)
+    assert candidate.sum(-1).max() < V // 4  # screening, not a whole float32 head
+    torch.testing.assert_close(out[candidate], exact[candidate], atol=1e-4, rtol=1e-5)  # recomputed in float32
+    assert torch.equal(out.argmax(-1), exact.argmax(-1))
+
+
+@pytest.mark.parametrize("V, d", [(1823, 83), (4096, 640)])
+def test_every_int8_logit_is_within_its_bound(V, d):
+    """The int8 product's logits, as the kernel rounds weights and (on VNNI CPUs) activations, are within
+    the stated bound of the exact dot products, also for rows far larger than the rest."""
+    w, x = head_and_rows(V, d, 6, seed=1)
+    w[11] *= 30  # an outlier row: its own scale
+    x[1, :4] = 50.0  # an outlier feature: its group's rounding step
+    head = ScreenedHead(w)
+    approx, bound = head.bounds(x)
+    q, scale = head.int8
+    kernel = torch.ops.specgate.small_linear(x, q, None, scale)
+    torch.testing.assert_close(kernel, approx, atol=1e-3, rtol=1e-4)  # the reference rounds as the kernel does
+    exact = x.double() @ w.double().T
+    assert bool(((kernel.double() - exact).abs() <= bound.double()).all())
+    assert float(bound.mean()) < float(exact.std())  # and the bound is far tighter than the logits' spread
+
+
+def test_too_many_candidates_take_the_float32_head():
+    w, x = head_and_rows(777, 83, 3)
+    out = ScreenedHead(w, max_exact=0)(x)
+    for m in range(3):  # the float32 kernel's own row, bit for bit
+        assert torch.equal(out[m], torch.ops.specgate.small_linear(x[m : m + 1], w, None, None)[0])
+
+
+def screened(m: specgate.SpecGateModel) -> specgate.SpecGateModel:
+    m.engine.screened = ScreenedHead(m.engine.weights.lm_head)
+    return m
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.inference_mode()
+def test_greedy_decoding_with_the_screened_head_is_unchanged(family):
+    """Plain and speculative greedy decoding give the same tokens with the screened head as with the
+    float32 head; scores kept for the caller are the float32 head's (the screened head is not used)."""
+    m = tiny(family)
+    ids = torch.randint(3, 101, (2, 6), generator=torch.Generator().manual_seed(3))
+    m.engine.screened = None
+    plain = m.generate(ids, max_new_tokens=20)
+    scores = m.generate(ids, max_new_tokens=8, output_scores=True, return_dict_in_generate=True).scores
+    screened(m)
+    assert torch.equal(m.generate(ids, max_new_tokens=20), plain)
+    spec = specgate.SpecConfig(draft_budget=0.0, draft_precision="int8")
+    assert torch.equal(m.generate(ids[:1], max_new_tokens=20, speculative=True, spec_config=spec), plain[:1])
+    again = m.generate(ids, max_new_tokens=8, output_scores=True, return_dict_in_generate=True).scores
+    assert all(torch.equal(a, b) for a, b in zip(scores, again))
+
+
+@torch.inference_mode()
+def test_the_engine_screens_only_greedy_steps():
+    """forward(exact_logits=False) gives the screened head's logits: the argmax of the float32 head's,
+    and its values wherever they could be the maximum."""
+    m = screened(tiny("llama"))
+    ids = torch.randint(3, 101, (1, 9), generator=torch.Generator().manual_seed(4))
+    c1, c2 = m.engine.new_cache(1, 9), m.engine.new_cache(1, 9)
+    exact = m.engine(ids, c1)
+    greedy = m.engine(ids, c2, exact_logits=False)
+    assert torch.equal(greedy.argmax(-1), exact.argmax(-1))
+    top = exact.argmax(-1, keepdim=True)
+    torch.testing.assert_close(greedy.gather(-1, top), exact.gather(-1, top), atol=1e-5, rtol=1e-5)
+    assert not torch.equal(greedy, exact)  # the rest comes from the int8 copy
+
+
+def test_which_engines_have_a_screened_head(fresh, monkeypatch):
+    """kernels='auto' times the screened head against the float32 head once per machine and head shape
+    (kept on disk, as the products' choices); the PyTorch path, SPECGATE_SCREENED_HEAD=0 and a forced
+    BLAS backend have none; a forced small-M backend has one without timing. An int8 draft shares its copy."""
+    import specgate.linear as L
+
+    engine = Engine(tiny_hf("llama"))
+    ((name, entry),) = [(k, v) for k, v in L.choices()["choices"].items() if k.startswith("screened head")]
+    assert entry["source"] == "measured" and set(entry["us"]) == {"screened", "float32"}
+    assert (engine.screened is not None) == (entry["backend"] == "screened")
+    assert Engine(tiny_hf("llama"), kernels="torch").screened is None
+    monkeypatch.setenv("SPECGATE_SCREENED_HEAD", "0")
+    assert Engine(tiny_hf("llama")).screened is None
+    monkeypatch.delenv("SPECGATE_SCREENED_HEAD")
+    monkeypatch.setenv("SPECGATE_LINEAR", "torch")
+    assert Engine(tiny_hf("llama")).screened is None
+    monkeypatch.setenv("SPECGATE_LINEAR", "smallm")
+    monkeypatch.setattr(L, "measure", lambda *a, **k: pytest.fail("timed although a backend is forced"))
+    engine = Engine(tiny_hf("llama"))
+    assert engine.screened is not None
+    assert engine.low_precision_step("int8").head[0] is engine.screened.int8[0]
