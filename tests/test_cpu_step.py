@@ -274,11 +274,13 @@ def test_a_low_precision_draft_needs_no_gates():
 @pytest.mark.parametrize("flags", ["-mno-avx512f", "-mno-avx512f -mno-avx2 -mno-fma"], ids=["avx2", "scalar"])
 def test_the_kernels_pass_with_narrower_vector_units(flags):
     """The kernels' AVX2 and scalar code, built by switching the wider units off, passes this file's
-    tests and the small-M kernel's: machines differ (AVX-512 on some, AVX2 only on others)."""
+    tests, the small-M kernel's and the screened head's: machines differ (AVX-512 on some, AVX2 only on others)."""
     tests = Path(__file__).parent
     out = subprocess.run(
         [sys.executable, "-P", "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(Path(__file__)),
-         f"{tests / 'test_linear.py'}::test_kernel_matches_f_linear", f"{tests / 'test_linear.py'}::test_kernel_reads_low_precision_weights"],
+         f"{tests / 'test_linear.py'}::test_kernel_matches_f_linear", f"{tests / 'test_linear.py'}::test_kernel_reads_low_precision_weights",
+         f"{tests / 'test_screened_head.py'}::test_kernel_matches_the_reference_and_the_float32_argmax",
+         f"{tests / 'test_screened_head.py'}::test_every_int8_logit_is_within_its_bound"],
         env={**os.environ, "SPECGATE_CPU_CFLAGS": flags}, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
