@@ -107,12 +107,14 @@ def prefill(
     max_len: int,
     gates: GateSet | None = None,
     policy: SkipPolicy | None = None,
+    exact_logits: bool = True,
 ):
-    """A fresh cache holding the prompt, and the logits (B, V) of its last position. The cache has
-    room for GROWTH more tokens; callers :meth:`~StaticKVCache.reserve` more, up to ``max_len``."""
+    """A fresh cache holding the prompt, and the logits (B, V) of its last position (``exact_logits``:
+    see :meth:`Engine.forward`). The cache has room for GROWTH more tokens; callers
+    :meth:`~StaticKVCache.reserve` more, up to ``max_len``."""
     cache = engine.new_cache(input_ids.shape[0], min(max_len, input_ids.shape[1] + GROWTH))
     cache.reset(left_padding(input_ids, attention_mask))
-    logits = engine(input_ids, cache, gates, policy, logits_to_keep=1)[:, -1]
+    logits = engine(input_ids, cache, gates, policy, logits_to_keep=1, exact_logits=exact_logits)[:, -1]
     return cache, logits
 
 
@@ -130,8 +132,8 @@ def plain_generate(
 ) -> None:
     """Token-by-token decoding into ``out``."""
     max_len = input_ids.shape[1] + out.max_new
-    cache, logits = prefill(engine, input_ids, attention_mask, max_len, gates, policy)
     exact = needs_exact_logits(sampling, out)
+    cache, logits = prefill(engine, input_ids, attention_mask, max_len, gates, policy, exact)
     while not out.done:
         token = next_token(logits, sampling, generator)  # (B,)
         for b, t in enumerate(token.tolist()):

@@ -170,10 +170,10 @@ def speculative_generate(
     draft = _Drafter(engine, run, draft_policy(run, config), head, sampling, config, generator, counter)
     verifier = gates if config.verifier == "gated" else None
     max_len = input_ids.shape[1] + out.max_new + config.max_draft + 2
-    cache, logits = prefill(engine, input_ids, attention_mask, max_len, verifier)
+    exact = needs_exact_logits(sampling, out)
+    cache, logits = prefill(engine, input_ids, attention_mask, max_len, verifier, exact_logits=exact)
     last = next_token(logits, sampling, generator)  # (B,) the first new token comes from the verifier
     tot, k = _Totals(), config.first_draft
-    exact = needs_exact_logits(sampling, out)
     for b, t in enumerate(last.tolist()):
         out.emit(b, [t], logits[b : b + 1])
         tot.verifier_lp.append(float(logits[b].float().log_softmax(-1)[t]))
