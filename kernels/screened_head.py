@@ -9,11 +9,12 @@ b_r that is known before looking (Cauchy-Schwarz):
 
 with w~_r the dequantized row and x~ the token row as the int8 product rounds it (on CPUs with
 AVX-512 VNNI, a scale per 4 inputs; elsewhere x itself). Only a row r with y_r + b_r >= max_s (y_s - b_s)
-can be the maximum; those few (median 10 of 49,152 for SmolLM2, 25 of 262,144 for Gemma 3, measured
-on decoding) are recomputed from the float32 weights. The argmax of the result is the float32 head's,
-ties within float rounding aside (as between any two float32 kernels). The other entries are only
-within their bound of the float32 logits: callers that need the whole distribution (sampling,
-``output_scores`` / ``output_logits``) use the float32 head (``Engine.forward(exact_logits=True)``).
+can be the maximum; those few (a median of 7 of 49,152 for SmolLM2, 13 of 262,144 for Gemma 3, on
+MT-Bench answers: eval/screened_head.py) are recomputed from the float32 weights. The argmax of the
+result is the float32 head's, ties within float rounding aside (as between any two float32 kernels).
+The other entries are only within their bound of the float32 logits: callers that need the whole
+distribution (sampling, ``output_scores`` / ``output_logits``) use the float32 head
+(``Engine.forward(exact_logits=True)``).
 
 :class:`ScreenedHead` holds the copy and the per-row terms of the bound; the C++ op is
 ``torch.ops.specgate.screened_linear`` (``cpu_linear.cpp``); :meth:`ScreenedHead.reference` is the

@@ -174,7 +174,7 @@ def screened_head(weights: "ModelWeights", kernels: str) -> "ScreenedHead | None
         return ScreenedHead(w.lm_head) if known == "screened" else None
     screened = ScreenedHead(w.lm_head)
     # Token rows along head rows: confident predictions, as most decoding steps are, where the float32
-    # work left is a few rows (on MT-Bench answers a median of 10 of SmolLM2's 49,152 rows, 25 of Gemma
+    # work left is a few rows (on MT-Bench answers a median of 7 of SmolLM2's 49,152 rows, 13 of Gemma
     # 3's 262,144: eval/screened_head.py). States of a made-up prompt are no stand-in: a base model's
     # distributions after arbitrary tokens can be flat, with 10^4-10^5 candidate rows.
     rows = w.lm_head[torch.linspace(0, w.lm_head.shape[0] - 1, 5).long()].float()
