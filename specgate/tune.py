@@ -103,9 +103,20 @@ Setting = tuple[float, "int | None", str, str]  # (draft budget, draft vocabular
 
 def candidates(m: SpecGateModel, config: TuneConfig) -> list[Setting]:
     """Settings to try: calibrated budgets (filtered by ``config.budgets``) times the full head and
-    the restricted vocabularies smaller than the model's, times ``config.kv_fills`` and ``config.precisions``."""
+    the restricted vocabularies smaller than the model's, times ``config.kv_fills`` and ``config.precisions``;
+    and the drafts over each low-precision copy that skip nothing. Without gates, only those."""
     gates = m.gates
-    if gates is None or not gates.thresholds:
+    low = [p for p in config.precisions if p != "float32"]  # these drafts save without skipping too: budget 0
+    if gates is None:
+        if not low:
+            raise ValueError(
+                "without gates the only drafts are the model itself over a low-precision copy of its weights: "
+                "pass --precisions int8 (or bfloat16 / int4), or --gates DIR with calibrated gates"
+            )
+        if config.budgets or config.vocabs:
+            log.warning("no gates: tuning drafts that skip nothing, with the full head (budgets and vocabularies need gates)")
+        return [(0.0, None, "project", p) for p in low]
+    if not gates.thresholds:
         raise ValueError("tuning needs calibrated gates: pass --gates DIR, and run `specgate calibrate --gates DIR` first")
     calibrated = sorted(gates.thresholds)
     budgets = calibrated if config.budgets is None else sorted(set(config.budgets))
@@ -122,7 +133,6 @@ def candidates(m: SpecGateModel, config: TuneConfig) -> list[Setting]:
     else:
         wanted = DEFAULT_VOCABS if config.vocabs is None else config.vocabs
         vocabs += sorted({n for n in wanted if n < len(gates.token_ranking)})
-    low = [p for p in config.precisions if p != "float32"]  # these drafts save without skipping too: budget 0
     return [(0.0, v, "project", p) for v in vocabs for p in low] + [
         (b, v, f, p) for b in budgets for v in vocabs for f in config.kv_fills for p in config.precisions
     ]
@@ -180,7 +190,8 @@ def step_costs(m: SpecGateModel, ids: torch.Tensor, settings: list[Setting], max
     for k in range(1, max_draft + 1):
         steps[f"verify {k}"] = lambda j, k=k: run(0, T=k + 1)
     for b, v, f, pr in settings:
-        policy, head = gates.policy(b), (m.draft_head(v) if v else None)
+        run_gates = draft_gates(gates, SpecConfig(draft_budget=b))  # as the draft runs them: none at budget 0
+        policy, head = (None if run_gates is None else run_gates.policy(b)), (m.draft_head(v) if v else None)
         steps[draft_name(b, v, f, pr)] = lambda j, p=policy, h=head, f=f, pr=pr: run(j, policy=p, head=h, kv_fill=f, precision=pr)
     times: dict[str, list[float]] = {name: [] for name in steps}
     for r in range(rounds + 2):  # two warm-up rounds: backend probes, kernel builds, caches
@@ -241,8 +252,11 @@ def acceptance(m: SpecGateModel, prompts: list[torch.Tensor], setting: Setting, 
 
 
 def gates_hash(m: SpecGateModel) -> str:
-    """Hash of everything in the gates that changes the draft: config, weights, thresholds, ranking."""
+    """Hash of everything in the gates that changes the draft: config, weights, thresholds, ranking
+    ("none" without gates)."""
     g = m.gates
+    if g is None:
+        return "none"
     h = hashlib.sha256(json.dumps(dataclasses.asdict(g.config), sort_keys=True).encode())
     tensors = sorted(g.state_dict().items()) + sorted((f"thresholds.{b!r}", t) for b, t in g.thresholds.items())
     if g.token_ranking is not None:
@@ -315,8 +329,6 @@ def save(result: dict, path: Path) -> Path:
 def load_tuned(m: SpecGateModel) -> tuple[SpecConfig, Path] | None:
     """The stored best speculative settings for this model, gates and machine, and their file; None
     if ``specgate tune`` has not been run for them. An unreadable file warns and counts as none."""
-    if m.gates is None:
-        return None
     path = tune_file(m)
     if not path.is_file():
         return None

@@ -104,6 +104,26 @@ def test_uncalibrated_budgets_are_refused_with_what_to_do():
         tune.candidates(m, tune.TuneConfig())
 
 
+def test_without_gates_tune_chooses_among_low_precision_drafts(cache):
+    """A model without gates (Gemma 3 ships none) tunes the drafts that skip nothing over a low-precision
+    copy, stores the choice under its own key, and generate uses it losslessly; asked for float32 drafts
+    only, it says what to pass."""
+    if not linear.available()["smallm"]:
+        pytest.skip("no C++ toolchain: no fused pass, so no low-precision copy to draft from")
+    m = tiny("llama")
+    with pytest.raises(ValueError, match="--precisions int8"):
+        tune.candidates(m, tune.TuneConfig())
+    config = tune.TuneConfig(precisions=("int8", "bfloat16"), max_draft=3, tokens=16, rounds=2)
+    result = tune.tune(m, config, prompts=_prompts())
+    assert {(r["budget"], r["vocab"], r["precision"]) for r in result["settings"]} == {(0.0, None, "int8"), (0.0, None, "bfloat16")}
+    tune.save(result, tune.tune_file(m))
+    assert tune.tune_key(m) != tune.tune_key(_model())
+    ids = _prompts()[0]
+    out = m.generate(ids, max_new_tokens=20, eos_token_id=None, pad_token_id=0, speculative=True, return_dict_in_generate=True)
+    assert out.spec_stats.settings.startswith("tuned (")
+    assert torch.equal(out.sequences, m.generate(ids, max_new_tokens=20, eos_token_id=None, pad_token_id=0))
+
+
 def test_the_tune_command_takes_its_flags_and_refuses_bad_ones(capsys):
     with pytest.raises(SystemExit) as exit:
         main(["tune", "--help"])
