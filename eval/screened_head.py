@@ -20,7 +20,6 @@ import torch
 
 import specgate
 from specgate import layers, linear
-from specgate.ops import linear as product
 from specgate.kernels.screened_head import ScreenedHead
 from specgate.bench import mtbench_prompts
 
@@ -58,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = {}
         for T in (1, 5):
             xs = X[:T]
-            options = {"float32": lambda xs=xs: product(xs, w.lm_head), "screened": lambda xs=xs: head(xs)}
+            options = {"float32": lambda xs=xs: linear.linear(xs, w.lm_head), "screened": lambda xs=xs: head(xs)}
             for fn in options.values():
                 fn()
             rows[T] = {name: [] for name in options}

@@ -91,7 +91,9 @@ def make(kernels: str, weights: "ModelWeights") -> "TritonKernels | None":
     return TritonKernels(weights) if resolve(kernels, weights.embed.device) == "triton" else None
 
 
-def make_cpu_step(kernels: str, weights: "ModelWeights", precision: str = "float32", head=None) -> "CpuStep | None":
+def make_cpu_step(
+    kernels: str, weights: "ModelWeights", precision: str = "float32", head: tuple | None = None
+) -> "CpuStep | None":
     """The engine's fused CPU pass (over a ``precision`` copy of the weights), or None (another
     path). ``"auto"`` falls back to the PyTorch path where the fused pass cannot run (no compiler,
     not float32, another activation); ``"cpu"`` then raises an error that says so. Whether "auto"
@@ -160,29 +162,27 @@ def screened_head(weights: "ModelWeights", kernels: str) -> "ScreenedHead | None
     from .kernels import cpu_linear
     from .kernels.screened_head import ScreenedHead
 
-    w = weights
-    usable = resolve(kernels, w.embed.device) == "cpu" and w.lm_head.dtype == torch.float32
-    if os.environ.get("SPECGATE_SCREENED_HEAD", "1") == "0":
+    forced = linear.forced_backend()
+    if os.environ.get("SPECGATE_SCREENED_HEAD", "1") == "0" or forced not in ("auto", "smallm"):
         return None
-    if not usable or linear.forced_backend() not in ("auto", "smallm") or cpu_linear.load() is None:
+    head = weights.lm_head
+    if resolve(kernels, head.device) != "cpu" or head.dtype != torch.float32 or cpu_linear.load() is None:
         return None
-    if linear.forced_backend() == "smallm":
-        return ScreenedHead(w.lm_head)
-    name = f"screened head: {tuple(w.lm_head.shape)}, 1 + 5 rows"
-    known = linear.remembered(name, ("screened", "float32"))
+    name = f"screened head: {tuple(head.shape)}, 1 + 5 rows"
+    known = "screened" if forced == "smallm" else linear.remembered(name, ("screened", "float32"))
     if known is not None:
-        return ScreenedHead(w.lm_head) if known == "screened" else None
-    screened = ScreenedHead(w.lm_head)
+        return ScreenedHead(head) if known == "screened" else None
+    screened = ScreenedHead(head)
     # Token rows along head rows: confident predictions, as most decoding steps are, where the float32
     # work left is a few rows (on MT-Bench answers a median of 7 of SmolLM2's 49,152 rows, 13 of Gemma
     # 3's 262,144: eval/screened_head.py). States of a made-up prompt are no stand-in: a base model's
     # distributions after arbitrary tokens can be flat, with 10^4-10^5 candidate rows.
-    rows = w.lm_head[torch.linspace(0, w.lm_head.shape[0] - 1, 5).long()].float()
+    rows = head[torch.linspace(0, head.shape[0] - 1, 5).long()].float()
     x = rows * (4 * rows.shape[1] ** 0.5 / rows.norm(dim=1, keepdim=True).clamp_min(1e-6))  # rms 4 per input
     with torch.inference_mode():
         options = {
             "screened": lambda: [screened(x[:T]) for T in (1, 5)],
-            "float32": lambda: [linear.linear(x[:T], w.lm_head) for T in (1, 5)],
+            "float32": lambda: [linear.linear(x[:T], head) for T in (1, 5)],
         }
         options["float32"]()  # the float32 products pick their backends now (timed at first use), not in the timing
         choice = linear.fastest(name, options, reps=5)

@@ -41,7 +41,7 @@ from .engine import KV_FILLS
 from .kernels.cpu_step import PRECISIONS
 from .bench import mtbench_prompts
 from .prompts import split
-from .speculative import SpecConfig, draft_gates
+from .speculative import SpecConfig, draft_gates, draft_policy
 
 if TYPE_CHECKING:
     from .model import SpecGateModel
@@ -190,8 +190,9 @@ def step_costs(m: SpecGateModel, ids: torch.Tensor, settings: list[Setting], max
     for k in range(1, max_draft + 1):
         steps[f"verify {k}"] = lambda j, k=k: run(0, T=k + 1)
     for b, v, f, pr in settings:
-        run_gates = draft_gates(gates, SpecConfig(draft_budget=b))  # as the draft runs them: none at budget 0
-        policy, head = (None if run_gates is None else run_gates.policy(b)), (m.draft_head(v) if v else None)
+        draft = SpecConfig(draft_budget=b)
+        policy = draft_policy(draft_gates(gates, draft), draft)  # as the loop drafts: no gates at budget 0
+        head = m.draft_head(v) if v else None
         steps[draft_name(b, v, f, pr)] = lambda j, p=policy, h=head, f=f, pr=pr: run(j, policy=p, head=h, kv_fill=f, precision=pr)
     times: dict[str, list[float]] = {name: [] for name in steps}
     for r in range(rounds + 2):  # two warm-up rounds: backend probes, kernel builds, caches
