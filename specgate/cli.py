@@ -197,6 +197,8 @@ _HELP = {
     "context_gates": "a calibrated gate directory: damage prices each skip in the context of the draft it makes "
     "(a second round; its stand-ins are kept); standins trains its stand-ins and adapters",
     "context_budget": "the budget of that draft",
+    "draft_round": "standins: 0 trains the draft on its own K/V at every earlier position; R on rounds of R draft "
+    "tokens, each after a prefix whose K/V are the original model's, as when decoding",
     "time_limit_s": "stop with a checkpoint after this many seconds",
     "resume": "continue from the checkpoints in OUTPUT_DIR (refused if they were made from another model, data or settings)",
 }

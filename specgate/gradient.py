@@ -51,13 +51,15 @@ def gated_forward(
     gates: GateSet | None = None,
     decide: Decide | None = None,
     record: ForwardRecord | None = None,
+    history: list | None = None,
+    round_len: int = 1,
 ) -> torch.Tensor:
     """Differentiable dense forward over whole sequences (B, T) from position 0 -> logits (B, T, V).
 
     The same model as ``engine(ids, fresh_cache, gates, policy)`` with ``kv_fill="project"`` when
     ``decide`` picks the same tokens; gates scale the branches if their config says so, skipped
     tokens get the gates' stand-ins and, in a skipping pass (``decide`` given), running ones their
-    adapters, if any.
+    adapters, if any. ``history``, ``round_len``: see :func:`specgate.layers.dense_forward`.
     """
     if gates is None:
         return dense_forward(engine.weights, input_ids)
@@ -79,7 +81,7 @@ def gated_forward(
             h = h + (a if run is None else a * run[..., None].to(h.dtype))
         return h + (o if factor is None else factor * o)
 
-    return dense_forward(engine.weights, input_ids, add)
+    return dense_forward(engine.weights, input_ids, add, history=history, round_len=round_len)
 
 
 def quantile_decider(
@@ -147,10 +149,12 @@ def train_step(
     """Loss (with grad), its stats, and the flat importances of valid (token, branch) pairs."""
     counts, target_logp = None, None
     if config.objective == "standins":  # the draft as it decodes: its calibrated thresholds, every position
+        kvs = [] if config.draft_round else None  # the original model's K/V: the verified prefix of each round
         with torch.no_grad():
-            target_logp = dense_forward(engine.weights, ids).float().log_softmax(-1)
+            target_logp = dense_forward(engine.weights, ids, kvs=kvs).float().log_softmax(-1)
         runs, record = gates.draft_runs(config.context_budget), ForwardRecord()
-        logits = gated_forward(engine, ids, gates, lambda imp, i, b: runs(imp, i, b) | ~valid, record).float()
+        decide = lambda imp, i, b: runs(imp, i, b) | ~valid  # noqa: E731
+        logits = gated_forward(engine, ids, gates, decide, record, kvs, config.draft_round or 1).float()
         kl = (target_logp.exp() * (target_logp - logits.log_softmax(-1))).sum(-1)[valid].mean()
         skipped = 1.0 - float(torch.stack(record.run)[:, valid].float().mean())
         return kl, StepStats(float(kl.detach()), 0.0, 0.0, skipped, config.context_budget, int(valid.sum())), torch.zeros(0)

@@ -58,20 +58,20 @@ def attend(w: ModelWeights, q, k, v, mask: torch.Tensor | None, causal: bool = F
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=w.scaling, enable_gqa=True)
 
 
-def attend_with_history(w: ModelWeights, q, k, v, history: tuple[torch.Tensor, torch.Tensor], mask) -> torch.Tensor:
+def attend_with_history(w: ModelWeights, q, k, v, history: tuple[torch.Tensor, torch.Tensor], mask, round_len: int = 1) -> torch.Tensor:
     """Causal attention of every position over another pass's keys and values (``history``, same
-    positions), except that each position's own key and value come from this pass (k, v): for
-    every position at once, a single-token step against a cache that other pass filled."""
-    k_hist, v_hist = history
-    rep = q.shape[1] // k.shape[1]
-    k, v, k_hist, v_hist = (t.repeat_interleave(rep, dim=1) for t in (k, v, k_hist, v_hist))
-    scores = (q @ k_hist.transpose(-1, -2)) * w.scaling  # (B, nh, T, T)
-    scores.diagonal(dim1=-2, dim2=-1).copy_((q * k).sum(-1) * w.scaling)
+    positions), except that in each round of ``round_len`` positions (0..R-1, R..2R-1, ...) the keys
+    and values of the round's own positions come from this pass (k, v). ``round_len=1``: for every
+    position at once, a single-token step against a cache that other pass filled; R: draft rounds of
+    R tokens after a prefix the other pass verified."""
     T = q.shape[2]
-    if mask is None:
-        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    p = scores.masked_fill(~mask, float("-inf")).float().softmax(-1).to(q.dtype)
-    return p @ v_hist + p.diagonal(dim1=-2, dim2=-1)[..., None] * (v - v_hist)
+    j = torch.arange(T, device=q.device)
+    start = (j // round_len * round_len)[:, None]  # (T, 1): the first position of each query's round
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril() if mask is None else mask
+    own = causal & (j[None] >= start)
+    both = torch.cat([causal & ~own, own], dim=-1)  # (.., T, 2T): history keys, then this pass's
+    k_all, v_all = torch.cat([history[0], k], dim=2), torch.cat([history[1], v], dim=2)
+    return attend(w, q, k_all, v_all, both)
 
 
 def attention_output(w: ModelWeights, lw: LayerWeights, o: torch.Tensor) -> torch.Tensor:
@@ -129,9 +129,9 @@ def dense_rope_masks(w: ModelWeights, ids: torch.Tensor) -> tuple[dict, dict]:
     return rope, masks
 
 
-def attention_branch(w: ModelWeights, lw: LayerWeights, h, rope, masks, history=None):
+def attention_branch(w: ModelWeights, lw: LayerWeights, h, rope, masks, history=None, round_len: int = 1):
     """The attention branch on every position -> (x, o, (k, v)): its normed input, its output and
-    this pass's k, v. ``history``: see :func:`attend_with_history`."""
+    this pass's k, v. ``history``, ``round_len``: see :func:`attend_with_history`."""
     x = norm(w, h, lw.attn_norm)
     cos, sin = rope[lw.rope]
     q, k, v = qkv(w, lw, x, cos, sin)
@@ -139,7 +139,7 @@ def attention_branch(w: ModelWeights, lw: LayerWeights, h, rope, masks, history=
     if history is None:
         o = attend(w, q, k, v, mask, causal=mask is None)
     else:
-        o = attend_with_history(w, q, k, v, history, mask)
+        o = attend_with_history(w, q, k, v, history, mask, round_len)
     return x, attention_output(w, lw, o), (k, v)
 
 
@@ -153,15 +153,25 @@ def mlp_branch(w: ModelWeights, lw: LayerWeights, h):
 BranchAdd = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int], torch.Tensor]
 
 
-def dense_forward(w: ModelWeights, ids: torch.Tensor, add: BranchAdd | None = None) -> torch.Tensor:
+def dense_forward(
+    w: ModelWeights,
+    ids: torch.Tensor,
+    add: BranchAdd | None = None,
+    kvs: list | None = None,
+    history: list | None = None,
+    round_len: int = 1,
+) -> torch.Tensor:
     """Whole sequences (B, T) from position 0 -> logits (B, T, V), differentiable. Every branch
     runs on every token; ``add`` decides what reaches the residual stream (masking a branch's
     output is skipping it; the K/V of a skipped token come from its passed-through hidden state,
-    as the engine's ``kv_fill="project"``)."""
+    as the engine's ``kv_fill="project"``). ``kvs``: a list that receives each layer's (k, v);
+    ``history``: such a list from another pass, attended as in :func:`attend_with_history`."""
     rope, masks = dense_rope_masks(w, ids)
     h = embed(w, ids)
     for i, lw in enumerate(w.layers):
-        x, o, _ = attention_branch(w, lw, h, rope, masks)
+        x, o, kv = attention_branch(w, lw, h, rope, masks, history[i] if history else None, round_len)
+        if kvs is not None:
+            kvs.append(kv)
         h = add(h, x, o, i, 0) if add else h + o
         x, o = mlp_branch(w, lw, h)
         h = add(h, x, o, i, 1) if add else h + o

@@ -11,7 +11,8 @@ the layer math (:mod:`specgate.layers`) and the loop skeleton (:mod:`specgate.lo
 - ``standins`` (:mod:`specgate.gradient`): the gates of ``context_gates`` stay as they are; their
   stand-ins (or new ones, ``standin_rank``) and new adapters (``adapter_rank``) are trained by KL
   distillation into the draft those gates make at ``context_budget``: draft-only parameters,
-  trained under the draft's own skips and its own K/V history.
+  trained under the draft's own skips and its own K/V history (``draft_round`` R: the history of
+  decoding instead, rounds of R draft tokens after a prefix with the original model's K/V).
 
 ``standin_rank`` fits stand-ins for skipped branches (:mod:`specgate.standin`) on the training text
 first (with ``context_gates``: only at the tokens that draft skips); the objectives then train with
@@ -69,6 +70,7 @@ class TrainConfig:
     adapter_rank: int | None = None  # standins: add draft-only adapters of this rank (0: a bias per branch) and train them
     context_gates: str | None = None  # damage, standins: the draft of these calibrated gates (stand-ins included)
     context_budget: float = 0.5  # ... at this budget
+    draft_round: int = 0  # standins: 0: the draft's own K/V everywhere; R: rounds of R draft tokens after a verified prefix
     budget_max: float = 0.5  # share of (token, branch) evaluations skipped (warm-up target for paper)
     budget_min: float = 0.1  # distill: lower end of the sampled budgets
     warmup_steps: int = 200  # budget warm-up: 0 -> budget_max (paper); range scaled up (distill)
@@ -106,6 +108,10 @@ class TrainConfig:
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         if self.steps < 0 or self.batch_size < 1 or self.seq_len < 2:
             raise ValueError("steps must be >= 0, batch_size >= 1 and seq_len >= 2")
+        if self.draft_round < 0:
+            raise ValueError(f"draft_round must be >= 0, got {self.draft_round}")
+        if self.draft_round and self.objective != "standins":
+            raise ValueError("draft_round is for the standins objective")
         if self.context_gates and self.objective not in ("damage", "standins"):
             raise ValueError("context_gates is for the damage and standins objectives")
         if self.standin_rank is not None and self.standin_rank < 0:

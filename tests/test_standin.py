@@ -130,6 +130,34 @@ def test_gate_files_keep_adapters_and_refuse_another_models(tmp_path):
         specgate.load_gates(tmp_path / "bad", m.config)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_draft_rounds_train_on_what_decoding_sees(family):
+    """With the original model's K/V as ``history`` and rounds of R tokens, the dense forward gives
+    at every position the logits of the engine's draft step there, when the cache holds the
+    original model's K/V before the round and the draft's own within it (stand-ins and adapters
+    in place)."""
+    m = tiny(family, gates=True)
+    m.gates.config = dataclasses.replace(m.gates.config, scale_output=False)
+    L, eng, T_, R = m.engine.num_layers, m.engine, 10, 3
+    m.gates.thresholds[0.5] = torch.full((2, L), 0.5)
+    m.gates.standins, m.gates.adapters = _standins(m, rank=2), _standins(m, rank=3, seed=1)
+    ids = torch.randint(3, 101, (1, T_), generator=torch.Generator().manual_seed(3))
+    kvs = []
+    layers.dense_forward(eng.weights, ids, kvs=kvs)
+    runs = m.gates.draft_runs(0.5)
+    got = gated_forward(eng, ids, m.gates, runs, history=kvs, round_len=R)[0]
+    own = gated_forward(eng, ids, m.gates, runs)[0]  # the draft's own K/V everywhere: another model
+    policy, want = m.gates.policy(0.5), []
+    for start in range(0, T_, R):
+        cache = eng.new_cache(1, T_)
+        if start:
+            eng(ids[:, :start], cache)  # the verified prefix
+        want += [eng(ids[:, t : t + 1], cache, m.gates, policy)[0, 0] for t in range(start, min(start + R, T_))]
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(own[R:], got[R:], atol=1e-3)
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 @torch.no_grad()
 def test_adapters_act_only_in_passes_that_skip(family):
