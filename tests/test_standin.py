@@ -158,6 +158,13 @@ def test_draft_rounds_train_on_what_decoding_sees(family):
     assert not torch.allclose(own[R:], got[R:], atol=1e-3)
 
 
+def test_draft_rounds_are_for_the_standins_objective():
+    with pytest.raises(ValueError, match="draft_round is for the standins objective"):
+        T.TrainConfig(objective="damage", draft_round=2)
+    with pytest.raises(ValueError, match="draft_round must be >= 0"):
+        T.TrainConfig(objective="standins", context_gates="x", draft_round=-1)
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 @torch.no_grad()
 def test_adapters_act_only_in_passes_that_skip(family):
