@@ -142,6 +142,14 @@ int64_t parallel_threads() {
 
 bool int8_activations() { return kInt8Activations; }
 
+// Sets block_cap (8 or 4) for every product after it; returns the previous value.
+int64_t set_block_rows(int64_t cap) {
+  TORCH_CHECK(cap == 8 || cap == 4, "set_block_rows: 8 or 4, got ", cap);
+  const int64_t previous = block_cap();
+  block_cap() = static_cast<int>(cap);
+  return previous;
+}
+
 }  // namespace
 
 // A fragment: other code may define more ops in the specgate namespace.
@@ -149,6 +157,7 @@ TORCH_LIBRARY_FRAGMENT(specgate, m) {
   m.def("small_linear(Tensor x, Tensor weight, Tensor? bias=None, Tensor? scale=None) -> Tensor");
   m.def("parallel_threads() -> int", &parallel_threads);
   m.def("int8_activations() -> bool", &int8_activations);  // whether int8 products round the token rows to int8 (VNNI)
+  m.def("set_block_rows(int cap) -> int", &set_block_rows);  // 8 or 4 weight rows per block at most; returns the previous
   m.def("screened_linear(Tensor x, Tensor weight, Tensor q, Tensor scale, Tensor err, Tensor norm, int max_exact) -> Tensor");
 }
 

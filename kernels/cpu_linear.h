@@ -42,13 +42,13 @@ inline Vec vfma(Vec a, Vec b, Vec c) { return a * b + c; }
 #endif
 
 // Weight rows per block: as many as keep all R * M accumulators within one reduction tree
-// (R * M <= kLanes), at most 8. With AVX-512 that is 8 rows for 1-2 token rows, 5 for 3, 4 for 4,
-// 3 for 5 and 2 for 6-8: the accumulators plus the weight and token vectors fit the 32 registers,
-// each token-row load feeds R FMAs, and the horizontal sums of a block cost one tree. With AVX2
-// (16 registers, 8 lanes) the same rule gives 8, 4, 2, 2, then 1 row.
-template <int M>
+// (R * M <= kLanes), at most Cap (8 or 4, see block_cap). With AVX-512 and Cap 8 that is 8 rows for
+// 1-2 token rows, 5 for 3, 4 for 4, 3 for 5 and 2 for 6-8: the accumulators plus the weight and token
+// vectors fit the 32 registers, each token-row load feeds R FMAs, and the horizontal sums of a block
+// cost one tree. With AVX2 (16 registers, 8 lanes) the same rule gives 8, 4, 2, 2, then 1 row.
+template <int M, int Cap = 8>
 constexpr int block_rows() {
-  return std::clamp(kLanes / M, 1, 8);
+  return std::clamp(kLanes / M, 1, Cap);
 }
 
 // out[i] = the sum of the lanes of v[i] for i < N <= kLanes (out has room for kLanes floats).
@@ -220,14 +220,28 @@ inline void rows_block(const float* x, int64_t d, const W* w, int64_t ldw, const
   }
 }
 
-// Output rows [n0, n1) for M token rows: block(R, n) for blocks of R = block_rows<M>() weight rows
-// from row n, then for the leftover rows one by one (R = 1); R comes as a std::integral_constant.
-template <int M, typename Block>
-inline void blocks(int64_t n0, int64_t n1, Block block) {
-  constexpr int R = block_rows<M>();
+// The most weight rows a block streams at once, 8 or 4: fewer, shorter streams ran 4-10% faster
+// for 1-3 token rows on an Intel Xeon (Sapphire Rapids) than 8; the engine times both once per
+// machine (specgate.dispatch.block_rows) and sets it with the set_block_rows op.
+inline int& block_cap() {
+  static int cap = 8;
+  return cap;
+}
+
+// Output rows [n0, n1) for M token rows: block(R, n) for blocks of R = block_rows<M, Cap>() weight
+// rows from row n, then for the leftover rows one by one (R = 1); R comes as a std::integral_constant.
+template <int M, int Cap, typename Block>
+inline void blocks_of(int64_t n0, int64_t n1, Block block) {
+  constexpr int R = block_rows<M, Cap>();
   int64_t n = n0;
   for (; n + R <= n1; n += R) block(std::integral_constant<int, R>{}, n);
   for (; n < n1; ++n) block(std::integral_constant<int, 1>{}, n);
+}
+
+template <int M, typename Block>
+inline void blocks(int64_t n0, int64_t n1, Block block) {
+  if (block_cap() == 4) return blocks_of<M, 4>(n0, n1, block);
+  blocks_of<M, 8>(n0, n1, block);
 }
 
 // f(M) for a runtime row count M of 1..kMaxRows, M as a std::integral_constant (a template argument).

@@ -111,6 +111,40 @@ def make_cpu_step(
         return None
 
 
+def block_rows(weights: "ModelWeights") -> int | None:
+    """Sets how many weight rows the CPU kernels' products stream at once (8 or 4; see ``block_cap``
+    in kernels/cpu_linear.h) to the faster for this model's decoder products at 1 and 2 token rows,
+    timed interleaved once per machine, thread count and shape and kept on disk with the products'
+    choices; ``SPECGATE_BLOCK_ROWS=8|4`` sets it without timing. Returns it (None without the
+    kernels). The setting holds for the process: it is the machine's, not the model's."""
+    from . import linear
+    from .kernels import cpu_linear
+
+    if cpu_linear.load() is None:
+        return None
+    forced = os.environ.get("SPECGATE_BLOCK_ROWS")
+    if forced not in (None, "8", "4"):
+        raise ValueError(f"SPECGATE_BLOCK_ROWS must be 8 or 4, got {forced!r}")
+    lw = weights.layers[0]
+    name = f"block rows: {len(weights.layers)} layers {tuple(lw.qkv_w.shape)} {tuple(lw.gate_up_w.shape)}, 1 + 2 rows"
+    labels = {"block 8": 8, "block 4": 4}  # as bench output lists the choices
+    choice = f"block {forced}" if forced else linear.remembered(name, tuple(labels))
+    if choice is None:
+        mats = [m for lw in weights.layers for m in (lw.qkv_w, lw.o_w, lw.gate_up_w, lw.down_w)]
+        xs = {m.shape[1]: torch.randn(2, m.shape[1]) for m in mats}
+
+        def products(cap: int) -> None:
+            torch.ops.specgate.set_block_rows(cap)
+            for T in (1, 2):
+                for m in mats:
+                    torch.ops.specgate.small_linear(xs[m.shape[1]][:T], m)
+
+        with torch.inference_mode():
+            choice = linear.fastest(name, {label: lambda n=n: products(n) for label, n in labels.items()}, reps=5)
+    torch.ops.specgate.set_block_rows(labels[choice])
+    return labels[choice]
+
+
 def fused_pays(engine: "Engine") -> bool:
     """Whether ``kernels="auto"`` takes the engine's fused pass: the faster of it and the PyTorch path
     (products by the measured choice of :mod:`specgate.linear`) for a decode step plus a 5-token verify

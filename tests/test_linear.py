@@ -183,3 +183,47 @@ def test_kernel_reads_low_precision_weights(kernel, precision, rows, d):
         assert not torch.allclose(got, F.linear(x, dequantized(w, precision), b), rtol=1e-5, atol=1e-4)
     with pytest.raises(RuntimeError, match="need a scale per row"):
         kernel(x, q, b, None if extra.numel() else torch.ones(131))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5])
+def test_block_rows_change_the_blocking_not_the_result(kernel, rows):
+    """4 or 8 weight rows per block: the same sums (each row's in the same order, up to the final
+    reduction tree's), int8 and bfloat16 weights too; anything else is refused."""
+    torch.manual_seed(rows)
+    x, w = torch.randn(rows, 192), torch.randn(133, 192)
+    q, scale = (w / w.abs().amax(1, keepdim=True) * 127).round().to(torch.int8), w.abs().amax(1) / 127
+    out = {}
+    try:
+        for cap in (8, 4):
+            torch.ops.specgate.set_block_rows(cap)
+            out[cap] = [kernel(x, w), kernel(x, w.bfloat16()), kernel(x, q, None, scale)]
+    finally:
+        torch.ops.specgate.set_block_rows(8)
+    for a, b in zip(out[8], out[4]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)
+    with pytest.raises(RuntimeError, match="8 or 4"):
+        torch.ops.specgate.set_block_rows(6)
+
+
+def test_block_rows_are_timed_once_and_kept(kernel, fresh, monkeypatch):
+    from specgate import dispatch
+    from specgate.adapters import read_weights
+    from conftest import tiny_hf
+
+    weights = read_weights(tiny_hf("llama"))  # no engine: it would time the choice first
+    try:
+        first = dispatch.block_rows(weights)
+        assert first in (8, 4)
+        entry = next(v for k, v in L.choices()["choices"].items() if k.startswith("block rows"))
+        assert entry["source"] == "measured" and set(entry["us"]) == {"block 8", "block 4"}
+        monkeypatch.setattr(L, "measure", lambda *a, **k: pytest.fail("timed again although the disk holds the choice"))
+        for state in (L._choice, L._report, L._disk):
+            state.clear()
+        assert dispatch.block_rows(weights) == first
+        monkeypatch.setenv("SPECGATE_BLOCK_ROWS", "4")
+        assert dispatch.block_rows(weights) == 4 and torch.ops.specgate.set_block_rows(8) == 4
+        monkeypatch.setenv("SPECGATE_BLOCK_ROWS", "5")
+        with pytest.raises(ValueError, match="SPECGATE_BLOCK_ROWS must be 8 or 4"):
+            dispatch.block_rows(weights)
+    finally:
+        torch.ops.specgate.set_block_rows(8)
