@@ -220,9 +220,9 @@ inline void rows_block(const float* x, int64_t d, const W* w, int64_t ldw, const
   }
 }
 
-// The most weight rows a block streams at once, 8 or 4: fewer, shorter streams ran 4-10% faster
-// for 1-3 token rows on an Intel Xeon (Sapphire Rapids) than 8; the engine times both once per
-// machine (specgate.dispatch.block_rows) and sets it with the set_block_rows op.
+// The most weight rows a block streams at once, 8 or 4: 4 ran 3-10% faster for 1-3 token rows on
+// a 2-core Intel Xeon (AVX-512, AMX) than 8, which the rule above was written for; the engine times
+// both once per machine (specgate.dispatch.block_rows) and sets it with the set_block_rows op.
 inline int& block_cap() {
   static int cap = 8;
   return cap;
