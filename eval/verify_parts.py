@@ -1,8 +1,10 @@
 """Where a verify pass's extra time goes: the decoder's linear products alone (all layers in a row,
 streaming the weights as a step does), the screened LM head, and the whole fused step, each at 1,
-2 and 5 token rows, interleaved. SmolLM2-135M-Instruct (or ``--model``).
+2 and 5 token rows, interleaved. SmolLM2-135M-Instruct (or ``--model``). ``--block-rows 8 4`` times
+each under both kernel block sizes (``dispatch.block_rows``), interleaved too, instead of the
+engine's choice.
 
-    python eval/verify_parts.py [--threads 2] [--rounds 30]
+    python eval/verify_parts.py [--threads 2] [--rounds 30] [--block-rows 8 4]
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--block-rows", nargs="+", type=int, choices=(8, 4), default=[], help="default: the engine's choice")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if cpu_linear.load() is None:
@@ -52,22 +55,25 @@ def main(argv: list[str] | None = None) -> int:
 
             return run
 
-        fns = {f"products, T={T}": products(T) for T in ROWS}
+        parts = {("products", T): products(T) for T in ROWS}
         if engine.screened is not None:
-            fns |= {f"screened head, T={T}": (lambda T=T: engine.screened(states[:T])) for T in ROWS}
-        fns |= {f"whole step, T={T}": step(T) for T in ROWS}
-        times = {k: [] for k in fns}
+            parts |= {("screened head", T): (lambda T=T: engine.screened(states[:T])) for T in ROWS}
+        parts |= {("whole step", T): step(T) for T in ROWS}
+        chosen = [c["backend"] for name, c in linear.choices()["choices"].items() if name.startswith("block rows")]
+        runs = {(*key, cap): fn for cap in args.block_rows or [None] for key, fn in parts.items()}
+        times = {key: [] for key in runs}
         for r in range(args.rounds + 2):
-            for k, fn in fns.items():
+            for key, fn in runs.items():
+                if key[-1]:
+                    torch.ops.specgate.set_block_rows(key[-1])
                 t = time.perf_counter()
                 fn()
                 if r >= 2:
-                    times[k].append(time.perf_counter() - t)
-    blocks = [c["backend"] for name, c in linear.choices()["choices"].items() if name.startswith("block rows")]
-    print(f"{args.model}, {args.threads} threads, {args.rounds} rounds; weight rows per block: {blocks or 'forced or 8'}")
-    for k, ts in times.items():
-        ms, one = statistics.median(ts) * 1e3, statistics.median(times[k.rsplit("=", 1)[0] + "=1"]) * 1e3
-        print(f"{k:<26}{ms:8.2f} ms {ms / one:6.2f}x")
+                    times[key].append(time.perf_counter() - t)
+    print(f"{args.model}, {args.threads} threads, {args.rounds} rounds; weight rows per block: {args.block_rows or chosen or 'forced'}")
+    for (part, T, cap), ts in times.items():
+        ms, one = statistics.median(ts) * 1e3, statistics.median(times[part, 1, cap]) * 1e3
+        print(f"{part + ', T=' + str(T):<22}{'' if cap is None else f'block {cap}':>8}{ms:8.2f} ms {ms / one:6.2f}x")
     return 0
 
 

@@ -47,6 +47,16 @@ def _budgets(text: str) -> list[float]:
     return [_budget(b) for b in text.split(",") if b]
 
 
+def _budgets(text: str) -> float | tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a budget or budgets such as 0.5,0.7, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one budget")
+    return values[0] if len(values) == 1 else values
+
+
 def _pairs(text: str) -> tuple[tuple[int, int], ...]:
     try:
         pairs = tuple((int(a), int(b)) for a, b in (item.split(":") for item in text.split(",") if item))
@@ -196,7 +206,7 @@ _HELP = {
     "adapter_rank": "standins: also train draft-only adapters of this rank, added where the draft runs a branch",
     "context_gates": "a calibrated gate directory: damage prices each skip in the context of the draft it makes "
     "(a second round; its stand-ins are kept); standins trains its stand-ins and adapters",
-    "context_budget": "the budget of that draft",
+    "context_budget": "the budget of that draft (standins: several, such as 0.5,0.7, train it at each in turn)",
     "draft_round": "standins: 0 trains the draft on its own K/V at every earlier position; R on rounds of R draft "
     "tokens, each after a prefix whose K/V are the original model's, as when decoding",
     "time_limit_s": "stop with a checkpoint after this many seconds",
@@ -208,7 +218,7 @@ def _add_config_flags(p: argparse.ArgumentParser, config_class, help_: dict[str,
     """One flag per dataclass field, its type and default read from the field (``--threads`` is
     one of the model flags already)."""
     hints = typing.get_type_hints(config_class)
-    special = {"never_skip": _pairs}
+    special = {"never_skip": _pairs, "context_budget": _budgets}
     for f in dataclasses.fields(config_class):
         if f.name == "threads":
             continue

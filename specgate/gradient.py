@@ -129,7 +129,10 @@ class StepStats:
 
 
 def step_budget(config, step: int) -> float:
-    """The skip budget of a step: the warm-up ramp (paper), or a seeded draw in the ramped range."""
+    """The skip budget of a step: the warm-up ramp (paper), the context budgets in turn (standins), or
+    a seeded draw in the ramped range."""
+    if config.objective == "standins":
+        return config.context_budgets[step % len(config.context_budgets)]
     ramp = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps > 0 else 1.0
     if config.objective == "paper":
         return ramp * config.budget_max
@@ -152,12 +155,12 @@ def train_step(
         kvs = [] if config.draft_round else None  # the original model's K/V: the verified prefix of each round
         with torch.no_grad():
             target_logp = dense_forward(engine.weights, ids, kvs=kvs).float().log_softmax(-1)
-        runs, record = gates.draft_runs(config.context_budget), ForwardRecord()
+        runs, record = gates.draft_runs(budget), ForwardRecord()
         decide = lambda imp, i, b: runs(imp, i, b) | ~valid  # noqa: E731
         logits = gated_forward(engine, ids, gates, decide, record, kvs, config.draft_round or 1).float()
         kl = (target_logp.exp() * (target_logp - logits.log_softmax(-1))).sum(-1)[valid].mean()
         skipped = 1.0 - float(torch.stack(record.run)[:, valid].float().mean())
-        return kl, StepStats(float(kl.detach()), 0.0, 0.0, skipped, config.context_budget, int(valid.sum())), torch.zeros(0)
+        return kl, StepStats(float(kl.detach()), 0.0, 0.0, skipped, budget, int(valid.sum())), torch.zeros(0)
     if config.objective == "distill":
         with torch.no_grad():  # the original model (gates read along, nothing skipped or scaled)
             full = ForwardRecord()
@@ -252,14 +255,15 @@ def train_gradient(model, config, gates: GateSet, pieces: Callable[[], list[list
 
 def train_standins(model, config, gates: GateSet, pieces, out: Path, accelerator) -> GateSet:
     """The ``standins`` objective: the draft-only parameters of ``gates`` (stand-ins, adapters)
-    trained by KL distillation into the draft the gates make at ``config.context_budget``; the gates
+    trained by KL distillation into the draft the gates make at ``config.context_budget`` (several: in turn); the gates
     and their thresholds stay as they are (see :func:`train_step`)."""
     draft_only = [m for m in (gates.standins, gates.adapters) if m is not None]
     if not draft_only:
         raise ValueError(
             f"{config.context_gates} has no stand-ins or adapters to train: pass --standin-rank R or --adapter-rank R"
         )
-    gates.draft_runs(config.context_budget)  # an uncalibrated draft fails here, before any step
+    for budget in config.context_budgets:  # an uncalibrated draft fails here, before any step
+        gates.draft_runs(budget)
     for p in gates.parameters():
         p.requires_grad_(False)
     for p in (p for m in draft_only for p in m.parameters()):

@@ -69,7 +69,7 @@ class TrainConfig:
     standin_rank: int | None = None  # stand-ins for skipped branches (specgate.standin; 0: mean); None: none
     adapter_rank: int | None = None  # standins: add draft-only adapters of this rank (0: a bias per branch) and train them
     context_gates: str | None = None  # damage, standins: the draft of these calibrated gates (stand-ins included)
-    context_budget: float = 0.5  # ... at this budget
+    context_budget: float | tuple[float, ...] = 0.5  # ... at this budget (standins: several, one per step in turn)
     draft_round: int = 0  # standins: 0: the draft's own K/V everywhere; R: rounds of R draft tokens after a verified prefix
     budget_max: float = 0.5  # share of (token, branch) evaluations skipped (warm-up target for paper)
     budget_min: float = 0.1  # distill: lower end of the sampled budgets
@@ -91,6 +91,11 @@ class TrainConfig:
     answer_tokens: int = 256
     pydoc_share: float = 0.3  # share of default-corpus tokens taken from pydoc_data.topics
 
+    @property
+    def context_budgets(self) -> tuple[float, ...]:
+        b = self.context_budget
+        return b if isinstance(b, tuple) else (b,)
+
     def __post_init__(self):
         if self.objective not in typing.get_args(Objective):
             raise ValueError(f"objective must be one of {typing.get_args(Objective)}, got {self.objective!r}")
@@ -108,6 +113,16 @@ class TrainConfig:
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         if self.steps < 0 or self.batch_size < 1 or self.seq_len < 2:
             raise ValueError("steps must be >= 0, batch_size >= 1 and seq_len >= 2")
+        if isinstance(self.context_budget, (tuple, list)):  # one budget is kept as a float, as before
+            b = self.context_budget
+            object.__setattr__(self, "context_budget", b[0] if len(b) == 1 else tuple(b))  # a frozen dataclass
+        if not all(0.0 <= b <= 1.0 for b in self.context_budgets):
+            raise ValueError(f"context budgets must be in [0, 1], got {self.context_budget}")
+        if len(self.context_budgets) > 1 and (self.objective != "standins" or self.standin_rank is not None):
+            raise ValueError(
+                "several context budgets are for the standins objective's gradient training; damage labels and the "
+                "closed-form stand-in fit (--standin-rank) take one"
+            )
         if self.draft_round < 0:
             raise ValueError(f"draft_round must be >= 0, got {self.draft_round}")
         if self.draft_round and self.objective != "standins":

@@ -165,6 +165,27 @@ def test_draft_rounds_are_for_the_standins_objective():
         T.TrainConfig(objective="standins", context_gates="x", draft_round=-1)
 
 
+@torch.no_grad()
+def test_several_context_budgets_train_the_draft_at_each_in_turn():
+    """``context_budget=(0.3, 0.7)``: step i distils into the draft at budget i % 2's, as it skips."""
+    m = tiny("llama", gates=True)
+    L = m.engine.num_layers
+    m.gates.thresholds[0.3] = torch.full((2, L), 0.3)
+    m.gates.thresholds[0.7] = torch.full((2, L), 0.7)
+    m.gates.standins = _standins(m, rank=2)
+    config = T.TrainConfig(objective="standins", context_gates="x", context_budget=(0.3, 0.7), draft_round=2)
+    assert [G.step_budget(config, i) for i in range(4)] == [0.3, 0.7, 0.3, 0.7]
+    ids = torch.randint(3, 101, (2, 12), generator=torch.Generator().manual_seed(0))
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    low, high = (G.train_step(m.engine, m.gates, ids, valid, config, b, None)[1] for b in (0.3, 0.7))
+    assert (low.budget, high.budget) == (0.3, 0.7) and low.skipped < high.skipped
+    assert T.TrainConfig(objective="standins", context_gates="x", context_budget=(0.5,)).context_budget == 0.5
+    with pytest.raises(ValueError, match="several context budgets"):
+        T.TrainConfig(objective="damage", context_budget=(0.5, 0.7))
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        T.TrainConfig(objective="standins", context_gates="x", context_budget=(0.5, 1.5))
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 @torch.no_grad()
 def test_adapters_act_only_in_passes_that_skip(family):
