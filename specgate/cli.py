@@ -47,14 +47,11 @@ def _budgets(text: str) -> list[float]:
     return [_budget(b) for b in text.split(",") if b]
 
 
-def _budgets(text: str) -> float | tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(",") if v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a budget or budgets such as 0.5,0.7, got {text!r}") from None
+def _context_budget(text: str) -> float | tuple[float, ...]:
+    values = _budgets(text)
     if not values:
-        raise argparse.ArgumentTypeError("expected at least one budget")
-    return values[0] if len(values) == 1 else values
+        raise argparse.ArgumentTypeError("expected a budget, or budgets such as 0.5,0.7")
+    return values[0] if len(values) == 1 else tuple(values)
 
 
 def _pairs(text: str) -> tuple[tuple[int, int], ...]:
@@ -218,7 +215,7 @@ def _add_config_flags(p: argparse.ArgumentParser, config_class, help_: dict[str,
     """One flag per dataclass field, its type and default read from the field (``--threads`` is
     one of the model flags already)."""
     hints = typing.get_type_hints(config_class)
-    special = {"never_skip": _pairs, "context_budget": _budgets}
+    special = {"never_skip": _pairs, "context_budget": _context_budget}
     for f in dataclasses.fields(config_class):
         if f.name == "threads":
             continue

@@ -37,7 +37,8 @@ def test_every_subcommand_builds_its_parser(capsys):
         (["bench", "--prompts", "0"], "must be 1 or more"),
         (["bench", "--draft-budget", "1.5"], "share in [0, 1]"),
         (["generate", "hi", "--max-new-tokens", "2.5"], "whole number"),
-        (["train", "--context-budget", "0.5,x"], "such as 0.5,0.7"),
+        (["train", "--context-budget", "0.5,x"], "expected a number in [0, 1]"),
+        (["train", "--context-budget", ","], "such as 0.5,0.7"),
     ],
 )
 def test_bad_numbers_are_refused_before_anything_loads(capsys, argv, message):
