@@ -255,8 +255,8 @@ def train_gradient(model, config, gates: GateSet, pieces: Callable[[], list[list
 
 def train_standins(model, config, gates: GateSet, pieces, out: Path, accelerator) -> GateSet:
     """The ``standins`` objective: the draft-only parameters of ``gates`` (stand-ins, adapters)
-    trained by KL distillation into the draft the gates make at ``config.context_budget`` (several: in turn); the gates
-    and their thresholds stay as they are (see :func:`train_step`)."""
+    trained by KL distillation into the draft the gates make at ``config.context_budget`` (several:
+    in turn); the gates and their thresholds stay as they are (see :func:`train_step`)."""
     draft_only = [m for m in (gates.standins, gates.adapters) if m is not None]
     if not draft_only:
         raise ValueError(

@@ -116,8 +116,8 @@ class TrainConfig:
         if isinstance(self.context_budget, (tuple, list)):  # one budget is kept as a float, as before
             b = self.context_budget
             object.__setattr__(self, "context_budget", b[0] if len(b) == 1 else tuple(b))  # a frozen dataclass
-        if not all(0.0 <= b <= 1.0 for b in self.context_budgets):
-            raise ValueError(f"context budgets must be in [0, 1], got {self.context_budget}")
+        if not self.context_budgets or not all(0.0 <= b <= 1.0 for b in self.context_budgets):
+            raise ValueError(f"context_budget: one budget or more, each in [0, 1], got {self.context_budget}")
         if len(self.context_budgets) > 1 and (self.objective != "standins" or self.standin_rank is not None):
             raise ValueError(
                 "several context budgets are for the standins objective's gradient training; damage labels and the "

@@ -184,6 +184,8 @@ def test_several_context_budgets_train_the_draft_at_each_in_turn():
         T.TrainConfig(objective="damage", context_budget=(0.5, 0.7))
     with pytest.raises(ValueError, match="in \\[0, 1\\]"):
         T.TrainConfig(objective="standins", context_gates="x", context_budget=(0.5, 1.5))
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        T.TrainConfig(objective="standins", context_gates="x", context_budget=())
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
