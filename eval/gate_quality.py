@@ -197,8 +197,9 @@ def static_branches(order: list[tuple[int, int]], budget: float, saved: list[lis
     return frozenset(chosen)
 
 
-def acceptance(m, prompts: list[str], budgets: list[float], max_new_tokens: int, draft_vocab=None) -> dict | None:
-    """alpha, tau of the speculative loop per budget, if the loop exists (else None)."""
+def acceptance(m, prompts: list[str], budgets: list[float], max_new_tokens: int, draft_vocab=None, context=True) -> dict | None:
+    """alpha, tau of the speculative loop per budget, if the loop exists (else None). ``context``:
+    the draft vocabulary grows with the text (``SpecConfig.draft_vocab_context``)."""
     if not prompts:
         return None
     out = {}
@@ -207,7 +208,7 @@ def acceptance(m, prompts: list[str], budgets: list[float], max_new_tokens: int,
         for p in prompts:
             ids = m.encode_chat(p)
             try:
-                config = specgate.SpecConfig(draft_budget=budget, draft_vocab=draft_vocab)
+                config = specgate.SpecConfig(draft_budget=budget, draft_vocab=draft_vocab, draft_vocab_context=context)
                 res = m.generate(ids, max_new_tokens=max_new_tokens, speculative=True, spec_config=config,
                                  return_dict_in_generate=True)  # fmt: skip
             except (NotImplementedError, TypeError, ValueError) as e:
@@ -240,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--accept-prompts", type=int, default=8)
     ap.add_argument("--accept-budgets", default="0.3,0.5,0.7")
     ap.add_argument("--draft-vocab", type=int, default=None, help="draft vocabulary size in the acceptance loop")
+    ap.add_argument("--draft-vocab-context", action=argparse.BooleanOptionalAction, default=True,
+                    help="the draft vocabulary grows with the text (default: yes)")  # fmt: skip
     ap.add_argument("--methods", default="gateskip,random,static", help="which of gateskip, random, static to measure")
     ap.add_argument("--out", default=str(ROOT / "results" / "gate_quality"))
     ap.add_argument("--threads", type=int, default=None)
@@ -294,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[quality table: {time.perf_counter() - t0:.0f} s]", file=sys.stderr)
 
     accept_budgets = [float(b) for b in args.accept_budgets.split(",")]
-    results["acceptance"] = acceptance(m, heldout[: args.accept_prompts], accept_budgets, 64, args.draft_vocab)
+    results["acceptance"] = acceptance(m, heldout[: args.accept_prompts], accept_budgets, 64, args.draft_vocab, args.draft_vocab_context)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str) + "\n")

@@ -92,13 +92,15 @@ def _spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-budget", type=_budget, default=None, help=f"share of the draft's layer compute to skip (default {d.draft_budget})")
     p.add_argument("--max-draft", type=_positive_int, default=None, help=f"most tokens drafted per round (default {d.max_draft})")
     p.add_argument("--draft-vocab", type=_positive_int, default=None, help="draft LM head over the N tokens the model writes most (default: full head)")
+    p.add_argument("--draft-vocab-context", action=argparse.BooleanOptionalAction, default=None,
+                   help="the draft vocabulary also covers the prompt's tokens and those generated so far (default: yes)")  # fmt: skip
     p.add_argument("--verifier", choices=["original", "gated"], default=None, help="original: output equals the model's own (default)")
     p.add_argument("--kv-fill", choices=["project", "copy_below"], default=None, help=f"K/V of tokens that skip attention in the draft (default {d.kv_fill})")
     p.add_argument("--draft-precision", choices=PRECISIONS, default=None,
                    help=f"the draft's weight matrices; bfloat16 / int8 / int4 read a copy (extra memory, CPU only) (default {d.draft_precision})")  # fmt: skip
 
 
-SPEC_FLAGS = ("draft_budget", "max_draft", "draft_vocab", "verifier", "kv_fill", "draft_precision")
+SPEC_FLAGS = ("draft_budget", "max_draft", "draft_vocab", "draft_vocab_context", "verifier", "kv_fill", "draft_precision")
 
 
 def _spec_config(args) -> SpecConfig | None:
@@ -200,7 +202,8 @@ _HELP = {
     "ridge": "damage: L2 penalty on the standardized gate weights of the Poisson fit",
     "standin_rank": "fit stand-ins for skipped branches of this rank (0: each branch's mean output) and train "
     "the gates with them in place",
-    "adapter_rank": "standins: also train draft-only adapters of this rank, added where the draft runs a branch",
+    "adapter_rank": "standins: also train draft-only adapters of this rank, added where the draft runs a branch "
+    "(a draft that has adapters keeps them, widened to this rank)",
     "context_gates": "a calibrated gate directory: damage prices each skip in the context of the draft it makes "
     "(a second round; its stand-ins are kept); standins trains its stand-ins and adapters",
     "context_budget": "the budget of that draft (standins: several, such as 0.5,0.7, train it at each in turn)",

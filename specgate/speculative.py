@@ -43,6 +43,7 @@ class SpecConfig:
     verifier: Literal["original", "gated"] = "original"
     kv_fill: KVFill = "project"
     draft_vocab: int | None = None  # draft LM head over the n tokens the model writes most; None: all
+    draft_vocab_context: bool = True  # ... and over the prompt's tokens and those generated so far
     # the draft's weight matrices: "float32" shares the model's; "bfloat16" / "int8" / "int4" read a copy made
     # on first use (extra memory; the fused CPU pass only); the verifier keeps float32: still lossless
     draft_precision: Literal["float32", "bfloat16", "int8", "int4"] = "float32"
@@ -166,6 +167,8 @@ def speculative_generate(
     if config.draft_precision != "float32":
         engine.low_precision_step(config.draft_precision)  # made now, or refused with what to do
     counter = SkipCounter()
+    if head is not None and config.draft_vocab_context:  # this call's copy, growing with its text
+        head = head.with_context(input_ids if attention_mask is None else input_ids[attention_mask.bool()])
     run = draft_gates(gates, config)
     draft = _Drafter(engine, run, draft_policy(run, config), head, sampling, config, generator, counter)
     verifier = gates if config.verifier == "gated" else None
@@ -173,6 +176,8 @@ def speculative_generate(
     exact = needs_exact_logits(sampling, out)
     cache, logits = prefill(engine, input_ids, attention_mask, max_len, verifier, exact_logits=exact)
     last = next_token(logits, sampling, generator)  # (B,) the first new token comes from the verifier
+    grow = head.add if head is not None and config.draft_vocab_context else lambda tokens: None
+    grow(last)
     tot, k = _Totals(), config.first_draft
     for b, t in enumerate(last.tolist()):
         out.emit(b, [t], logits[b : b + 1])
@@ -201,7 +206,10 @@ def speculative_generate(
         # Reading the acceptance is where a round waits on the device: the drafts do not.
         accepted = n_acc.tolist()
         _emit_round(out, tot, active, drafts, n_acc, last, draft_logits, target_logits)
-        cache.rewind([s + 1 + n if a else s for s, n, a in zip(start, accepted, active)])  # ended rows stay
+        grow(last)  # the drafts were in the vocabulary already
+        # Rows that ended (before or in this round) stay where they were: one that ends in a round may
+        # have accepted more drafts than it emits, and past its last token its cache is never read.
+        cache.rewind([s + 1 + n if not f else s for s, n, f in zip(start, accepted, out.finished)])
         tot.rounds += 1
         tot.draft_s += t1 - t0
         tot.verify_s += t2 - t1

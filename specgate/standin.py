@@ -52,6 +52,17 @@ class StandIns(nn.Module):
         a.down.data = torch.randn(a.down.shape, generator=g) / hidden**0.5
         return a
 
+    def widen(self, rank: int, seed: int = 0) -> "StandIns":
+        """These maps at a higher rank, unchanged: the new down-projection columns are random and
+        the new up-projection rows zero, as in untrained adapters, so training goes on from here."""
+        if rank < self.rank:
+            raise ValueError(f"cannot narrow rank-{self.rank} maps to rank {rank}: that would discard what they learned")
+        wide = StandIns.adapters(self.bias.shape[0] // 2, self.bias.shape[1], rank, seed).to(self.bias)
+        wide.bias.data.copy_(self.bias)
+        wide.down.data[..., : self.rank] = self.down
+        wide.up.data[:, : self.rank] = self.up
+        return wide
+
     def forward(self, x: torch.Tensor, layer: int, branch: int) -> torch.Tensor:
         """What branch ``branch`` of ``layer`` adds in place of its output for normed inputs x (..., d)."""
         k = 2 * layer + branch

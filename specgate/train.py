@@ -67,7 +67,7 @@ class TrainConfig:
     sparsity: float = 0.1  # lambda of the L2 term mean(g^2)
     ridge: float = 1.0  # damage: L2 penalty on the (standardized) weights of the Poisson fit
     standin_rank: int | None = None  # stand-ins for skipped branches (specgate.standin; 0: mean); None: none
-    adapter_rank: int | None = None  # standins: add draft-only adapters of this rank (0: a bias per branch) and train them
+    adapter_rank: int | None = None  # standins: train draft-only adapters of this rank (0: a bias per branch); existing ones widen
     context_gates: str | None = None  # damage, standins: the draft of these calibrated gates (stand-ins included)
     context_budget: float | tuple[float, ...] = 0.5  # ... at this budget (standins: several, one per step in turn)
     draft_round: int = 0  # standins: 0: the draft's own K/V everywhere; R: rounds of R draft tokens after a verified prefix
@@ -184,7 +184,9 @@ def train(model_or_name, config: TrainConfig = TrainConfig(), documents: list[li
         decide = None if context is None else damage.draft_decisions(context, config.context_budget)
         gates = damage.train_damage(model, config, gate_config(model, config), pieces, out, accelerator, standins, decide)
     elif config.objective == "standins":
-        if config.adapter_rank is not None:
+        if config.adapter_rank is not None and context.adapters is not None:  # keep what they learned
+            context.adapters = context.adapters.widen(config.adapter_rank, config.seed)
+        elif config.adapter_rank is not None:
             c = model.config
             context.adapters = StandIns.adapters(c.num_hidden_layers, c.hidden_size, config.adapter_rank, config.seed)
         gates = gradient.train_standins(model, config, context, pieces, out, accelerator)

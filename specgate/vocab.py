@@ -13,6 +13,7 @@ more than the full head).
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Iterable
 
@@ -34,28 +35,80 @@ def rank_tokens(documents: Iterable[list[int]], vocab_size: int) -> torch.Tensor
     return torch.argsort(-freq, stable=True)
 
 
-def coverage(ranking: torch.Tensor, documents: Iterable[list[int]], sizes: Iterable[int]) -> dict[int, float]:
-    """Share of the tokens of ``documents`` inside the first n ranked tokens, per n in ``sizes``."""
+def coverage(
+    ranking: torch.Tensor, documents: Iterable[list[int]], sizes: Iterable[int], prompts: Iterable[list[int]] | None = None
+) -> dict[int, float]:
+    """Share of the tokens of ``documents`` inside the first n ranked tokens, per n in ``sizes``.
+    With ``prompts`` (one per document), a token its prompt or its document's earlier tokens hold
+    counts as covered too: the vocabulary :meth:`DraftHead.with_context` grows."""
     position = torch.empty_like(ranking)
     position[ranking] = torch.arange(len(ranking))
-    tokens = torch.tensor([t for doc in documents for t in doc], dtype=torch.long)
-    ranks = position[tokens]
-    return {n: float((ranks < n).float().mean()) for n in sizes}
+    tokens, seen = [], []
+    for doc, prompt in zip(documents, prompts if prompts is not None else itertools.repeat(None)):
+        held = set() if prompt is None else set(prompt)
+        for t in doc:
+            tokens.append(t)
+            seen.append(prompt is not None and t in held)
+            held.add(t)
+    ranks, seen = position[torch.tensor(tokens, dtype=torch.long)], torch.tensor(seen)
+    return {n: float(((ranks < n) | seen).float().mean()) for n in sizes}
 
 
 class DraftHead:
-    """The LM head restricted to ``ids``: logits over the full vocabulary, -inf outside the subset."""
+    """The LM head restricted to ``ids``: logits over the full vocabulary, -inf outside the subset.
+
+    A static frequency ranking misses the words of a text's own topic (on held-out SmolLM2 answers,
+    the 8,192 most frequent tokens cover 90.5% of the tokens; with the prompt's and the answer's earlier
+    tokens added, 94.4%). :meth:`with_context` gives one ``generate`` call its own copy that also
+    covers the prompt's tokens, and :meth:`add` the tokens the call emits."""
 
     def __init__(self, weights: ModelWeights, ids: torch.Tensor):
         if ids.dim() != 1 or len(ids) == 0 or len(ids) > weights.lm_head.shape[0]:
             raise ValueError(f"a draft vocabulary is 1 to {weights.lm_head.shape[0]} token ids, got shape {tuple(ids.shape)}")
-        self.ids = ids.to(weights.lm_head.device)
-        self.weight = weights.lm_head.detach()[self.ids].contiguous()  # (n, d), one stream to read
-        self.vocab_size = weights.lm_head.shape[0]
         self.weights = weights
+        self.vocab_size = weights.lm_head.shape[0]
+        self._ids = ids.to(weights.lm_head.device)
+        self._rows = weights.lm_head.detach()[self._ids].contiguous()  # (n, d), one stream to read
+        self.size = len(ids)
+        self.inside = torch.zeros(self.vocab_size, dtype=torch.bool, device=self._ids.device)
+        self.inside[self._ids] = True
+
+    @property
+    def ids(self) -> torch.Tensor:
+        return self._ids[: self.size]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._rows[: self.size]
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return self.size
+
+    def with_context(self, tokens: torch.Tensor) -> "DraftHead":
+        """A copy of this vocabulary that also covers ``tokens`` (any shape; ids outside the
+        vocabulary ignored), with room to :meth:`add` more."""
+        copy = object.__new__(DraftHead)
+        copy.weights, copy.vocab_size, copy.size = self.weights, self.vocab_size, self.size
+        copy.inside = self.inside.clone()
+        copy._ids, copy._rows = self._ids[: self.size], self._rows[: self.size]
+        copy.add(tokens, room=256)
+        return copy
+
+    def add(self, tokens: torch.Tensor, room: int = 0) -> None:
+        """Cover ``tokens`` too: their rows of the LM head go after the others (the ranking's ties
+        keep their order). Storage grows by an eighth, or ``room`` spare rows if more."""
+        t = tokens.reshape(-1).to(self.inside.device)
+        t = t[(t >= 0) & (t < self.vocab_size)].unique()
+        new = t[~self.inside[t]]
+        end = self.size + len(new)
+        if end + room > len(self._ids):
+            grown = end + max(room, len(self._ids) // 8)
+            self._ids = torch.cat([self._ids[: self.size], self._ids.new_empty(grown - self.size)])
+            self._rows = torch.cat([self._rows[: self.size], self._rows.new_empty(grown - self.size, self._rows.shape[1])])
+        self._ids[self.size : end] = new
+        self._rows[self.size : end] = self.weights.lm_head.detach()[new]
+        self.inside[new] = True
+        self.size = end
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm, the subset's rows of the LM head, soft-capping -> (..., V) logits."""

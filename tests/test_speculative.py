@@ -255,12 +255,13 @@ def test_rejection_sampling_output_follows_the_verifier(k):
     assert 0.5 * (q1[0] - p1[0]).abs().sum() > 0.1  # q is far from p: emitting drafts as-is would fail
 
 
-def _first_two_tokens_tv(N: int = 6000, draft_vocab: int | None = None) -> tuple[float, float, float]:
+def _first_two_tokens_tv(N: int = 6000, draft_vocab: int | None = None, context: bool = False) -> tuple[float, float, float]:
     """Sample the first two new tokens of N copies of one prompt with speculative sampling; return
     the total variation distance of each from the verifier's exact distribution, and alpha. The
     first comes from the prefill; the second is the one draft token of the first round, accepted
     or replaced, so the draft (which skips the last MLP) shapes what is proposed there.
-    ``draft_vocab``: the draft proposes only the first n tokens of a seeded random ranking."""
+    ``draft_vocab``: the draft proposes only the first n tokens of a seeded random ranking (and,
+    with ``context``, the prompt's tokens and the first new tokens of the whole batch)."""
     m = tiny("llama", seed=0, gates=True)
     m.gates.thresholds[0.5] = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 2.0]])
     m.gates.token_ranking = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(1))
@@ -271,7 +272,7 @@ def _first_two_tokens_tv(N: int = 6000, draft_vocab: int | None = None) -> tuple
         both = torch.cat([ids.expand(VOCAB, -1), torch.arange(VOCAB)[:, None]], 1)  # prompt + every first token
         p1 = specgate.generation.probabilities(m.engine(both, m.engine.new_cache(VOCAB, 6))[:, -1], sampling)
     out = m.generate(
-        ids.expand(N, -1), speculative=True, spec_config=SpecConfig(0.5, max_draft=1, draft_vocab=draft_vocab),
+        ids.expand(N, -1), speculative=True, spec_config=SpecConfig(0.5, max_draft=1, draft_vocab=draft_vocab, draft_vocab_context=context),
         do_sample=True, temperature=0.05, top_k=0, max_new_tokens=2, return_dict_in_generate=True,
         generator=torch.Generator().manual_seed(0), **NO_EOS,
     )  # fmt: skip
@@ -280,11 +281,11 @@ def _first_two_tokens_tv(N: int = 6000, draft_vocab: int | None = None) -> tuple
     return tv(new[:, 0], p0), tv(new[:, 1], p0 @ p1), out.spec_stats.alpha
 
 
-@pytest.mark.parametrize("draft_vocab", [None, 40])
-def test_sampled_speculative_output_follows_the_verifier(draft_vocab):
-    """Also with a draft vocabulary: the draft's distribution is zero outside it, and speculative
-    sampling still emits the verifier's distribution exactly."""
-    tv0, tv1, alpha = _first_two_tokens_tv(draft_vocab=draft_vocab)
+@pytest.mark.parametrize("draft_vocab, context", [(None, False), (40, False), (40, True)])
+def test_sampled_speculative_output_follows_the_verifier(draft_vocab, context):
+    """Also with a draft vocabulary, alone or grown by the text: the draft's distribution is zero
+    outside it, and speculative sampling still emits the verifier's distribution exactly."""
+    tv0, tv1, alpha = _first_two_tokens_tv(draft_vocab=draft_vocab, context=context)
     assert 0.1 < alpha < 0.9  # the draft differs from the verifier, and its tokens are used
     assert tv0 < 0.06 and tv1 < 0.06  # sampling noise alone is about 0.025 at N=6000
 

@@ -241,6 +241,14 @@ def test_the_standins_objective_trains_adapters_alone(trainee, tmp_path, monkeyp
     assert torch.equal(tuned.gate(2, 1).proj.weight, first.gate(2, 1).proj.weight)
     saved = specgate.load_gates(tmp_path / "adapted" / "gates", trainee.config)
     assert torch.equal(saved.adapters.up, tuned.adapters.up)
+    # --adapter-rank on a draft with adapters widens them: the draft is unchanged, training starts there (lr 0: stays)
+    assert _draft_kl(trainee, tuned, ids) == pytest.approx(_draft_kl(trainee, _widened(tuned, 6), ids), rel=1e-4)
+    wide = T.train(trainee, dataclasses.replace(config, steps=1, lr=0.0, adapter_rank=6, output_dir=str(tmp_path / "wide"),
+                                                context_gates=str(tmp_path / "adapted" / "gates")), documents=docs)  # fmt: skip
+    assert wide.adapters.rank == 6 and torch.equal(wide.adapters.up[:, :4], tuned.adapters.up)
+    assert _draft_kl(trainee, wide, ids) == pytest.approx(_draft_kl(trainee, tuned, ids), rel=1e-4)
+    with pytest.raises(ValueError, match="cannot narrow"):
+        tuned.adapters.widen(2)
     with pytest.raises(ValueError, match="adapter_rank"):
         T.TrainConfig(adapter_rank=4)  # the damage objective trains no adapters
     # Ctrl-C during step 4, resumed: the adapters of an uninterrupted run
@@ -325,6 +333,12 @@ def test_a_second_round_keeps_the_drafts_stand_ins(trainee, tmp_path):
         T.train(trainee, dataclasses.replace(config, context_gates=str(tmp_path / "uncalibrated"), output_dir=str(tmp_path / "third")), documents=docs)
     refit = T.train(trainee, dataclasses.replace(config, standin_rank=1, output_dir=str(tmp_path / "refit")), documents=docs)
     assert refit.standins.rank == 1  # new stand-ins, fitted where that draft skips
+
+
+def _widened(gates, rank: int):
+    wide = copy.deepcopy(gates)
+    wide.adapters = gates.adapters.widen(rank, seed=5)
+    return wide
 
 
 def _draft_kl(m, gates, ids, budget=0.5) -> float:

@@ -17,6 +17,8 @@ def test_ranking_puts_frequent_tokens_first_and_coverage_counts_them():
     assert ranking[:4].tolist() == [5, 7, 3, 9]  # 4x, 3x, then 1x each in id order
     assert sorted(ranking.tolist()) == list(range(12))
     assert coverage(ranking, [[5, 7, 3, 11]], [1, 3, 12]) == {1: 0.25, 3: 0.75, 12: 1.0}
+    # the text's own tokens: 11 from the prompt, the second 10 from the document
+    assert coverage(ranking, [[5, 11, 10, 10]], [1], prompts=[[11, 2]]) == {1: 0.75}
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
@@ -35,6 +37,24 @@ def test_draft_head_is_the_lm_head_on_its_tokens_and_minus_inf_elsewhere(family)
     assert torch.isneginf(sub[..., outside]).all()
 
 
+def test_a_calls_vocabulary_grows_with_its_text_and_leaves_the_shared_one_alone():
+    m = tiny("llama")
+    shared = DraftHead(m.engine.weights, torch.tensor([4, 17, 2, 90, 33]))
+    call = shared.with_context(torch.tensor([[17, 8, 8, 5], [VOCAB + 3, -1, 61, 4]]))  # ids outside the vocabulary: ignored
+    assert call.ids.tolist() == [4, 17, 2, 90, 33, 5, 8, 61] and shared.ids.tolist() == [4, 17, 2, 90, 33]
+    for _ in range(3):  # past the spare room: storage grows
+        call.add(torch.arange(VOCAB)[torch.randperm(VOCAB)[:120]])
+    call.add(torch.tensor([7, 7]))
+    assert sorted(call.ids.tolist()) == sorted(set(call.ids.tolist())) and 7 in call.ids.tolist()
+    assert call.inside.sum() == len(call) and not shared.inside[7] and len(shared) == 5
+    from specgate.layers import head
+
+    h = torch.randn(2, m.config.hidden_size)
+    full, sub = head(m.engine.weights, h), call.logits(h)
+    torch.testing.assert_close(sub[:, call.ids], full[:, call.ids])
+    assert torch.isneginf(sub[:, ~call.inside]).all()
+
+
 def _model():
     m = tiny("llama", gates=True)
     m.gates.config = dataclasses.replace(m.gates.config, scale_output=False)
@@ -48,12 +68,15 @@ def test_greedy_output_is_unchanged_by_the_draft_vocabulary():
     ids = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
     plain = m.generate(ids, max_new_tokens=40, eos_token_id=None, pad_token_id=0)
     stats = {}
-    for n in (None, 30):
-        out = m.generate(ids, max_new_tokens=40, speculative=True, eos_token_id=None, pad_token_id=0,
-                         spec_config=SpecConfig(0.5, draft_vocab=n), return_dict_in_generate=True)  # fmt: skip
-        assert torch.equal(out.sequences, plain), n
-        stats[n] = out.spec_stats.alpha
-    assert stats[None] == 1.0 and stats[30] < 1.0  # drafts outside the vocabulary were rejected
+    for n, context in ((None, True), (30, False), (30, True)):
+        out = m.generate(ids, max_new_tokens=40, speculative=True, eos_token_id=None, pad_token_id=0, return_dict_in_generate=True,
+                         spec_config=SpecConfig(0.5, draft_vocab=n, draft_vocab_context=context))  # fmt: skip
+        assert torch.equal(out.sequences, plain), (n, context)
+        stats[n, context] = out.spec_stats.alpha
+    assert stats[None, True] == 1.0 and stats[30, False] < 1.0  # drafts outside the vocabulary were rejected
+    assert stats[30, False] < stats[30, True]  # the text's own tokens: far fewer rejections
+    # (with the text's tokens, a row ended in a round where it had accepted more drafts than it
+    # emitted: its cache once stayed past them and the next round asked for more slots than exist)
 
 
 def test_ranking_travels_with_the_gates_and_is_checked(tmp_path):
