@@ -15,7 +15,8 @@ text and the top-1 agreement with the full model, for the *first draft token of 
 position runs as one single-token skipping step against a cache holding the full model's K/V of
 everything before it, as in the acceptance loop after a verify pass. The skip share each method
 really reached is counted too (evaluations and compute). At the end, the acceptance loop's alpha
-and tau at the ``--accept-budgets`` (with the ``--draft-vocab`` head if given).
+and tau at the ``--accept-budgets`` (with the ``--draft-vocab`` head if given; the loop's draft
+lengths: ``--max-draft``, ``--min-draft-prob``, ``--fixed-draft``).
 
     .venv/bin/python eval/gate_quality.py [--gates DIR] [--prompts 34] [--answer-tokens 128] [--draft-vocab 8192]
 
@@ -197,9 +198,9 @@ def static_branches(order: list[tuple[int, int]], budget: float, saved: list[lis
     return frozenset(chosen)
 
 
-def acceptance(m, prompts: list[str], budgets: list[float], max_new_tokens: int, draft_vocab=None, context=True) -> dict | None:
-    """alpha, tau of the speculative loop per budget, if the loop exists (else None). ``context``:
-    the draft vocabulary grows with the text (``SpecConfig.draft_vocab_context``)."""
+def acceptance(m, prompts: list[str], budgets: list[float], max_new_tokens: int, **loop) -> dict | None:
+    """alpha, tau of the speculative loop per budget, if the loop exists (else None). ``loop``: its
+    other ``SpecConfig`` settings (draft vocabulary, draft lengths)."""
     if not prompts:
         return None
     out = {}
@@ -208,7 +209,7 @@ def acceptance(m, prompts: list[str], budgets: list[float], max_new_tokens: int,
         for p in prompts:
             ids = m.encode_chat(p)
             try:
-                config = specgate.SpecConfig(draft_budget=budget, draft_vocab=draft_vocab, draft_vocab_context=context)
+                config = specgate.SpecConfig(draft_budget=budget, **loop)
                 res = m.generate(ids, max_new_tokens=max_new_tokens, speculative=True, spec_config=config,
                                  return_dict_in_generate=True)  # fmt: skip
             except (NotImplementedError, TypeError, ValueError) as e:
@@ -243,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--draft-vocab", type=int, default=None, help="draft vocabulary size in the acceptance loop")
     ap.add_argument("--draft-vocab-context", action=argparse.BooleanOptionalAction, default=True,
                     help="the draft vocabulary grows with the text (default: yes)")  # fmt: skip
+    ap.add_argument("--max-draft", type=int, default=specgate.SpecConfig.max_draft, help="the acceptance loop's most drafts per round")
+    ap.add_argument("--min-draft-prob", type=float, default=0.0, help="... stopping a round's drafts below this top-1 probability")
+    ap.add_argument("--fixed-draft", action="store_true", help="... drafting up to --max-draft every round (not adapting k)")
     ap.add_argument("--methods", default="gateskip,random,static", help="which of gateskip, random, static to measure")
     ap.add_argument("--out", default=str(ROOT / "results" / "gate_quality"))
     ap.add_argument("--threads", type=int, default=None)
@@ -297,7 +301,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[quality table: {time.perf_counter() - t0:.0f} s]", file=sys.stderr)
 
     accept_budgets = [float(b) for b in args.accept_budgets.split(",")]
-    results["acceptance"] = acceptance(m, heldout[: args.accept_prompts], accept_budgets, 64, args.draft_vocab, args.draft_vocab_context)
+    results["acceptance"] = acceptance(
+        m, heldout[: args.accept_prompts], accept_budgets, 64, draft_vocab=args.draft_vocab, draft_vocab_context=args.draft_vocab_context,
+        max_draft=args.max_draft, min_draft_prob=args.min_draft_prob, adaptive=not args.fixed_draft,
+        init_draft=args.max_draft if args.fixed_draft else None,
+    )  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str) + "\n")

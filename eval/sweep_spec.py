@@ -1,5 +1,6 @@
 """Speculation settings side by side: plain decode vs speculative decode at several draft budgets,
-draft lengths and K/V fills, on the same MT-Bench prompts in one run (greedy, ratios to plain).
+draft lengths (adaptive or fixed, stopped by the draft's confidence) and K/V fills, on the same
+MT-Bench prompts in one run (greedy, ratios to plain).
 
     python eval/sweep_spec.py --prompts 4 --max-new-tokens 96 --out results/sweep.json
 """
@@ -24,16 +25,23 @@ def main() -> None:
     p.add_argument("--max-draft", type=int, nargs="+", default=[4, 8])
     p.add_argument("--min-draft-prob", type=float, nargs="+", default=[0.0, 0.5])
     p.add_argument("--kv-fill", nargs="+", default=["project", "copy_below"])
+    p.add_argument("--adaptive", nargs="+", choices=["yes", "no"], default=["yes"],
+                   help="no: draft up to max-draft tokens every round (stopped only by min-draft-prob)")  # fmt: skip
+    p.add_argument("--draft-vocab", type=int, default=None, help="draft vocabulary size (grown by the text)")
+    p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     m = specgate.load(args.model, gates=args.gates)
     encoded = [m.encode_chat(q) for q in bench.mtbench_prompts(args.prompts)]
     n = args.max_new_tokens
     methods = {"plain": lambda ids: m.generate(ids, max_new_tokens=n)}
-    for b, k, pmin, fill in itertools.product(args.budgets, args.max_draft, args.min_draft_prob, args.kv_fill):
-        spec = SpecConfig(draft_budget=b, max_draft=k, min_draft_prob=pmin, kv_fill=fill)
-        methods[f"b={b} k={k} pmin={pmin} {fill}"] = lambda ids, spec=spec: m.generate(
+    for b, k, pmin, fill, adapt in itertools.product(args.budgets, args.max_draft, args.min_draft_prob, args.kv_fill, args.adaptive):
+        spec = SpecConfig(draft_budget=b, max_draft=k, min_draft_prob=pmin, kv_fill=fill, draft_vocab=args.draft_vocab,
+                          adaptive=adapt == "yes", init_draft=None if adapt == "yes" else k)  # fmt: skip
+        methods[f"b={b} k={k}{'' if adapt == 'yes' else ' fixed'} pmin={pmin} {fill}"] = lambda ids, spec=spec: m.generate(
             ids, max_new_tokens=n, speculative=True, spec_config=spec, return_dict_in_generate=True
         )
     with torch.inference_mode():

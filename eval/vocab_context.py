@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         for context in (False, True):
             t0 = time.perf_counter()
             print(f"vocabulary {n}, {'grown by the text' if context else 'static'}:")
-            r = acceptance(m, heldout[: args.accept_prompts], budgets, 64, n, context)
+            r = acceptance(m, heldout[: args.accept_prompts], budgets, 64, draft_vocab=n, draft_vocab_context=context)
             report["acceptance"][f"{n} {'context' if context else 'static'}"] = r
             print(f"  [{time.perf_counter() - t0:.0f} s]")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

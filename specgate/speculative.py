@@ -205,11 +205,11 @@ def speculative_generate(
         # 4. Keep the accepted tokens: the cache already holds their exact K/V; rewind past them.
         # Reading the acceptance is where a round waits on the device: the drafts do not.
         accepted = n_acc.tolist()
-        _emit_round(out, tot, active, drafts, n_acc, last, draft_logits, target_logits)
+        taken = _emit_round(out, tot, active, drafts, n_acc, last, draft_logits, target_logits)
         grow(last)  # the drafts were in the vocabulary already
-        # Rows that ended (before or in this round) stay where they were: one that ends in a round may
-        # have accepted more drafts than it emits, and past its last token its cache is never read.
-        cache.rewind([s + 1 + n if not f else s for s, n, f in zip(start, accepted, out.finished)])
+        # Each row's cache keeps what it emitted: the last token and its n accepted drafts, fewer
+        # where the row ended in this round (0 for rows that had ended).
+        cache.rewind([s + t for s, t in zip(start, taken)])
         tot.rounds += 1
         tot.draft_s += t1 - t0
         tot.verify_s += t2 - t1
@@ -280,17 +280,19 @@ class _Drafter:
         return torch.stack(tokens, 1), torch.stack(logits, 1) if logits else None
 
 
-def _emit_round(out: Emitter, tot: _Totals, active, drafts, n_acc, last, draft_logits, target_logits) -> None:
-    """Hand each sequence's accepted drafts and next token to the emitter; count what happened."""
+def _emit_round(out: Emitter, tot: _Totals, active, drafts, n_acc, last, draft_logits, target_logits) -> list[int]:
+    """Hand each sequence's accepted drafts and next token to the emitter; count what happened.
+    Returns the tokens each sequence took (0 for ended ones)."""
     n_drafted = drafts.shape[1]
     v_lp = target_logits.float().log_softmax(-1)
     d_lp = None if draft_logits is None else draft_logits.float().log_softmax(-1)
+    took = [0] * len(active)
     for b, running in enumerate(active):
         if not running:
             continue
         m = int(n_acc[b])
         tokens = drafts[b, :m].tolist() + [int(last[b])]
-        taken = out.emit(b, tokens, target_logits[b, : m + 1])
+        took[b] = taken = out.emit(b, tokens, target_logits[b, : m + 1])
         tot.seq_rounds += 1
         tot.drafted += n_drafted
         tot.accepted += m
@@ -298,6 +300,7 @@ def _emit_round(out: Emitter, tot: _Totals, active, drafts, n_acc, last, draft_l
         tot.verifier_lp += [float(v_lp[b, j, t]) for j, t in enumerate(tokens[:taken])]
         if d_lp is not None:
             tot.draft_lp += [float(d_lp[b, j, t]) for j, t in enumerate(tokens[: min(taken, n_drafted)])]
+    return took
 
 
 def _stats(tot: _Totals, out: Emitter, counter: SkipCounter, seconds: float) -> SpecStats:
