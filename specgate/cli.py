@@ -309,13 +309,26 @@ def _sizes(text: str) -> list[int]:
     return [] if text.strip().lower() == "none" else [_positive_int(n) for n in text.split(",") if n]
 
 
+def _probs(text: str) -> list[float]:
+    """Top-1 probabilities in (0, 1), comma-separated; "none" for none."""
+    if text.strip().lower() == "none":
+        return []
+    try:
+        probs = [float(p) for p in text.split(",") if p]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected probabilities such as 0.3,0.5, or 'none', got {text!r}") from None
+    if not all(0 < p < 1 for p in probs):
+        raise argparse.ArgumentTypeError(f"probabilities must be in (0, 1), got {text!r}")
+    return probs
+
+
 def cmd_tune(args) -> int:
     from . import tune
 
     config = tune.TuneConfig(
         budgets=tuple(args.budgets) if args.budgets else None, vocabs=tuple(args.vocab) if args.vocab is not None else None,
         max_draft=args.max_draft, prompts=args.prompts, tokens=args.tokens, rounds=args.rounds, kv_fills=tuple(args.kv_fills),
-        precisions=tuple(args.precisions),
+        precisions=tuple(args.precisions), draft_probs=tuple(args.draft_probs),
     )  # fmt: skip
     m = _load(args)
     start = time.perf_counter()
@@ -401,6 +414,9 @@ def parser() -> argparse.ArgumentParser:
                    help=f"K/V fills of the draft to try (default {' '.join(t.kv_fills)})")  # fmt: skip
     p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(t.precisions),
                    help=f"draft weight precisions to try; bfloat16 / int8 cost a copy of the weights in memory (default {' '.join(t.precisions)})")  # fmt: skip
+    p.add_argument("--draft-probs", type=_probs, default=list(t.draft_probs), metavar="P1,P2",
+                   help="also try rounds of up to --max-draft drafts that stop below each top-1 probability, or 'none' "
+                        f"(default {','.join(map(str, t.draft_probs))})")  # fmt: skip
     p.add_argument("--out", type=_output_file, default=None, help="also write the result as JSON to this file")
     p.set_defaults(func=cmd_tune)
     return top

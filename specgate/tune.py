@@ -12,7 +12,9 @@ relative to a plain step; plain decoding (1.0x) is one of the options. ``kv_fill
 projecting the K/V of a token that skips attention costs a share of the branch, and copying the
 layer below's instead costs the draft some acceptance: which pays is measured, per machine.
 ``draft_precision`` (bfloat16, int8 or int4 copies of the weights, tried only when ``precisions`` names
-them: they cost memory) trades acceptance for bytes read the same way. The choice is stored in
+them: they cost memory) trades acceptance for bytes read the same way. Each setting is also tried
+with rounds of up to ``max_draft`` drafts that stop where the draft is unsure (``min_draft_prob``,
+``draft_probs``): their tokens and draft steps per round are measured, not modelled. The choice is stored in
 ``<cache>/tune-<key>.json``; the key hashes the model, the gates' tensors, the CPU, torch and the
 thread count, so anything that changes the costs or the acceptance makes the stored choice unused.
 ``SpecGateModel.generate(speculative=True)`` without explicit settings uses it (:func:`resolve`).
@@ -61,6 +63,8 @@ class TuneConfig:
     kv_fills: tuple[str, ...] = KV_FILLS  # the draft's K/V of tokens that skip attention (Engine.forward)
     precisions: tuple[str, ...] = ("float32",)  # the draft's weight precisions (others cost a copy in memory)
     max_draft: int = 8  # k is chosen in 1..max_draft
+    # also try rounds of up to max_draft drafts that stop once the draft's top-1 probability is below each
+    draft_probs: tuple[float, ...] = (0.5,)
     prompts: int = 6  # calibration prompts (the last MT-Bench questions) for the acceptance runs
     tokens: int = 64  # new tokens per acceptance run
     rounds: int = 20  # timed repetitions of every kind of step
@@ -73,6 +77,8 @@ class TuneConfig:
             raise ValueError(f"kv_fills must be some of {KV_FILLS}, got {self.kv_fills}")
         if not self.precisions or not set(self.precisions) <= set(PRECISIONS):
             raise ValueError(f"precisions must be some of {PRECISIONS}, got {self.precisions}")
+        if not all(0 < p < 1 for p in self.draft_probs):
+            raise ValueError(f"draft_probs are top-1 probabilities in (0, 1), got {self.draft_probs}")
 
 
 # -- the choice --------------------------------------------------------------------------------------
@@ -87,6 +93,15 @@ def expected_tokens(a: float, k: int) -> float:
 def speedup(a: float, k: int, c: float, v: float) -> float:
     """Predicted speed-up over plain decoding: tokens per round over the round's cost in plain steps."""
     return expected_tokens(a, k) / (k * c + v)
+
+
+def confident_speedup(tau: float, drafts: float, c: float, verify: dict[int, float]) -> float:
+    """Predicted speed-up of rounds whose length the draft's confidence decides: tau tokens and
+    ``drafts`` draft steps per round on average, the verify cost interpolated between draft lengths."""
+    lo = min(max(int(drafts), 1), max(verify))
+    hi = min(lo + 1, max(verify))
+    v = verify[lo] + (verify[hi] - verify[lo]) * (drafts - lo)
+    return tau / (drafts * c + v)
 
 
 def best_k(a: float, c: float, verify: dict[int, float]) -> tuple[int, float]:
@@ -249,6 +264,23 @@ def acceptance(m: SpecGateModel, prompts: list[torch.Tensor], setting: Setting, 
     return {"a": accepted / tested, "tested": tested, "skip_fraction": statistics.mean(skipped)}
 
 
+def confident_rounds(m: SpecGateModel, prompts: list[torch.Tensor], setting: Setting, max_draft: int, tokens: int,
+                     min_prob: float) -> dict[str, float]:  # fmt: skip
+    """Tokens (tau) and draft steps per round, and alpha, of rounds of up to max_draft drafts that
+    stop once the draft's top-1 probability falls below ``min_prob``; pooled over the prompts."""
+    budget, vocab, kv_fill, precision = setting
+    spec = SpecConfig(draft_budget=budget, max_draft=max_draft, init_draft=max_draft, draft_vocab=vocab, adaptive=False,
+                      min_draft_prob=min_prob, kv_fill=kv_fill, draft_precision=precision)  # fmt: skip
+    stats = [m.generate(ids, max_new_tokens=tokens, do_sample=False, speculative=True, spec_config=spec,
+                        return_dict_in_generate=True).spec_stats for ids in prompts]  # fmt: skip
+    rounds = sum(s.rounds for s in stats)
+    if rounds == 0:
+        raise ValueError(f"{tokens} new tokens gave no speculation round to count: raise --tokens")
+    return {"tau": sum(s.tau * s.rounds for s in stats) / rounds, "drafts": sum(s.drafted for s in stats) / rounds,
+            "a": sum(s.accepted for s in stats) / max(1, sum(s.drafted for s in stats)),
+            "skip_fraction": statistics.mean(s.skip_fraction for s in stats)}  # fmt: skip
+
+
 # -- tuning, storing, loading ------------------------------------------------------------------------
 
 
@@ -291,11 +323,16 @@ def tune(m: SpecGateModel, config: TuneConfig = TuneConfig(), prompts: list[torc
         acc = acceptance(m, prompts, (b, v, f, pr), config.max_draft, config.tokens)
         c = costs[draft_name(b, v, f, pr)]
         k, s = best_k(acc["a"], c, verify)
-        rows.append({"budget": b, "vocab": v, "kv_fill": f, "precision": pr, "draft_cost": c, **acc, "k": k,
-                     "verify_cost": verify[k], "speedup": s})  # fmt: skip
+        setting = {"budget": b, "vocab": v, "kv_fill": f, "precision": pr, "draft_cost": c}
+        rows.append({**setting, **acc, "k": k, "min_draft_prob": 0.0, "verify_cost": verify[k], "speedup": s})
+        for p in config.draft_probs:
+            r = confident_rounds(m, prompts, (b, v, f, pr), config.max_draft, config.tokens, p)
+            rows.append({**setting, **r, "k": config.max_draft, "min_draft_prob": p,
+                         "speedup": confident_speedup(r["tau"], r["drafts"], c, verify)})  # fmt: skip
     best = max(rows, key=lambda r: r["speedup"])
     spec = SpecConfig(draft_budget=best["budget"], max_draft=best["k"], init_draft=best["k"], adaptive=False,
-                      draft_vocab=best["vocab"], kv_fill=best["kv_fill"], draft_precision=best["precision"])  # fmt: skip
+                      min_draft_prob=best["min_draft_prob"], draft_vocab=best["vocab"], kv_fill=best["kv_fill"],
+                      draft_precision=best["precision"])  # fmt: skip
     return {
         "key": tune_key(m, threads),
         "model": m.name,
@@ -397,14 +434,17 @@ def report(result: dict) -> str:
     lines = [
         f"plain step {c['plain_ms']:.2f} ms at {result['threads']} threads; verify k+1 tokens (x plain): {verify}",
         f"{'budget':>6} {'vocab':>6} {'kv_fill':>10} {'weights':>8} {'draft cost':>10} {'skipped':>8} {'accept a':>9} "
-        f"{'best k':>6} {'speed-up':>9}",
+        f"{'best k':>6} {'stop p':>6} {'speed-up':>9}",
+        "(stop p: rounds of up to k drafts that stop below this top-1 probability; accept a is then alpha)",
     ]
     for r in result["settings"]:
+        stop = f"{r['min_draft_prob']:g}" if r.get("min_draft_prob") else "-"
         lines.append(f"{r['budget']:>6g} {r['vocab'] or 'full':>6} {r['kv_fill']:>10} {r.get('precision', 'float32'):>8} {r['draft_cost']:>9.2f}x "
-                     f"{r['skip_fraction']:>8.1%} {r['a']:>9.2f} {r['k']:>6} {r['speedup']:>8.2f}x")  # fmt: skip
+                     f"{r['skip_fraction']:>8.1%} {r['a']:>9.2f} {r['k']:>6} {stop:>6} {r['speedup']:>8.2f}x")  # fmt: skip
     s = result["spec_config"]
     best = (f"draft_budget={s['draft_budget']:g}, max_draft={s['max_draft']}, draft_vocab={s['draft_vocab'] or 'full'}, "
-            f"kv_fill={s['kv_fill']}, draft_precision={s.get('draft_precision', 'float32')}")  # fmt: skip
+            f"kv_fill={s['kv_fill']}, draft_precision={s.get('draft_precision', 'float32')}"
+            + (f", min_draft_prob={s['min_draft_prob']:g}" if s.get("min_draft_prob") else ""))  # fmt: skip
     if result["speculate"]:
         lines.append(f"choice: {best}, predicted {result['predicted_speedup']:.2f}x plain decoding")
     else:

@@ -42,6 +42,8 @@ def test_the_choice_drafts_several_tokens_when_they_are_accepted_and_cheap():
     assert tune.expected_tokens(0.8, 1) == pytest.approx(1.8)
     assert tune.expected_tokens(1.0, 4) == 5.0
     assert tune.best_k(0.0, 0.3, {k: 1.1 for k in range(1, 9)})[1] < 1.0  # nothing accepted: plain wins
+    # rounds the draft's confidence cuts: measured tokens and drafts per round, verify cost interpolated
+    assert tune.confident_speedup(2.5, 1.5, 0.3, {1: 1.1, 2: 1.3, 3: 1.5}) == pytest.approx(2.5 / (1.5 * 0.3 + 1.2))
 
 
 def test_tune_stores_a_choice_that_generate_uses_losslessly(cache, caplog):
@@ -55,6 +57,8 @@ def test_tune_stores_a_choice_that_generate_uses_losslessly(cache, caplog):
     best = max(result["settings"], key=lambda r: r["speedup"])
     assert result["spec_config"]["kv_fill"] == best["kv_fill"]  # the K/V fill is chosen by measurement too
     assert all(0.0 <= r["a"] <= 1.0 and 1 <= r["k"] <= 3 for r in result["settings"])
+    confident = [r for r in result["settings"] if r["min_draft_prob"] == 0.5]
+    assert len(confident) == len(result["settings"]) / 2 and all(1 <= r["drafts"] <= 3 and r["tau"] >= 1 for r in confident)
     assert result["predicted_speedup"] >= 1.0 and result["costs"]["plain"] == 1.0
     assert "choice:" in tune.report(result)
     path = tune.save(result, tune.tune_file(m))
@@ -71,6 +75,18 @@ def test_tune_stores_a_choice_that_generate_uses_losslessly(cache, caplog):
     assert path.name in caplog.text
     given = m.generate(ids, max_new_tokens=5, speculative=True, draft_budget=0.5, return_dict_in_generate=True)
     assert given.spec_stats.settings == "defaults + draft_budget=0.5"
+
+
+def test_a_chosen_confidence_stop_is_stored_and_decodes_losslessly(cache, monkeypatch):
+    m = _model()
+    monkeypatch.setattr(tune, "confident_speedup", lambda *args: 9.0)  # make a confident row the best
+    result = tune.tune(m, SMALL, prompts=_prompts())
+    tune.save(result, tune.tune_file(m))
+    spec, _ = tune.load_tuned(m)
+    assert spec.min_draft_prob == 0.5 and spec.max_draft == 3 and "min_draft_prob=0.5" in tune.report(result)
+    ids = _prompts()[1]
+    plain = m.generate(ids, max_new_tokens=20, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(m.generate(ids, max_new_tokens=20, eos_token_id=None, pad_token_id=0, speculative=True), plain)
 
 
 def test_changed_gates_or_threads_do_not_reuse_the_stored_choice(cache):
@@ -128,7 +144,7 @@ def test_the_tune_command_takes_its_flags_and_refuses_bad_ones(capsys):
     with pytest.raises(SystemExit) as exit:
         main(["tune", "--help"])
     assert exit.value.code == 0 and "--vocab" in capsys.readouterr().out
-    for argv in (["tune", "--vocab", "many"], ["tune", "--max-draft", "0"], ["tune", "--budgets", "x"]):
+    for argv in (["tune", "--vocab", "many"], ["tune", "--max-draft", "0"], ["tune", "--budgets", "x"], ["tune", "--draft-probs", "1.5"]):
         with pytest.raises(SystemExit):
             main(argv)
 
