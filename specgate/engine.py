@@ -230,7 +230,7 @@ class Engine:
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         if head is not None:
-            return head.logits(h)
+            return head.logits(h, head_precision(precision))
         if precision != "float32":
             return self.low_precision_step(precision).logits(h)
         return layers.head(self.weights, h, None if exact_logits else self.screened)

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 import torch
 
 from .adapters import ModelWeights
+from .kernels.cpu_step import low_precision
 from .layers import head
 from .ops import linear
 
@@ -69,9 +70,11 @@ class DraftHead:
         self.vocab_size = weights.lm_head.shape[0]
         self._ids = ids.to(weights.lm_head.device)
         self._rows = weights.lm_head.detach()[self._ids].contiguous()  # (n, d), one stream to read
-        self.size = len(ids)
+        self.size = self.static = len(ids)
         self.inside = torch.zeros(self.vocab_size, dtype=torch.bool, device=self._ids.device)
         self.inside[self._ids] = True
+        self._low: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # precision -> the first `static` rows in it
+        self._low_added: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = {}  # ... the rows added, and how many
 
     @property
     def ids(self) -> torch.Tensor:
@@ -88,8 +91,9 @@ class DraftHead:
         """A copy of this vocabulary that also covers ``tokens`` (any shape; ids outside the
         vocabulary ignored), with room to :meth:`add` more."""
         copy = object.__new__(DraftHead)
-        copy.weights, copy.vocab_size, copy.size = self.weights, self.vocab_size, self.size
+        copy.weights, copy.vocab_size, copy.size, copy.static = self.weights, self.vocab_size, self.size, self.size
         copy.inside = self.inside.clone()
+        copy._low, copy._low_added = self._low if self.size == self.static else {}, {}  # shared: made once
         copy._ids, copy._rows = self._ids[: self.size], self._rows[: self.size]
         copy.add(tokens, room=256)
         return copy
@@ -110,8 +114,33 @@ class DraftHead:
         self.inside[new] = True
         self.size = end
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Final norm, the subset's rows of the LM head, soft-capping -> (..., V) logits."""
-        sub = head(self.weights, h, lambda x: linear(x, self.weight))
+    def logits(self, h: torch.Tensor, precision: str = "float32") -> torch.Tensor:
+        """Final norm, the subset's rows of the LM head, soft-capping -> (..., V) logits. ``precision``:
+        the rows' (a draft over a low-precision copy of the weights reads its head's rows in it too:
+        a copy made on first use, see :func:`specgate.kernels.cpu_step.low_precision`)."""
+        if precision == "float32":
+            rows = lambda x: linear(x, self.weight)  # noqa: E731
+        else:
+            parts = [self._low_rows(precision)]
+            if self.size > self.static:
+                parts.append(self._added_rows(precision))
+            rows = lambda x: torch.cat([_low_linear(x, *part) for part in parts], -1)  # noqa: E731
+        sub = head(self.weights, h, rows)
         out = sub.new_full((*sub.shape[:-1], self.vocab_size), float("-inf"))
         return out.index_copy_(-1, self.ids, sub)
+
+    def _low_rows(self, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if precision not in self._low:
+            self._low[precision] = low_precision(self._rows[: self.static], precision)
+        return self._low[precision]
+
+    def _added_rows(self, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+        n, *rows = self._low_added.get(precision, (0, None, None))
+        if n != self.size:  # a few hundred rows at most: quantized anew when they change
+            rows = low_precision(self._rows[self.static : self.size], precision)
+            self._low_added[precision] = (self.size, *rows)
+        return tuple(rows)
+
+
+def _low_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.ops.specgate.small_linear(x, weight, None, scale if scale.numel() else None)

@@ -8,6 +8,7 @@ import torch
 from conftest import VOCAB, tiny
 
 from specgate import SpecConfig, load_gates, save_gates
+from specgate.kernels import cpu_linear
 from specgate.vocab import DraftHead, coverage, rank_tokens
 
 
@@ -95,3 +96,27 @@ def test_bad_draft_vocabularies_are_refused():
     m.gates.token_ranking = None
     with pytest.raises(ValueError, match="token ranking"):
         m.generate(torch.tensor([[5, 6]]), max_new_tokens=3, speculative=True, spec_config=SpecConfig(0.5, draft_vocab=8))
+
+
+@pytest.mark.skipif(cpu_linear.load() is None, reason="the CPU kernels cannot be built here")
+@torch.inference_mode()
+def test_a_low_precision_draft_reads_its_vocabulary_in_that_precision():
+    """The draft vocabulary's rows in bfloat16 / int8 (static rows made once and shared, added rows
+    made anew): close to the float32 logits, not the same, -inf outside; greedy speculation with an
+    int8 draft and a grown vocabulary stays lossless."""
+    m = _model()
+    call = m.draft_head(30).with_context(torch.tensor([[7, 9, 11]]))
+    h = torch.randn(2, m.config.hidden_size)
+    exact = call.logits(h)
+    for precision in ("bfloat16", "int8"):
+        low = call.logits(h, precision)
+        torch.testing.assert_close(low[:, call.ids], exact[:, call.ids], atol=0.05, rtol=0.05)
+        assert not torch.equal(low[:, call.ids], exact[:, call.ids]) and torch.isneginf(low[:, ~call.inside]).all()
+    assert "int8" in m.draft_head(30)._low  # made once, on the shared head
+    call.add(torch.tensor([5, 6, 8]))
+    torch.testing.assert_close(call.logits(h, "int8")[:, call.ids], call.logits(h)[:, call.ids], atol=0.05, rtol=0.05)
+    ids = torch.randint(3, VOCAB, (1, 7), generator=torch.Generator().manual_seed(4))
+    plain = m.generate(ids, max_new_tokens=30, eos_token_id=None, pad_token_id=0)
+    spec = SpecConfig(0.0, draft_vocab=30, draft_precision="int8", max_draft=3)
+    out = m.generate(ids, max_new_tokens=30, eos_token_id=None, pad_token_id=0, speculative=True, spec_config=spec)
+    assert torch.equal(out, plain)
