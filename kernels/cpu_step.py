@@ -113,8 +113,7 @@ class CpuStep:
         float32 pass leaves the head to the engine)."""
         from specgate.layers import head
 
-        weight, scale = self.head
-        return head(self.weights, h, lambda x: torch.ops.specgate.small_linear(x, weight, None, scale if scale.numel() else None))
+        return head(self.weights, h, lambda x: low_precision_linear(x, *self.head))
 
     def _rope(self, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """cos and sin tables per RoPE kind, (positions, hd), for at least n positions."""
@@ -176,6 +175,11 @@ def low_precision(w: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.
         return int4(w)
     scale = w.float().abs().amax(1).clamp_min(1e-30) / 127
     return torch.round(w.float() / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous(), scale
+
+
+def low_precision_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (..., d) times a :func:`low_precision` pair's matrix (n, d) -> (..., n)."""
+    return torch.ops.specgate.small_linear(x, weight, None, scale if scale.numel() else None)
 
 
 def int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

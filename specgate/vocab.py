@@ -20,7 +20,7 @@ from collections.abc import Iterable
 import torch
 
 from .adapters import ModelWeights
-from .kernels.cpu_step import low_precision
+from .kernels.cpu_step import low_precision, low_precision_linear
 from .layers import head
 from .ops import linear
 
@@ -60,87 +60,74 @@ class DraftHead:
 
     A static frequency ranking misses the words of a text's own topic (on held-out SmolLM2 answers,
     the 8,192 most frequent tokens cover 90.5% of the tokens; with the prompt's and the answer's earlier
-    tokens added, 94.4%). :meth:`with_context` gives one ``generate`` call its own copy that also
-    covers the prompt's tokens, and :meth:`add` the tokens the call emits."""
+    tokens added, 94.4%). :meth:`with_context` gives one ``generate`` call its own vocabulary that
+    also covers the prompt's tokens, and :meth:`add` the tokens the call emits: their rows are kept
+    apart from the ranked ones, which every call shares (never copied, each precision made once)."""
 
     def __init__(self, weights: ModelWeights, ids: torch.Tensor):
         if ids.dim() != 1 or len(ids) == 0 or len(ids) > weights.lm_head.shape[0]:
             raise ValueError(f"a draft vocabulary is 1 to {weights.lm_head.shape[0]} token ids, got shape {tuple(ids.shape)}")
         self.weights = weights
         self.vocab_size = weights.lm_head.shape[0]
-        self._ids = ids.to(weights.lm_head.device)
-        self._rows = weights.lm_head.detach()[self._ids].contiguous()  # (n, d), one stream to read
-        self.size = self.static = len(ids)
-        self.inside = torch.zeros(self.vocab_size, dtype=torch.bool, device=self._ids.device)
-        self.inside[self._ids] = True
-        self._low: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # precision -> the first `static` rows in it
-        self._low_added: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = {}  # ... the rows added, and how many
+        self.ranked = ids.to(weights.lm_head.device)
+        self.inside = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.ranked.device)
+        self.inside[self.ranked] = True
+        self.added = self.ranked[:0]  # the text's own tokens, outside the ranked ones
+        # precision -> the ranked rows in it (shared by the calls' copies), the added rows in it
+        self._low = {"float32": (weights.lm_head.detach()[self.ranked].contiguous(), torch.empty(0))}  # one stream
+        self._low_added: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def ids(self) -> torch.Tensor:
-        return self._ids[: self.size]
+        return torch.cat([self.ranked, self.added]) if len(self.added) else self.ranked
 
     @property
     def weight(self) -> torch.Tensor:
-        return self._rows[: self.size]
+        """All rows in float32, one contiguous matrix (the Triton path's fused draft head; joined
+        once per change of the added tokens)."""
+        ranked, _ = self._low["float32"]
+        if not len(self.added):
+            return ranked
+        if "joined" not in self._low_added:
+            self._low_added["joined"] = (torch.cat([ranked, self._rows("float32")[0]]), torch.empty(0))
+        return self._low_added["joined"][0]
 
     def __len__(self) -> int:
-        return self.size
+        return len(self.ranked) + len(self.added)
 
     def with_context(self, tokens: torch.Tensor) -> "DraftHead":
-        """A copy of this vocabulary that also covers ``tokens`` (any shape; ids outside the
-        vocabulary ignored), with room to :meth:`add` more."""
+        """A vocabulary for one call: this one's ranked rows (shared) and ``tokens`` (any shape;
+        ids outside the vocabulary ignored)."""
         copy = object.__new__(DraftHead)
-        copy.weights, copy.vocab_size, copy.size, copy.static = self.weights, self.vocab_size, self.size, self.size
-        copy.inside = self.inside.clone()
-        copy._low, copy._low_added = self._low if self.size == self.static else {}, {}  # shared: made once
-        copy._ids, copy._rows = self._ids[: self.size], self._rows[: self.size]
-        copy.add(tokens, room=256)
+        copy.__dict__ |= self.__dict__
+        copy.inside, copy._low_added = self.inside.clone(), {}
+        copy.add(tokens)
         return copy
 
-    def add(self, tokens: torch.Tensor, room: int = 0) -> None:
-        """Cover ``tokens`` too: their rows of the LM head go after the others (the ranking's ties
-        keep their order). Storage grows by an eighth, or ``room`` spare rows if more."""
+    def add(self, tokens: torch.Tensor) -> None:
+        """Cover ``tokens`` too (after the ranked tokens: ties keep their order)."""
         t = tokens.reshape(-1).to(self.inside.device)
         t = t[(t >= 0) & (t < self.vocab_size)].unique()
         new = t[~self.inside[t]]
-        end = self.size + len(new)
-        if end + room > len(self._ids):
-            grown = end + max(room, len(self._ids) // 8)
-            self._ids = torch.cat([self._ids[: self.size], self._ids.new_empty(grown - self.size)])
-            self._rows = torch.cat([self._rows[: self.size], self._rows.new_empty(grown - self.size, self._rows.shape[1])])
-        self._ids[self.size : end] = new
-        self._rows[self.size : end] = self.weights.lm_head.detach()[new]
-        self.inside[new] = True
-        self.size = end
+        if len(new):
+            self.added = torch.cat([self.added, new])
+            self.inside[new] = True
+            self._low_added = {}
 
     def logits(self, h: torch.Tensor, precision: str = "float32") -> torch.Tensor:
         """Final norm, the subset's rows of the LM head, soft-capping -> (..., V) logits. ``precision``:
         the rows' (a draft over a low-precision copy of the weights reads its head's rows in it too:
         a copy made on first use, see :func:`specgate.kernels.cpu_step.low_precision`)."""
-        if precision == "float32":
-            rows = lambda x: linear(x, self.weight)  # noqa: E731
-        else:
-            parts = [self._low_rows(precision)]
-            if self.size > self.static:
-                parts.append(self._added_rows(precision))
-            rows = lambda x: torch.cat([_low_linear(x, *part) for part in parts], -1)  # noqa: E731
-        sub = head(self.weights, h, rows)
+        if precision not in self._low:
+            self._low[precision] = low_precision(self._low["float32"][0], precision)
+        parts = [self._low[precision]] + ([self._rows(precision)] if len(self.added) else [])
+        product = (lambda x, w, _: linear(x, w)) if precision == "float32" else low_precision_linear
+        sub = head(self.weights, h, lambda x: torch.cat([product(x, *part) for part in parts], -1))
         out = sub.new_full((*sub.shape[:-1], self.vocab_size), float("-inf"))
         return out.index_copy_(-1, self.ids, sub)
 
-    def _low_rows(self, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if precision not in self._low:
-            self._low[precision] = low_precision(self._rows[: self.static], precision)
-        return self._low[precision]
-
-    def _added_rows(self, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-        n, *rows = self._low_added.get(precision, (0, None, None))
-        if n != self.size:  # a few hundred rows at most: quantized anew when they change
-            rows = low_precision(self._rows[self.static : self.size], precision)
-            self._low_added[precision] = (self.size, *rows)
-        return tuple(rows)
-
-
-def _low_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return torch.ops.specgate.small_linear(x, weight, None, scale if scale.numel() else None)
+    def _rows(self, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The added tokens' rows in ``precision`` (a few hundred at most: made anew when they change)."""
+        if precision not in self._low_added:
+            self._low_added[precision] = low_precision(self.weights.lm_head.detach()[self.added], precision)
+        return self._low_added[precision]

@@ -43,7 +43,7 @@ def test_a_calls_vocabulary_grows_with_its_text_and_leaves_the_shared_one_alone(
     shared = DraftHead(m.engine.weights, torch.tensor([4, 17, 2, 90, 33]))
     call = shared.with_context(torch.tensor([[17, 8, 8, 5], [VOCAB + 3, -1, 61, 4]]))  # ids outside the vocabulary: ignored
     assert call.ids.tolist() == [4, 17, 2, 90, 33, 5, 8, 61] and shared.ids.tolist() == [4, 17, 2, 90, 33]
-    for _ in range(3):  # past the spare room: storage grows
+    for _ in range(3):  # many at a time
         call.add(torch.arange(VOCAB)[torch.randperm(VOCAB)[:120]])
     call.add(torch.tensor([7, 7]))
     assert sorted(call.ids.tolist()) == sorted(set(call.ids.tolist())) and 7 in call.ids.tolist()
