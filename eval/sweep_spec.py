@@ -27,7 +27,7 @@ def main() -> None:
     p.add_argument("--kv-fill", nargs="+", default=["project", "copy_below"])
     p.add_argument("--adaptive", nargs="+", choices=["yes", "no"], default=["yes"],
                    help="no: draft up to max-draft tokens every round (stopped only by min-draft-prob)")  # fmt: skip
-    p.add_argument("--draft-vocab", type=int, default=None, help="draft vocabulary size")
+    p.add_argument("--draft-vocab", nargs="+", default=["full"], help="draft vocabulary sizes ('full': the whole head)")
     p.add_argument("--vocab-context", nargs="+", choices=["yes", "no"], default=["yes"],
                    help="whether the draft vocabulary grows with the text (draft_vocab_context)")  # fmt: skip
     p.add_argument("--draft-precision", default="float32", help="the draft's weight precision (float32, int8, ...)")
@@ -41,12 +41,13 @@ def main() -> None:
     encoded = [m.encode_chat(q) for q in bench.mtbench_prompts(args.prompts)]
     n = args.max_new_tokens
     methods = {"plain": lambda ids: m.generate(ids, max_new_tokens=n)}
-    grid = itertools.product(args.budgets, args.max_draft, args.min_draft_prob, args.kv_fill, args.adaptive, args.vocab_context)
-    for b, k, pmin, fill, adapt, grow in grid:
-        spec = SpecConfig(draft_budget=b, max_draft=k, min_draft_prob=pmin, kv_fill=fill, draft_vocab=args.draft_vocab,
+    vocabs = [None if v == "full" else int(v) for v in args.draft_vocab]
+    grid = itertools.product(args.budgets, args.max_draft, args.min_draft_prob, args.kv_fill, args.adaptive, args.vocab_context, vocabs)
+    for b, k, pmin, fill, adapt, grow, vocab in grid:
+        spec = SpecConfig(draft_budget=b, max_draft=k, min_draft_prob=pmin, kv_fill=fill, draft_vocab=vocab,
                           adaptive=adapt == "yes", init_draft=None if adapt == "yes" else k, draft_vocab_context=grow == "yes",
                           draft_precision=args.draft_precision)  # fmt: skip
-        name = f"b={b} k={k}{'' if adapt == 'yes' else ' fixed'} pmin={pmin} {fill}" + ("" if grow == "yes" else " static")
+        name = f"b={b} k={k}{'' if adapt == 'yes' else ' fixed'} pmin={pmin} {fill} vocab={vocab or 'full'}" + ("" if grow == "yes" else " static")
         methods[name] = lambda ids, spec=spec: m.generate(
             ids, max_new_tokens=n, speculative=True, spec_config=spec, return_dict_in_generate=True
         )

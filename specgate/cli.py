@@ -209,6 +209,9 @@ _HELP = {
     "context_budget": "the budget of that draft (standins: several, such as 0.5,0.7, train it at each in turn)",
     "draft_round": "standins: 0 trains the draft on its own K/V at every earlier position; R on rounds of R draft "
     "tokens, each after a prefix whose K/V are the original model's, as when decoding",
+    "train_gates": "standins: train the gates jointly with the stand-ins and adapters (each budget's threshold is "
+    "steered to keep skipping its share of the compute; calibrate afterwards)",
+    "gate_lr": "standins with --train-gates: the gates' learning rate",
     "time_limit_s": "stop with a checkpoint after this many seconds",
     "resume": "continue from the checkpoints in OUTPUT_DIR (refused if they were made from another model, data or settings)",
 }
@@ -260,8 +263,9 @@ def cmd_train(args) -> int:
         calibrate_default(m, gates, CalibrateConfig(budgets=tuple(args.calibrate)))
         save_gates(gates, out / "gates")
         print(f"calibrated for budgets {args.calibrate}", file=sys.stderr)
-    elif gates.thresholds:  # the standins objective keeps the thresholds of its draft
-        print(f"thresholds kept from {config.context_gates} (budgets {sorted(gates.thresholds)}); the stand-ins and adapters move "
+    elif gates.thresholds:  # the standins objective keeps (or steers) the thresholds of its draft
+        how = "steered while the gates trained" if config.train_gates else "kept"
+        print(f"thresholds {how} from {config.context_gates} (budgets {sorted(gates.thresholds)}); the stand-ins and adapters move "
               f"the gates' inputs: `specgate calibrate --gates {out / 'gates'}` makes the budgets exact again", file=sys.stderr)  # fmt: skip
     else:
         print(f"not calibrated: run `specgate calibrate --gates {out / 'gates'}` before speculative decoding", file=sys.stderr)

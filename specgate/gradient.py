@@ -74,11 +74,14 @@ def gated_forward(
             record.run.append(run)
             record.sq.append(g.pow(2).mean(-1))
         factor = branch_factor(g, run, scale)
-        if run is not None and gates.standins is not None:
-            h = h + gates.standins(x, i, branch) * (~run)[..., None].to(h.dtype)
+        # 1 where the branch runs, 0 where skipped; gates that only decide get their gradient through it, so a
+        # skipped token's gate learns <d loss / d h, o + adapter - stand-in>: what running the branch would gain
+        on = None if run is None else factor if not scale else run[..., None].to(h.dtype)
+        if on is not None and gates.standins is not None:
+            h = h + gates.standins(x, i, branch) * (1 - on)
         if decide is not None and gates.adapters is not None:  # a skipping pass: the draft's adapters
             a = gates.adapters(x, i, branch)
-            h = h + (a if run is None else a * run[..., None].to(h.dtype))
+            h = h + (a if on is None else a * on)
         return h + (o if factor is None else factor * o)
 
     return dense_forward(engine.weights, input_ids, add, history=history, round_len=round_len)
@@ -126,6 +129,7 @@ class StepStats:
     skipped: float  # share of valid (token, branch) evaluations skipped
     budget: float  # the budget of this step
     tokens: int  # valid tokens in the batch
+    compute_skipped: float | None = None  # standins: share of the draft's layer compute skipped
 
 
 def step_budget(config, step: int) -> float:
@@ -159,8 +163,11 @@ def train_step(
         decide = lambda imp, i, b: runs(imp, i, b) | ~valid  # noqa: E731
         logits = gated_forward(engine, ids, gates, decide, record, kvs, config.draft_round or 1).float()
         kl = (target_logp.exp() * (target_logp - logits.log_softmax(-1))).sum(-1)[valid].mean()
-        skipped = 1.0 - float(torch.stack(record.run)[:, valid].float().mean())
-        return kl, StepStats(float(kl.detach()), 0.0, 0.0, skipped, budget, int(valid.sum())), torch.zeros(0)
+        skips = (~torch.stack(record.run)[:, valid]).float().mean(1)  # (2L,) share skipped, order (layer, branch)
+        cost, saved = engine.pass_costs("project", gates)
+        compute = sum(saved[k % 2][k // 2] * float(skips[k]) for k in range(len(skips))) / sum(map(sum, cost))
+        stats = StepStats(float(kl.detach()), 0.0, 0.0, float(skips.mean()), budget, int(valid.sum()), compute)
+        return kl, stats, torch.zeros(0)
     if config.objective == "distill":
         with torch.no_grad():  # the original model (gates read along, nothing skipped or scaled)
             full = ForwardRecord()
@@ -212,6 +219,7 @@ def train_gradient(model, config, gates: GateSet, pieces: Callable[[], list[list
         if saved["gate_config"] != gates.config.__dict__:
             raise ValueError(f"{ckpt} holds gates of another shape ({saved['gate_config']}): use another output_dir")
         gates.load_state_dict(saved["gates"])
+        gates.thresholds.update(saved.get("thresholds", {}))  # steered while the gates trained
         optimizer.load_state_dict(saved["optimizer"])
         state = {"step": saved["step"], "prev_imp": saved["prev_imp"]}
     world = accelerator.num_processes
@@ -238,13 +246,16 @@ def train_gradient(model, config, gates: GateSet, pieces: Callable[[], list[list
                 torch.nn.utils.clip_grad_norm_(p, config.clip)
         optimizer.step()
         state["prev_imp"] = imp.cpu()
-        return {"loss": f"{stats.loss:.4f}", "sparsity": f"{stats.sparsity:.3f}", "skip": f"{stats.skipped:.3f}",
-                "budget": f"{stats.budget:.2f}"}  # fmt: skip
+        if getattr(config, "train_gates", False):
+            steer_threshold(gates, budget, stats.compute_skipped)
+        shown = {"loss": f"{stats.loss:.4f}", "sparsity": f"{stats.sparsity:.3f}", "skip": f"{stats.skipped:.3f}",
+                 "budget": f"{stats.budget:.2f}"}  # fmt: skip
+        return shown if stats.compute_skipped is None else {**shown, "compute": f"{stats.compute_skipped:.3f}"}
 
     def save(done: int) -> None:
         if accelerator.is_main_process:
             save_atomic({"gates": gates.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
-                         "prev_imp": state["prev_imp"], "config": asdict(config),
+                         "prev_imp": state["prev_imp"], "config": asdict(config), "thresholds": dict(gates.thresholds),
                          "gate_config": gates.config.__dict__}, ckpt)  # fmt: skip
             save_gates(gates, out / "gates")
 
@@ -256,7 +267,10 @@ def train_gradient(model, config, gates: GateSet, pieces: Callable[[], list[list
 def train_standins(model, config, gates: GateSet, pieces, out: Path, accelerator) -> GateSet:
     """The ``standins`` objective: the draft-only parameters of ``gates`` (stand-ins, adapters)
     trained by KL distillation into the draft the gates make at ``config.context_budget`` (several:
-    in turn); the gates and their thresholds stay as they are (see :func:`train_step`)."""
+    in turn); the gates stay as they are (see :func:`train_step`), unless ``config.train_gates``:
+    then they train with them, each skipped token's gate by what running its branch would gain
+    (see :func:`gated_forward`), and each budget's threshold is steered so that the draft keeps
+    skipping that share of its compute (:func:`steer_threshold`)."""
     draft_only = [m for m in (gates.standins, gates.adapters) if m is not None]
     if not draft_only:
         raise ValueError(
@@ -268,10 +282,23 @@ def train_standins(model, config, gates: GateSet, pieces, out: Path, accelerator
         p.requires_grad_(False)
     for p in (p for m in draft_only for p in m.parameters()):
         p.requires_grad_(True)
+    if config.train_gates:
+        for p in (p for m in (gates.attn, gates.mlp) for p in m.parameters()):
+            p.requires_grad_(True)
     gates = train_gradient(model, config, gates, pieces, out, accelerator)
     for p in gates.parameters():
         p.requires_grad_(False)
     return gates
+
+
+def steer_threshold(gates: GateSet, budget: float, skipped: float, gain: float = 2.0) -> None:
+    """Move the draft's threshold at ``budget`` (in log-odds, the same value for every branch that
+    may skip) by ``gain`` times how far the compute it skipped (``skipped``) fell short of the
+    budget: training gates raise or lower the importances they give, the budget stays what it says."""
+    key = min(gates.thresholds, key=lambda b: abs(b - budget))
+    t = gates.thresholds[key]
+    moved = torch.sigmoid(torch.logit(t.clamp(1e-6, 1 - 1e-6)) + gain * (budget - skipped))
+    gates.thresholds[key] = torch.where(t >= 0, moved.to(t.dtype), t)  # below 0: a branch that never skips
 
 
 def init_from_order(gates: GateSet, order: list[tuple[int, int]], spread: float = 4.0) -> None:
@@ -301,9 +328,14 @@ def make_optimizer(gates: GateSet, config) -> torch.optim.Optimizer:
     proportional to the gradient (clipped per tensor, for the first catastrophic skips).
     """
     name, lr = optimizer_settings(config)
+    params = _trained(gates)
+    if getattr(config, "train_gates", False):  # standins: the gates beside the draft-only parameters, at their own rate
+        own = {id(p) for m in (gates.attn, gates.mlp) for p in m.parameters()}
+        params = [{"params": [p for p in params if id(p) not in own]},
+                  {"params": [p for p in params if id(p) in own], "lr": config.gate_lr}]  # fmt: skip
     if name == "sgd":
-        return torch.optim.SGD(_trained(gates), lr=lr, momentum=0.9)
-    return torch.optim.AdamW(_trained(gates), lr=lr, weight_decay=0.0)
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
 def optimizer_settings(config) -> tuple[str, float]:

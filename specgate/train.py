@@ -13,6 +13,7 @@ the layer math (:mod:`specgate.layers`) and the loop skeleton (:mod:`specgate.lo
   distillation into the draft those gates make at ``context_budget``: draft-only parameters,
   trained under the draft's own skips and its own K/V history (``draft_round`` R: the history of
   decoding instead, rounds of R draft tokens after a prefix with the original model's K/V).
+  ``train_gates`` trains the gates with them (joint fine-tuning from the damage-fitted start).
 
 ``standin_rank`` fits stand-ins for skipped branches (:mod:`specgate.standin`) on the training text
 first (with ``context_gates``: only at the tokens that draft skips); the objectives then train with
@@ -71,6 +72,8 @@ class TrainConfig:
     context_gates: str | None = None  # damage, standins: the draft of these calibrated gates (stand-ins included)
     context_budget: float | tuple[float, ...] = 0.5  # ... at this budget (standins: several, one per step in turn)
     draft_round: int = 0  # standins: 0: the draft's own K/V everywhere; R: rounds of R draft tokens after a verified prefix
+    train_gates: bool = False  # standins: train the gates too (jointly with the stand-ins and adapters)
+    gate_lr: float = 3e-5  # ... at this learning rate
     budget_max: float = 0.5  # share of (token, branch) evaluations skipped (warm-up target for paper)
     budget_min: float = 0.1  # distill: lower end of the sampled budgets
     warmup_steps: int = 200  # budget warm-up: 0 -> budget_max (paper); range scaled up (distill)
@@ -125,8 +128,10 @@ class TrainConfig:
             )
         if self.draft_round < 0:
             raise ValueError(f"draft_round must be >= 0, got {self.draft_round}")
-        if self.draft_round and self.objective != "standins":
-            raise ValueError("draft_round is for the standins objective")
+        if (self.draft_round or self.train_gates) and self.objective != "standins":
+            raise ValueError("draft_round and train_gates are for the standins objective")
+        if self.gate_lr <= 0:
+            raise ValueError(f"gate_lr must be > 0, got {self.gate_lr}")
         if self.context_gates and self.objective not in ("damage", "standins"):
             raise ValueError("context_gates is for the damage and standins objectives")
         if self.standin_rank is not None and self.standin_rank < 0:

@@ -159,8 +159,10 @@ def test_draft_rounds_train_on_what_decoding_sees(family):
 
 
 def test_draft_rounds_are_for_the_standins_objective():
-    with pytest.raises(ValueError, match="draft_round is for the standins objective"):
+    with pytest.raises(ValueError, match="draft_round and train_gates are for the standins objective"):
         T.TrainConfig(objective="damage", draft_round=2)
+    with pytest.raises(ValueError, match="draft_round and train_gates are for the standins objective"):
+        T.TrainConfig(objective="damage", train_gates=True)
     with pytest.raises(ValueError, match="draft_round must be >= 0"):
         T.TrainConfig(objective="standins", context_gates="x", draft_round=-1)
 
@@ -400,3 +402,78 @@ def test_a_skip_saves_its_branch_less_its_stand_in_plus_its_adapter():
         for i in range(eng.num_layers):
             assert more_cost[b][i] - cost[b][i] == pytest.approx(standin / weights)
             assert more_saved[b][i] - saved[b][i] == pytest.approx(standin / weights)
+
+
+def test_a_skipped_tokens_gate_learns_what_running_its_branch_would_gain(trainee, monkeypatch):
+    """With stand-ins and adapters in place, the gradient a decide-only gate gets at a skipped token
+    is <d loss / d h, o + a - s>: the first-order gain of running the branch (output o, adapter a)
+    instead of its stand-in s, read here from the residual stream's own gradient."""
+    m = trainee
+    gates = specgate.GateSet(specgate.gates.GateConfig(m.config.hidden_size, 3, kind="scalar", scale_output=False))
+    gates.standins, gates.adapters = _standins(m, rank=2), _standins(m, rank=3, seed=1)
+    ids = torch.tensor(own_docs(m, n=2, length=12))
+    t, seen = 7, {}  # the one (token, branch) skipped: layer 1's MLP at position 7 of sequence 0
+
+    def decide(imp, layer, branch):
+        run = torch.ones_like(imp, dtype=torch.bool)
+        run[0, t] = (layer, branch) != (1, 1)
+        return run
+
+    def recording(weights, input_ids, add, **kw):  # keeps that branch's input, output and the residual after it
+        def watched(h, x, o, i, branch):
+            out = add(h, x, o, i, branch)
+            if (i, branch) == (1, 1):
+                out.retain_grad()
+                seen.update(x=x, o=o, h=out, g=gates.gate(1, 1)(x)[0, t, 0].detach())
+            return out
+
+        return layers.dense_forward(weights, input_ids, watched, **kw)
+
+    monkeypatch.setattr(G, "dense_forward", recording)
+    probe = torch.randn(m.config.vocab_size, generator=torch.Generator().manual_seed(3))
+    gates.gate(1, 1).proj.bias.requires_grad_(True)
+    (gated_forward(m.engine, ids, gates, decide).float().log_softmax(-1) * probe).sum().backward()
+    g = float(seen["g"])
+    analytic = float(gates.gate(1, 1).proj.bias.grad) / (g * (1 - g))  # d loss / d g at the one skipped token
+    with torch.no_grad():
+        x, o = seen["x"][0, t], seen["o"][0, t]
+        gain = o + gates.adapters(x, 1, 1) - gates.standins(x, 1, 1)
+    expected = float(seen["h"].grad[0, t] @ gain)
+    assert abs(expected) > 1e-3 and analytic == pytest.approx(expected, rel=1e-4)
+
+
+def test_joint_training_moves_the_gates_and_keeps_the_budget(trainee, tmp_path, monkeypatch):
+    """``train_gates``: the gates train with the adapters; the budget's threshold is steered so that
+    the draft skips that share of its compute (from one that skipped far less); the steered
+    thresholds are saved, and an interrupted run resumes to the uninterrupted one's gates and thresholds."""
+    docs = own_docs(trainee)
+    first = T.train(trainee, train_config(tmp_path, objective="damage", steps=2), documents=docs)
+    ids = torch.tensor([d[:32] for d in own_docs(trainee, n=8)])
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    record = ForwardRecord()
+    with torch.no_grad():
+        gated_forward(trainee.engine, ids, first, None, record)
+    low = torch.stack(record.importance).flatten(1).quantile(0.15, dim=1)  # each branch skips ~15% of tokens
+    first.thresholds[0.5] = low.view(3, 2).T.contiguous()
+    specgate.save_gates(first, tmp_path / "first")
+    config = train_config(tmp_path, objective="standins", steps=16, context_gates=str(tmp_path / "first"),
+                          adapter_rank=4, train_gates=True, gate_lr=1e-2, output_dir=str(tmp_path / "joint"))  # fmt: skip
+
+    def compute_skipped(gates) -> float:
+        with torch.no_grad():
+            return G.train_step(trainee.engine, gates, ids, valid, config, 0.5, None)[1].compute_skipped
+
+    joint = T.train(trainee, config, documents=docs)
+    assert compute_skipped(first) < 0.3 and compute_skipped(joint) == pytest.approx(0.5, abs=0.1)
+    assert not torch.equal(joint.gate(2, 1).proj.weight, first.gate(2, 1).proj.weight)
+    saved = specgate.load_gates(tmp_path / "joint" / "gates", trainee.config)
+    assert torch.equal(saved.thresholds[0.5], joint.thresholds[0.5])
+    short = lambda name: dataclasses.replace(config, steps=6, output_dir=str(tmp_path / name))  # noqa: E731
+    whole = T.train(trainee, short("whole"), documents=docs)
+    with monkeypatch.context() as patch:
+        patch.setattr(G, "train_step", interrupting(G.train_step, at_call=4))
+        with pytest.raises(KeyboardInterrupt):
+            T.train(trainee, short("cut"), documents=docs)
+    resumed = T.train(trainee, short("cut"), documents=docs)
+    assert torch.equal(resumed.thresholds[0.5], whole.thresholds[0.5])
+    assert torch.equal(resumed.gate(1, 0).proj.weight, whole.gate(1, 0).proj.weight)
