@@ -30,7 +30,7 @@ def main() -> None:
     p.add_argument("--draft-vocab", nargs="+", default=["full"], help="draft vocabulary sizes ('full': the whole head)")
     p.add_argument("--vocab-context", nargs="+", choices=["yes", "no"], default=["yes"],
                    help="whether the draft vocabulary grows with the text (draft_vocab_context)")  # fmt: skip
-    p.add_argument("--draft-precision", default="float32", help="the draft's weight precision (float32, int8, ...)")
+    p.add_argument("--draft-precision", nargs="+", default=["float32"], help="the draft's weight precisions (float32, int8, ...)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -42,12 +42,15 @@ def main() -> None:
     n = args.max_new_tokens
     methods = {"plain": lambda ids: m.generate(ids, max_new_tokens=n)}
     vocabs = [None if v == "full" else int(v) for v in args.draft_vocab]
-    grid = itertools.product(args.budgets, args.max_draft, args.min_draft_prob, args.kv_fill, args.adaptive, args.vocab_context, vocabs)
-    for b, k, pmin, fill, adapt, grow, vocab in grid:
+    grid = itertools.product(args.budgets, args.max_draft, args.min_draft_prob, args.kv_fill, args.adaptive, args.vocab_context, vocabs,
+                             args.draft_precision)  # fmt: skip
+    for b, k, pmin, fill, adapt, grow, vocab, precision in grid:
         spec = SpecConfig(draft_budget=b, max_draft=k, min_draft_prob=pmin, kv_fill=fill, draft_vocab=vocab,
                           adaptive=adapt == "yes", init_draft=None if adapt == "yes" else k, draft_vocab_context=grow == "yes",
-                          draft_precision=args.draft_precision)  # fmt: skip
-        name = f"b={b} k={k}{'' if adapt == 'yes' else ' fixed'} pmin={pmin} {fill} vocab={vocab or 'full'}" + ("" if grow == "yes" else " static")
+                          draft_precision=precision)  # fmt: skip
+        name = f"b={b} k={k}{'' if adapt == 'yes' else ' fixed'} pmin={pmin} {fill} vocab={vocab or 'full'} {precision}" + (
+            "" if grow == "yes" else " static"
+        )
         methods[name] = lambda ids, spec=spec: m.generate(
             ids, max_new_tokens=n, speculative=True, spec_config=spec, return_dict_in_generate=True
         )

@@ -19,9 +19,9 @@ a draft that reads a half, a quarter or about a sixth of the layers' bytes (the 
 ``draft_precision``). It costs that copy's memory; the verifier keeps the float32 weights, so
 speculation stays lossless. Weights that were dequantized from Q4_1 (the SmolLM2 GGUF we test with)
 come back almost exactly in int4 (4-bit codes, with the scale and offset recomputed in float32).
-On CPUs with AVX-512 VNNI the int8 products round the token rows to int8 too (a scale per 4
-inputs) and multiply 64 bytes per instruction (:func:`int8_activations`): the int8 draft's products
-were compute-bound without it.
+On CPUs with AVX-512 VNNI the int8 and int4 products round the token rows to int8 too (a scale per 4
+inputs) and multiply 64 weights per instruction (:func:`int8_activations`): the int8 and int4 drafts'
+products were compute-bound without it.
 """
 
 from __future__ import annotations
@@ -216,8 +216,8 @@ def head_precision(precision: str) -> str:
 
 
 def int8_activations() -> bool:
-    """Whether the kernels' int8 products round the token rows to int8 too (CPUs with AVX-512 VNNI; rows of a
-    multiple of 64 inputs): see :func:`rounded_activations`. Elsewhere they take the float32 rows."""
+    """Whether the kernels' int8 and int4 products round the token rows to int8 too (CPUs with AVX-512 VNNI;
+    rows of a multiple of 64 inputs): see :func:`rounded_activations`. Elsewhere they take the float32 rows."""
     return cpu_linear.load() is not None and torch.ops.specgate.int8_activations()
 
 

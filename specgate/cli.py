@@ -264,9 +264,10 @@ def cmd_train(args) -> int:
         save_gates(gates, out / "gates")
         print(f"calibrated for budgets {args.calibrate}", file=sys.stderr)
     elif gates.thresholds:  # the standins objective keeps (or steers) the thresholds of its draft
-        how = "steered while the gates trained" if config.train_gates else "kept"
-        print(f"thresholds {how} from {config.context_gates} (budgets {sorted(gates.thresholds)}); the stand-ins and adapters move "
-              f"the gates' inputs: `specgate calibrate --gates {out / 'gates'}` makes the budgets exact again", file=sys.stderr)  # fmt: skip
+        what = (f"the gates trained, their thresholds at {list(config.context_budgets)} steered on the training text"
+                if config.train_gates else "the stand-ins and adapters move the gates' inputs")  # fmt: skip
+        print(f"thresholds taken from {config.context_gates} (budgets {sorted(gates.thresholds)}); {what}: "
+              f"`specgate calibrate --gates {out / 'gates'}` makes the budgets exact again", file=sys.stderr)  # fmt: skip
     else:
         print(f"not calibrated: run `specgate calibrate --gates {out / 'gates'}` before speculative decoding", file=sys.stderr)
     return 0

@@ -164,11 +164,11 @@ def test_probe_threads_restores_thread_count():
 
 @pytest.mark.parametrize("precision", ["bfloat16", "int8", "int4"])
 @pytest.mark.parametrize("rows", [1, 5, 11])
-@pytest.mark.parametrize("d", [83, 600, 640])
+@pytest.mark.parametrize("d", [100, 600, 640])  # int4: 96 (its float path where VNNI is), 576, 640
 def test_kernel_reads_low_precision_weights(kernel, precision, rows, d):
     """bfloat16, int8 (with row scales) and int4 (with a scale and offset per 32 inputs) weights give
-    F.linear of the weights they stand for; int8 ones of activations rounded to int8 too where the
-    kernel does that (VNNI, rows of a multiple of 64 inputs)."""
+    F.linear of the weights they stand for; int8 and int4 ones of activations rounded to int8 too where
+    the kernel does that (VNNI, rows of a multiple of 64 inputs)."""
     from specgate.kernels.cpu_step import dequantized, int8_activations, low_precision, rounded_activations
 
     d = d // 32 * 32 if precision == "int4" else d  # int4 rows come in groups of 32 inputs
@@ -177,7 +177,7 @@ def test_kernel_reads_low_precision_weights(kernel, precision, rows, d):
     x[:, 7] *= 30  # an outlier feature, as hidden states have: it costs only its own group precision
     q, extra = low_precision(w, precision)
     got = kernel(x, q, b, extra if extra.numel() else None)
-    seen = rounded_activations(x) if precision == "int8" and int8_activations() and d % 64 == 0 else x
+    seen = rounded_activations(x) if precision in ("int8", "int4") and int8_activations() and d % 64 == 0 else x
     torch.testing.assert_close(got, F.linear(seen, dequantized(w, precision), b), rtol=1e-5, atol=1e-4)
     if seen is not x:  # and the rounding is what it claims: within half a step of each group's scale
         assert not torch.allclose(got, F.linear(x, dequantized(w, precision), b), rtol=1e-5, atol=1e-4)
