@@ -333,7 +333,7 @@ def cmd_tune(args) -> int:
     config = tune.TuneConfig(
         budgets=tuple(args.budgets) if args.budgets else None, vocabs=tuple(args.vocab) if args.vocab is not None else None,
         max_draft=args.max_draft, prompts=args.prompts, tokens=args.tokens, rounds=args.rounds, kv_fills=tuple(args.kv_fills),
-        precisions=tuple(args.precisions), draft_probs=tuple(args.draft_probs),
+        precisions=tuple(args.precisions) if args.precisions else None, draft_probs=tuple(args.draft_probs),
     )  # fmt: skip
     m = _load(args)
     start = time.perf_counter()
@@ -417,8 +417,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=_positive_int, default=t.rounds, help=f"timed repetitions of each step (default {t.rounds})")
     p.add_argument("--kv-fills", nargs="+", choices=KV_FILLS, default=list(t.kv_fills),
                    help=f"K/V fills of the draft to try (default {' '.join(t.kv_fills)})")  # fmt: skip
-    p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(t.precisions),
-                   help=f"draft weight precisions to try; bfloat16 / int8 cost a copy of the weights in memory (default {' '.join(t.precisions)})")  # fmt: skip
+    p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=None,
+                   help="draft weight precisions to try at every setting; others than float32 cost a copy of the weights in "
+                        "memory (default: float32, and the int8 and int4 copies that run here as drafts that skip nothing)")  # fmt: skip
     p.add_argument("--draft-probs", type=_probs, default=list(t.draft_probs), metavar="P1,P2",
                    help="also try rounds of up to --max-draft drafts that stop below each top-1 probability, or 'none' "
                         f"(default {','.join(map(str, t.draft_probs))})")  # fmt: skip

@@ -11,8 +11,10 @@ for k drafts, per-position acceptance a, draft-step cost c and verify cost v of 
 relative to a plain step; plain decoding (1.0x) is one of the options. ``kv_fill`` is there because
 projecting the K/V of a token that skips attention costs a share of the branch, and copying the
 layer below's instead costs the draft some acceptance: which pays is measured, per machine.
-``draft_precision`` (bfloat16, int8 or int4 copies of the weights, tried only when ``precisions`` names
-them: they cost memory) trades acceptance for bytes read the same way. Each setting is also tried
+``draft_precision`` (bfloat16, int8 or int4 copies of the weights: they cost memory) trades acceptance
+for bytes read the same way; by default the int8 and int4 copies the engine can run here are tried
+as drafts that skip nothing (what won on every CPU measured), ``precisions`` tries the ones it
+names at every setting. Each setting is also tried
 with rounds of up to ``max_draft`` drafts that stop where the draft is unsure (``min_draft_prob``,
 ``draft_probs``): their tokens and draft steps per round are measured, not modelled. The choice is stored in
 ``<cache>/tune-<key>.json``; the key hashes the model, the gates' tensors, the CPU, torch and the
@@ -61,7 +63,9 @@ class TuneConfig:
     budgets: tuple[float, ...] | None = None  # None: every budget the gates are calibrated for
     vocabs: tuple[int, ...] | None = None  # restricted draft vocabularies; None: DEFAULT_VOCABS (full head always)
     kv_fills: tuple[str, ...] = KV_FILLS  # the draft's K/V of tokens that skip attention (Engine.forward)
-    precisions: tuple[str, ...] = ("float32",)  # the draft's weight precisions (others cost a copy in memory)
+    # the draft's weight precisions, each at every setting (others than float32 cost a copy in memory);
+    # None: float32, and the int8 / int4 copies that run here as drafts that skip nothing (DEFAULT_LOW)
+    precisions: tuple[str, ...] | None = None
     max_draft: int = 8  # k is chosen in 1..max_draft
     # also try rounds of up to max_draft drafts that stop once the draft's top-1 probability is below each
     draft_probs: tuple[float, ...] = (0.5,)
@@ -75,7 +79,7 @@ class TuneConfig:
                 raise ValueError(f"{name} must be 1 or more, got {getattr(self, name)}")
         if not self.kv_fills or not set(self.kv_fills) <= set(KV_FILLS):
             raise ValueError(f"kv_fills must be some of {KV_FILLS}, got {self.kv_fills}")
-        if not self.precisions or not set(self.precisions) <= set(PRECISIONS):
+        if self.precisions is not None and (not self.precisions or not set(self.precisions) <= set(PRECISIONS)):
             raise ValueError(f"precisions must be some of {PRECISIONS}, got {self.precisions}")
         if not all(0 < p < 1 for p in self.draft_probs):
             raise ValueError(f"draft_probs are top-1 probabilities in (0, 1), got {self.draft_probs}")
@@ -118,15 +122,19 @@ Setting = tuple[float, "int | None", str, str]  # (draft budget, draft vocabular
 
 def candidates(m: SpecGateModel, config: TuneConfig) -> list[Setting]:
     """Settings to try: calibrated budgets (filtered by ``config.budgets``) times the full head and
-    the restricted vocabularies smaller than the model's, times ``config.kv_fills`` and ``config.precisions``;
-    and the drafts over each low-precision copy that skip nothing. Without gates, only those."""
+    the restricted vocabularies smaller than the model's, times ``config.kv_fills`` and ``config.precisions``
+    (None: float32); and the drafts over each low-precision copy that skip nothing (None: those of
+    :data:`DEFAULT_LOW` that run here). Without gates, only those."""
     gates = m.gates
-    low = [p for p in config.precisions if p != "float32"]  # these drafts save without skipping too: budget 0
+    precisions = config.precisions or ("float32",)
+    # these drafts save without skipping too: budget 0
+    low = [p for p in precisions if p != "float32"] if config.precisions else [p for p in DEFAULT_LOW if _low_drafts(m, p)]
     if gates is None:
         if not low:
             raise ValueError(
-                "without gates the only drafts are the model itself over a low-precision copy of its weights: "
-                "pass --precisions int8 (or bfloat16 / int4), or --gates DIR with calibrated gates"
+                "without gates the only drafts are the model itself over a low-precision copy of its weights, and "
+                "none runs here: pass --precisions int8 (or bfloat16 / int4) on a CPU with the fused pass, or --gates "
+                "DIR with calibrated gates"
             )
         if config.budgets or config.vocabs:
             log.warning("no gates: tuning drafts that skip nothing, with the full head (budgets and vocabularies need gates)")
@@ -149,7 +157,7 @@ def candidates(m: SpecGateModel, config: TuneConfig) -> list[Setting]:
         wanted = DEFAULT_VOCABS if config.vocabs is None else config.vocabs
         vocabs += sorted({n for n in wanted if n < len(gates.token_ranking)})
     return [(0.0, v, "project", p) for v in vocabs for p in low] + [
-        (b, v, f, p) for b in budgets for v in vocabs for f in config.kv_fills for p in config.precisions
+        (b, v, f, p) for b in budgets for v in vocabs for f in config.kv_fills for p in precisions
     ]
 
 
@@ -397,7 +405,7 @@ def resolve(m: SpecGateModel, spec_config: SpecConfig | None, overrides: dict[st
         spec, label = spec_config, "spec_config"
     elif tuned is not None:
         spec, label = tuned[0], f"tuned ({_home(tuned[1])})"
-    elif not given and _int8_drafts(m):
+    elif not given and _low_drafts(m, UNTUNED.draft_precision):
         spec, label = UNTUNED, "defaults (int8 draft)"
     else:
         spec, label = SpecConfig(), "defaults"
@@ -410,12 +418,16 @@ def resolve(m: SpecGateModel, spec_config: SpecConfig | None, overrides: dict[st
     return spec, label
 
 
-def _int8_drafts(m: SpecGateModel) -> bool:
-    """Whether the engine can draft from an int8 copy here (makes the copy, which drafting then uses)."""
-    if draft_gates(m.gates, UNTUNED) is not None:  # gates that scale outputs run even at budget 0: not fused
-        return False
+DEFAULT_LOW = ("int8", "int4")  # the copies tune tries by default, as drafts that skip nothing
+
+
+def _low_drafts(m: SpecGateModel, precision: str) -> bool:
+    """Whether the engine can draft from a ``precision`` copy here, skipping nothing (makes the copy,
+    which drafting then uses)."""
+    if draft_gates(m.gates, dataclasses.replace(UNTUNED, draft_precision=precision)) is not None:
+        return False  # gates that scale outputs run even at budget 0: not the fused pass
     try:
-        m.engine.low_precision_step("int8")
+        m.engine.low_precision_step(precision)
     except (RuntimeError, ValueError):
         return False
     return True
@@ -451,7 +463,7 @@ def report(result: dict) -> str:
         top = max(r["speedup"] for r in result["settings"])
         lines.append(f"choice: plain decoding: speculation does not pay here (best setting, {best}, predicts {top:.2f}x); "
                      "`generate(speculative=True)` still uses that best setting")  # fmt: skip
-        if set(result["config"].get("precisions", ["float32"])) == {"float32"}:
+        if set(result["config"].get("precisions") or ["float32", *DEFAULT_LOW]) == {"float32"}:
             lines.append("hint: `--precisions float32 int8` also tries drafts over an int8 copy of the weights "
                          "(+25% memory, still lossless)")  # fmt: skip
     if result["fastest_threads"] != result["threads"]:

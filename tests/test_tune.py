@@ -1,5 +1,6 @@
 """`specgate tune`: the choice formula, an end-to-end run on a tiny model, and when a stored choice is reused."""
 
+import dataclasses
 import json
 import logging
 
@@ -120,15 +121,32 @@ def test_uncalibrated_budgets_are_refused_with_what_to_do():
         tune.candidates(m, tune.TuneConfig())
 
 
+def test_by_default_tune_also_tries_the_low_precision_copies_without_skipping():
+    """Without ``precisions``, tune tries float32 drafts at every setting and, as drafts that skip
+    nothing, the int8 and int4 copies that run here (what won on every CPU measured): a default tune
+    never stores a float32 draft where an int8 one pays. Gates that scale outputs run even at budget
+    0, so not over a copy."""
+    if not linear.available()["smallm"]:
+        pytest.skip("no C++ toolchain: no fused pass, so no low-precision copy to draft from")
+    m = _model()
+    m.gates.config = dataclasses.replace(m.gates.config, scale_output=False)
+    config = tune.TuneConfig(vocabs=(50,), kv_fills=("project",))
+    low = [(0.0, v, "project", p) for v in (None, 50) for p in ("int8", "int4")]
+    assert tune.candidates(m, config) == low + [(b, v, "project", "float32") for b in (0.3, 0.5) for v in (None, 50)]
+    m.gates.config = dataclasses.replace(m.gates.config, scale_output=True)
+    assert {p for *_, p in tune.candidates(m, config)} == {"float32"}
+
+
 def test_without_gates_tune_chooses_among_low_precision_drafts(cache):
     """A model without gates (Gemma 3 ships none) tunes the drafts that skip nothing over a low-precision
-    copy, stores the choice under its own key, and generate uses it losslessly; asked for float32 drafts
-    only, it says what to pass."""
+    copy (by default the int8 and int4 ones), stores the choice under its own key, and generate uses it
+    losslessly; asked for float32 drafts only, it says what to pass."""
     if not linear.available()["smallm"]:
         pytest.skip("no C++ toolchain: no fused pass, so no low-precision copy to draft from")
     m = tiny("llama")
+    assert tune.candidates(m, tune.TuneConfig()) == [(0.0, None, "project", "int8"), (0.0, None, "project", "int4")]
     with pytest.raises(ValueError, match="--precisions int8"):
-        tune.candidates(m, tune.TuneConfig())
+        tune.candidates(m, tune.TuneConfig(precisions=("float32",)))
     config = tune.TuneConfig(precisions=("int8", "bfloat16"), max_draft=3, tokens=16, rounds=2)
     result = tune.tune(m, config, prompts=_prompts())
     assert {(r["budget"], r["vocab"], r["precision"]) for r in result["settings"]} == {(0.0, None, "int8"), (0.0, None, "bfloat16")}
