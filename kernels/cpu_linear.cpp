@@ -41,7 +41,15 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const std
   };
   at::Tensor bias_c, scale_c;
   const float* b = floats(bias, n, "bias", bias_c);
-  const float* s = floats(scale, q4 ? n * row_params<q4_t>(d) : n, "scale", scale_c);
+  const float* s = nullptr;
+  if (q4 && scale.has_value() && scale->defined()) {  // float16 (scale, offset) pairs, read as one float-sized unit each
+    TORCH_CHECK(scale->scalar_type() == at::kHalf && scale->numel() == 2 * n * row_params<q4_t>(d),
+                "small_linear: 4-bit weights need a float16 (scale, offset) pair per group of ", kGroup, " inputs");
+    scale_c = scale->contiguous();
+    s = reinterpret_cast<const float*>(scale_c.data_ptr());
+  } else {
+    s = floats(scale, n, "scale", scale_c);
+  }
   TORCH_CHECK((type == at::kChar || q4) == (s != nullptr),
               "small_linear: int8 weights need a scale per row, 4-bit ones a (scale, offset) per group, others none");
   const at::Tensor x2 = x.reshape({-1, d}).contiguous();

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/Half.h>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -135,9 +136,10 @@ inline Vec load_w(const int8_t* p) { return to_float(*p); }
 #endif
 
 // 4-bit weights (a draft's copy, kernels/cpu_step.py): per group of kGroup inputs, kGroup / 2 bytes,
-// byte j holding input j in its low nibble and input j + kGroup / 2 in its high one (the layout of
-// GGUF's Q4_1 blocks), and a float32 (scale, offset) pair: w = scale * code + offset. A row of d
-// inputs is d / 2 bytes (ldw counts bytes), its pairs d / kGroup (the "scale" pointer's rows).
+// byte j holding input j in its low nibble and input j + kGroup / 2 in its high one, and a float16
+// (scale, offset) pair (the layout of GGUF's Q4_1 blocks): w = scale * code + offset. A row of d
+// inputs is d / 2 bytes (ldw counts bytes), its pairs d / kGroup. A pair is 4 bytes: the "scale"
+// pointer (const float*) steps over pairs, one float-sized unit each, and half_pair reads one.
 struct q4_t {
   uint8_t bits;
 };
@@ -153,8 +155,15 @@ constexpr int64_t byte_of(int64_t k) {  // where input k of a row starts, in byt
   return std::is_same_v<W, q4_t> ? k / 2 : k * static_cast<int64_t>(sizeof(W));
 }
 template <typename W>
-inline int64_t row_params(int64_t d) {
-  return std::is_same_v<W, q4_t> ? 2 * (d / kGroup) : 1;
+inline int64_t row_params(int64_t d) {  // in float-sized units
+  return std::is_same_v<W, q4_t> ? d / kGroup : 1;
+}
+
+// The (scale, offset) pair of a 4-bit group, stored as two float16 in one float-sized unit.
+inline void half_pair(const float* pair, float& scale, float& offset) {
+  const auto* h = reinterpret_cast<const c10::Half*>(pair);
+  scale = static_cast<float>(h[0]);
+  offset = static_cast<float>(h[1]);
 }
 
 // Weights k .. k + kStep of one row as kStep / kLanes vectors. params: the row's (scale, offset)
@@ -165,7 +174,8 @@ inline void load_step(const W* row, int64_t k, const float*, Vec* out) {
 }
 inline void load_step(const q4_t* row, int64_t k, const float* params, Vec* out) {
   const uint8_t* b = &row[k / 2].bits;
-  const float scale = params[2 * (k / kGroup)], offset = params[2 * (k / kGroup) + 1];
+  float scale, offset;
+  half_pair(params + k / kGroup, scale, offset);
 #if defined(__AVX512F__)
   const __m128i bytes = _mm_loadu_si128((const __m128i*)b), low = _mm_set1_epi8(0x0F);
   const __m128i codes[2] = {_mm_and_si128(bytes, low), _mm_and_si128(_mm_srli_epi16(bytes, 4), low)};
@@ -363,7 +373,8 @@ inline void rows_block_q4(const Int8Rows& xq, const float* qsum, const q4_t* w, 
       const __m512i halves = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(b, low)),
                                                 _mm256_and_si256(_mm256_srli_epi16(b, 4), low), 1);
       wv[r] = _mm512_shuffle_i64x2(halves, halves, _MM_SHUFFLE(3, 1, 2, 0));
-      const Vec p = _mm512_castps128_ps512(_mm_loadu_ps(params + r * np + 2 * (k / kGroup)));
+      // groups 2g and 2g + 1's pairs: 4 float16 -> {s0, o0, s1, o1}
+      const Vec p = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(params + r * np + k / kGroup))));
       sv[r] = _mm512_permutexvar_ps(pick_scale, p);
       ov[r] = _mm512_permutexvar_ps(pick_offset, p);
     }

@@ -149,7 +149,7 @@ struct Mat {
         return linear_rows(x, rows, d, reinterpret_cast<const uint16_t*>(w.data_ptr()) + row0 * ldw, ldw, nullptr, bias, y, n);
       case at::kByte:
         return linear_rows(x, rows, d, reinterpret_cast<const q4_t*>(w.data_ptr()) + row0 * ldw, ldw,
-                           scale.data_ptr<float>() + row0 * row_params<q4_t>(d), bias, y, n);
+                           reinterpret_cast<const float*>(scale.data_ptr()) + row0 * row_params<q4_t>(d), bias, y, n);
       default:
         return linear_rows(x, rows, d, w.data_ptr<int8_t>() + row0 * ldw, ldw, scale.data_ptr<float>() + row0, bias, y, n);
     }
@@ -207,8 +207,9 @@ struct CpuStep : torch::CustomClassHolder {
                   "CpuStep: weight matrices must be contiguous float32, bfloat16, int8 or 4-bit (uint8) CPU tensors");
       const int64_t params = type == at::kChar ? w.size(0) : type == at::kByte ? w.size(0) * 4 * w.size(1) / kGroup : 0;
       TORCH_CHECK(type != at::kByte || (2 * w.size(1)) % kGroup == 0, "CpuStep: 4-bit rows need a multiple of ", kGroup, " inputs");
-      TORCH_CHECK(!params || (scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == params),
-                  "CpuStep: an int8 matrix needs a float32 scale per row, a 4-bit one a (scale, offset) per group");
+      TORCH_CHECK(!params || (scale.scalar_type() == (type == at::kByte ? at::kHalf : at::kFloat) && scale.is_contiguous() &&
+                              scale.numel() == params),
+                  "CpuStep: an int8 matrix needs a float32 scale per row, a 4-bit one a float16 (scale, offset) per group");
       return Mat{w, scale};
     };
     for (int64_t i = 0; i < L; ++i) {

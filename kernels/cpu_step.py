@@ -18,7 +18,7 @@ in 4 bits with a scale and an offset per group of 32 inputs, GGUF's Q4_1 layout,
 a draft that reads a half, a quarter or about a sixth of the layers' bytes (the engine's
 ``draft_precision``). It costs that copy's memory; the verifier keeps the float32 weights, so
 speculation stays lossless. Weights that were dequantized from Q4_1 (the SmolLM2 GGUF we test with)
-come back almost exactly in int4 (4-bit codes, with the scale and offset recomputed in float32).
+come back almost exactly in int4 (4-bit codes, with the scale and offset recomputed and stored in float16, as Q4_1 stores them).
 On CPUs with AVX-512 VNNI the int8 and int4 products round the token rows to int8 too (a scale per 4
 inputs) and multiply 64 weights per instruction (:func:`int8_activations`): the int8 and int4 drafts'
 products were compute-bound without it.
@@ -183,17 +183,18 @@ def low_precision_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Ten
 
 
 def int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w (n, d) as 4-bit codes, (n, d / 2) uint8, and (n, d / GROUP, 2) float32 (scale, offset) per group of
-    GROUP inputs: code = round((w - offset) / scale) in 0..15 with offset the group's minimum and scale
-    its range / 15, so w ~ scale * code + offset. Byte j of a group's GROUP / 2 holds the codes of its
-    inputs j (low nibble) and j + GROUP / 2 (high nibble)."""
+    """w (n, d) as 4-bit codes, (n, d / 2) uint8, and (n, d / GROUP, 2) float16 (scale, offset) per group of
+    GROUP inputs (as GGUF's Q4_1 stores them: 4 bytes per 32 weights, where float32 pairs took a third of the
+    bytes a draft step reads): code = round((w - offset) / scale) in 0..15 with offset the group's
+    minimum and scale its range / 15, both rounded to float16, so w ~ scale * code + offset. Byte j of
+    a group's GROUP / 2 holds the codes of its inputs j (low nibble) and j + GROUP / 2 (high nibble)."""
     n, d = w.shape
     if d % GROUP:
         raise ValueError(f"an int4 copy needs a multiple of {GROUP} inputs per row, not {d}: use draft_precision='int8'")
     g = w.detach().float().reshape(n, d // GROUP, GROUP)
-    offset = g.amin(-1, keepdim=True)
-    scale = (g.amax(-1, keepdim=True) - offset) / 15
-    codes = torch.round((g - offset) / scale.clamp_min(1e-30)).clamp(0, 15).to(torch.uint8)
+    offset = g.amin(-1, keepdim=True).half()
+    scale = ((g.amax(-1, keepdim=True) - offset.float()) / 15).half()
+    codes = torch.round((g - offset.float()) / scale.float().clamp_min(1e-30)).clamp(0, 15).to(torch.uint8)
     half = GROUP // 2
     packed = codes[..., :half] | (codes[..., half:] << 4)
     return packed.reshape(n, d // 2).contiguous(), torch.cat([scale, offset], -1).contiguous()
@@ -205,7 +206,8 @@ def dequantized(w: torch.Tensor, precision: str) -> torch.Tensor:
     if precision == "int4":
         n, groups = extra.shape[:2]
         g = q.reshape(n, groups, GROUP // 2)
-        return (torch.cat([g & 15, g >> 4], -1).float() * extra[..., :1] + extra[..., 1:]).reshape(n, groups * GROUP)
+        scale, offset = extra.float().unbind(-1)
+        return (torch.cat([g & 15, g >> 4], -1).float() * scale[..., None] + offset[..., None]).reshape(n, groups * GROUP)
     return q.float() * extra[:, None] if extra.numel() else q.float()
 
 
