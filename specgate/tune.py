@@ -396,9 +396,10 @@ def resolve(m: SpecGateModel, spec_config: SpecConfig | None, overrides: dict[st
     defaults; then the overrides. Each distinct origin is logged once per process.
 
     :data:`UNTUNED` (an int8 draft that skips nothing, up to 6 tokens per round, +25% memory for
-    the copy) is what ``specgate tune`` chose on both CPUs it was measured on (1.8-2.1x plain
-    decoding); the ``SpecConfig`` defaults (a float32 draft skipping 10%) do not beat plain decoding
-    there."""
+    the copy) is what ``specgate tune`` chose among float32 and int8 drafts on both CPUs it was
+    measured on (1.8-2.1x plain decoding; with int4 tried too it took int4 for SmolLM2, whose weights
+    were 4-bit to begin with); the ``SpecConfig`` defaults (a float32 draft skipping 10%) do not beat
+    plain decoding there."""
     given = {k: v for k, v in overrides.items() if v is not None}
     tuned = load_tuned(m) if spec_config is None and not given else None
     if spec_config is not None:
