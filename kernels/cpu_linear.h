@@ -425,35 +425,23 @@ inline void linear_rows(const float* x, int64_t rows, int64_t d, const W* w, int
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(d, 1));
   auto at = [](const float* p, int64_t n) { return p ? p + n : nullptr; };
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-  if constexpr (std::is_same_v<W, int8_t>) {
+  if constexpr (std::is_same_v<W, int8_t> || std::is_same_v<W, q4_t>) {
     if (d % 64 == 0) {
+      const int64_t np = row_params<W>(d);
       for (int64_t m0 = 0; m0 < rows; m0 += kMaxRows) {
         const int M = static_cast<int>(std::min<int64_t>(kMaxRows, rows - m0));
         const Int8Rows xq(x + m0 * d, M, d);
+        std::vector<float> qsum;  // int4: each lane's sum of codes (start is -128 times it)
+        if constexpr (std::is_same_v<W, q4_t>)
+          for (const int32_t s : xq.start) qsum.push_back(static_cast<float>(s / -128));
         at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
           with_rows(M, [&](auto m) {
             blocks<decltype(m)::value>(n0, n1, [&](auto r, int64_t i) {
-              rows_block_int8<decltype(m)::value, decltype(r)::value>(xq, w + i * ldw, ldw, scale + i, at(bias, i), y + m0 * n + i, n);
-            });
-          });
-        });
-      }
-      return;
-    }
-  }
-  if constexpr (std::is_same_v<W, q4_t>) {
-    if (d % 64 == 0) {
-      for (int64_t m0 = 0; m0 < rows; m0 += kMaxRows) {
-        const int M = static_cast<int>(std::min<int64_t>(kMaxRows, rows - m0));
-        const Int8Rows xq(x + m0 * d, M, d);
-        std::vector<float> qsum(xq.start.size());  // each lane's sum of codes (start is -128 times it)
-        for (size_t i = 0; i < qsum.size(); ++i) qsum[i] = static_cast<float>(xq.start[i] / -128);
-        const int64_t np = row_params<W>(d);
-        at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
-          with_rows(M, [&](auto m) {
-            blocks<decltype(m)::value>(n0, n1, [&](auto r, int64_t i) {
-              rows_block_q4<decltype(m)::value, decltype(r)::value>(xq, qsum.data(), w + i * ldw, ldw, scale + i * np, np,
-                                                                     at(bias, i), y + m0 * n + i, n);
+              constexpr int MM = decltype(m)::value, RR = decltype(r)::value;
+              if constexpr (std::is_same_v<W, int8_t>)
+                rows_block_int8<MM, RR>(xq, w + i * ldw, ldw, scale + i, at(bias, i), y + m0 * n + i, n);
+              else
+                rows_block_q4<MM, RR>(xq, qsum.data(), w + i * ldw, ldw, scale + i * np, np, at(bias, i), y + m0 * n + i, n);
             });
           });
         });

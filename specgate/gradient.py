@@ -246,7 +246,7 @@ def train_gradient(model, config, gates: GateSet, pieces: Callable[[], list[list
                 torch.nn.utils.clip_grad_norm_(p, config.clip)
         optimizer.step()
         state["prev_imp"] = imp.cpu()
-        if getattr(config, "train_gates", False):
+        if config.train_gates:
             steer_threshold(gates, budget, stats.compute_skipped)
         shown = {"loss": f"{stats.loss:.4f}", "sparsity": f"{stats.sparsity:.3f}", "skip": f"{stats.skipped:.3f}",
                  "budget": f"{stats.budget:.2f}"}  # fmt: skip
@@ -329,7 +329,7 @@ def make_optimizer(gates: GateSet, config) -> torch.optim.Optimizer:
     """
     name, lr = optimizer_settings(config)
     params = _trained(gates)
-    if getattr(config, "train_gates", False):  # standins: the gates beside the draft-only parameters, at their own rate
+    if config.train_gates:  # standins: the gates beside the draft-only parameters, at their own rate
         own = {id(p) for m in (gates.attn, gates.mlp) for p in m.parameters()}
         params = [{"params": [p for p in params if id(p) not in own]},
                   {"params": [p for p in params if id(p) in own], "lr": config.gate_lr}]  # fmt: skip

@@ -425,8 +425,8 @@ DEFAULT_LOW = ("int8", "int4")  # the copies tune tries by default, as drafts th
 def _low_drafts(m: SpecGateModel, precision: str) -> bool:
     """Whether the engine can draft from a ``precision`` copy here, skipping nothing (makes the copy,
     which drafting then uses)."""
-    if draft_gates(m.gates, dataclasses.replace(UNTUNED, draft_precision=precision)) is not None:
-        return False  # gates that scale outputs run even at budget 0: not the fused pass
+    if draft_gates(m.gates, UNTUNED) is not None:  # gates that scale outputs run even at budget 0: not fused
+        return False
     try:
         m.engine.low_precision_step(precision)
     except (RuntimeError, ValueError):
@@ -464,7 +464,7 @@ def report(result: dict) -> str:
         top = max(r["speedup"] for r in result["settings"])
         lines.append(f"choice: plain decoding: speculation does not pay here (best setting, {best}, predicts {top:.2f}x); "
                      "`generate(speculative=True)` still uses that best setting")  # fmt: skip
-        if set(result["config"].get("precisions") or ["float32", *DEFAULT_LOW]) == {"float32"}:
+        if tuple(result["config"].get("precisions") or ()) == ("float32",):  # asked for float32 drafts only
             lines.append("hint: `--precisions float32 int8` also tries drafts over an int8 copy of the weights "
                          "(+25% memory, still lossless)")  # fmt: skip
     if result["fastest_threads"] != result["threads"]:

@@ -254,13 +254,7 @@ def test_the_standins_objective_trains_adapters_alone(trainee, tmp_path, monkeyp
     with pytest.raises(ValueError, match="adapter_rank"):
         T.TrainConfig(adapter_rank=4)  # the damage objective trains no adapters
     # Ctrl-C during step 4, resumed: the adapters of an uninterrupted run
-    short = lambda name: dataclasses.replace(config, steps=6, output_dir=str(tmp_path / name))  # noqa: E731
-    whole = T.train(trainee, short("whole"), documents=docs)
-    with monkeypatch.context() as patch:
-        patch.setattr(G, "train_step", interrupting(G.train_step, at_call=4))
-        with pytest.raises(KeyboardInterrupt):
-            T.train(trainee, short("cut"), documents=docs)
-    resumed = T.train(trainee, short("cut"), documents=docs)
+    whole, resumed = _whole_and_resumed(trainee, config, docs, tmp_path, monkeypatch)
     assert torch.equal(resumed.adapters.up, whole.adapters.up) and torch.equal(resumed.adapters.down, whole.adapters.down)
     with pytest.raises(ValueError, match="second-round damage labels do not model"):
         T.train(trainee, train_config(tmp_path, objective="damage", context_gates=str(tmp_path / "adapted" / "gates"),
@@ -335,6 +329,17 @@ def test_a_second_round_keeps_the_drafts_stand_ins(trainee, tmp_path):
         T.train(trainee, dataclasses.replace(config, context_gates=str(tmp_path / "uncalibrated"), output_dir=str(tmp_path / "third")), documents=docs)
     refit = T.train(trainee, dataclasses.replace(config, standin_rank=1, output_dir=str(tmp_path / "refit")), documents=docs)
     assert refit.standins.rank == 1  # new stand-ins, fitted where that draft skips
+
+
+def _whole_and_resumed(m, config, docs, tmp_path, monkeypatch):
+    """Gates of a 6-step run, and of the same run interrupted (Ctrl-C) during step 4 and resumed."""
+    short = lambda name: dataclasses.replace(config, steps=6, output_dir=str(tmp_path / name))  # noqa: E731
+    whole = T.train(m, short("whole"), documents=docs)
+    with monkeypatch.context() as patch:
+        patch.setattr(G, "train_step", interrupting(G.train_step, at_call=4))
+        with pytest.raises(KeyboardInterrupt):
+            T.train(m, short("cut"), documents=docs)
+    return whole, T.train(m, short("cut"), documents=docs)
 
 
 def _widened(gates, rank: int):
@@ -468,12 +473,6 @@ def test_joint_training_moves_the_gates_and_keeps_the_budget(trainee, tmp_path, 
     assert not torch.equal(joint.gate(2, 1).proj.weight, first.gate(2, 1).proj.weight)
     saved = specgate.load_gates(tmp_path / "joint" / "gates", trainee.config)
     assert torch.equal(saved.thresholds[0.5], joint.thresholds[0.5])
-    short = lambda name: dataclasses.replace(config, steps=6, output_dir=str(tmp_path / name))  # noqa: E731
-    whole = T.train(trainee, short("whole"), documents=docs)
-    with monkeypatch.context() as patch:
-        patch.setattr(G, "train_step", interrupting(G.train_step, at_call=4))
-        with pytest.raises(KeyboardInterrupt):
-            T.train(trainee, short("cut"), documents=docs)
-    resumed = T.train(trainee, short("cut"), documents=docs)
+    whole, resumed = _whole_and_resumed(trainee, config, docs, tmp_path, monkeypatch)
     assert torch.equal(resumed.thresholds[0.5], whole.thresholds[0.5])
     assert torch.equal(resumed.gate(1, 0).proj.weight, whole.gate(1, 0).proj.weight)
