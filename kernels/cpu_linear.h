@@ -27,19 +27,34 @@ using Vec = __m512;
 constexpr int kLanes = 16;
 inline Vec vzero() { return _mm512_setzero_ps(); }
 inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline Vec vset(float a) { return _mm512_set1_ps(a); }
+inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+inline Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+inline Vec vmax(Vec a, Vec b) { return _mm512_max_ps(a, b); }
 #elif defined(__AVX2__) && defined(__FMA__)
 using Vec = __m256;
 constexpr int kLanes = 8;
 inline Vec vzero() { return _mm256_setzero_ps(); }
 inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline Vec vset(float a) { return _mm256_set1_ps(a); }
+inline Vec vadd(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+inline Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+inline Vec vmax(Vec a, Vec b) { return _mm256_max_ps(a, b); }
 #else
 using Vec = float;  // no vector unit we know: plain scalar code, still one pass over the weights
 constexpr int kLanes = 1;
 inline Vec vzero() { return 0.0f; }
 inline Vec vload(const float* p) { return *p; }
+inline void vstore(float* p, Vec v) { *p = v; }
 inline Vec vfma(Vec a, Vec b, Vec c) { return a * b + c; }
+inline Vec vset(float a) { return a; }
+inline Vec vadd(Vec a, Vec b) { return a + b; }
+inline Vec vmul(Vec a, Vec b) { return a * b; }
+inline Vec vmax(Vec a, Vec b) { return std::max(a, b); }
 #endif
 
 // Weight rows per block: as many as keep all R * M accumulators within one reduction tree
@@ -58,7 +73,7 @@ constexpr int block_rows() {
 // horizontal sum per accumulator costs ~8 plus a long dependency chain. Missing inputs (i >= N) are
 // zeros, and levels whose inputs are all zero are skipped at compile time.
 template <int N>
-inline void hsums(const Vec* v, float* out) {
+[[gnu::always_inline]] inline void hsums(const Vec* v, float* out) {
   static_assert(N >= 1 && N <= kLanes, "one tree reduces at most kLanes accumulators");
 #if defined(__AVX512F__)
   const __m512 z = _mm512_setzero_ps();
@@ -102,7 +117,7 @@ inline void hsums(const Vec* v, float* out) {
 // hsums over any number of accumulators, one tree per kLanes of them (only the scalar build, where
 // kLanes is 1, has blocks with more accumulators than lanes).
 template <int N, int I = 0>
-inline void hsums_all(const Vec* v, float* out) {
+[[gnu::always_inline]] inline void hsums_all(const Vec* v, float* out) {
   if constexpr (I < N) {
     hsums<std::min(kLanes, N - I)>(v + I, out + I);
     hsums_all<N, I + kLanes>(v, out);

@@ -21,7 +21,9 @@
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <vector>
 
 #include "cpu_linear.h"
@@ -51,7 +53,6 @@ void rope(float* x, const float* cos, const float* sin, int64_t hd) {
 // e^x of kLanes floats (Cephes' expf: 2^n e^r with |r| <= ln 2 / 2, a degree-6 polynomial for e^r;
 // within 2 ulp), so softmax and the activation do not call the scalar exp ~10^5 times a step.
 #if defined(__AVX512F__)
-inline Vec vset(float a) { return _mm512_set1_ps(a); }
 inline Vec vexp(Vec x) {
   x = _mm512_max_ps(_mm512_min_ps(x, vset(88.3762626647949f)), vset(-87.3365447504f));
   const Vec n = _mm512_roundscale_ps(_mm512_mul_ps(x, vset(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -64,7 +65,6 @@ inline Vec vexp(Vec x) {
   return _mm512_scalef_ps(p, n);
 }
 #elif defined(__AVX2__) && defined(__FMA__)
-inline Vec vset(float a) { return _mm256_set1_ps(a); }
 inline Vec vexp(Vec x) {
   x = _mm256_max_ps(_mm256_min_ps(x, vset(88.3762626647949f)), vset(-87.3365447504f));
   const Vec n = _mm256_round_ps(_mm256_mul_ps(x, vset(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -79,31 +79,47 @@ inline Vec vexp(Vec x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 #else
-inline Vec vset(float a) { return a; }
 inline Vec vexp(Vec x) { return std::exp(x); }
 #endif
 
-// y[i] = e^(x[i] - shift) for n floats; returns their sum.
-float exp_sum(float* y, const float* x, int64_t n, float shift) {
-  float sum = 0.0f;
-  int64_t i = 0;
+// The lanes of v summed, and their maximum.
+inline float lane_sum(Vec v) {
   float lanes[kLanes];
+  vstore(lanes, v);
+  return std::accumulate(lanes, lanes + kLanes, 0.0f);
+}
+inline float lane_max(Vec v) {
+  float lanes[kLanes];
+  vstore(lanes, v);
+  return *std::max_element(lanes, lanes + kLanes);
+}
+
+// y[i] = e^(x[i] - shift) for n floats (y may be x); returns their sum.
+float exp_sum(float* y, const float* x, int64_t n, float shift) {
+  Vec sum = vzero();
+  int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-#if defined(__AVX512F__)
-    const Vec e = vexp(_mm512_sub_ps(vload(x + i), vset(shift)));
-    _mm512_storeu_ps(y + i, e);
-#elif defined(__AVX2__) && defined(__FMA__)
-    const Vec e = vexp(_mm256_sub_ps(vload(x + i), vset(shift)));
-    _mm256_storeu_ps(y + i, e);
-#else
-    const Vec e = vexp(x[i] - shift);
-    y[i] = e;
-#endif
-    std::copy(y + i, y + i + kLanes, lanes);
-    for (float v : lanes) sum += v;
+    const Vec e = vexp(vadd(vload(x + i), vset(-shift)));
+    vstore(y + i, e);
+    sum = vadd(sum, e);
   }
-  for (; i < n; ++i) sum += y[i] = std::exp(x[i] - shift);
-  return sum;
+  float total = lane_sum(sum);
+  for (; i < n; ++i) total += y[i] = std::exp(x[i] - shift);
+  return total;
+}
+
+// x[i] *= s for n floats; returns their largest.
+float scale_max(float* x, int64_t n, float s) {
+  Vec top = vset(-INFINITY);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const Vec v = vmul(vload(x + i), vset(s));
+    vstore(x + i, v);
+    top = vmax(top, v);
+  }
+  float m = lane_max(top);
+  for (; i < n; ++i) m = std::max(m, x[i] *= s);
+  return m;
 }
 
 // a[f] = act(gate[f]) * up[f] for n features: SiLU (act 0) or GELU with the tanh approximation (1),
@@ -164,6 +180,32 @@ struct Layer {
 
 constexpr int kTensorsPerLayer = 16;
 constexpr int64_t kMaxTokens = 16;  // token rows: two passes over the weights of kMaxRows rows
+
+// out (n floats) = scale * sum over u < U of w[u] * rows[u * n .. u * n + n): four vectors of out at
+// a time, two rows at a time, so eight FMA chains run side by side.
+void weighted_rows(const float* w, const float* rows, int64_t U, int64_t n, float scale, float* out) {
+  constexpr int64_t kBlock = 4 * kLanes;
+  int64_t e = 0;
+  for (; e + kBlock <= n; e += kBlock) {
+    Vec a[4] = {vzero(), vzero(), vzero(), vzero()}, b[4] = {vzero(), vzero(), vzero(), vzero()};
+    int64_t u = 0;
+    for (; u + 2 <= U; u += 2) {
+      const Vec w0 = vset(w[u]), w1 = vset(w[u + 1]);
+      for (int i = 0; i < 4; ++i) {
+        a[i] = vfma(w0, vload(rows + u * n + e + i * kLanes), a[i]);
+        b[i] = vfma(w1, vload(rows + (u + 1) * n + e + i * kLanes), b[i]);
+      }
+    }
+    if (u < U)
+      for (int i = 0; i < 4; ++i) a[i] = vfma(vset(w[u]), vload(rows + u * n + e + i * kLanes), a[i]);
+    for (int i = 0; i < 4; ++i) vstore(out + e + i * kLanes, vmul(vadd(a[i], b[i]), vset(scale)));
+  }
+  for (; e < n; ++e) {
+    float sum = 0.0f;
+    for (int64_t u = 0; u < U; ++u) sum += w[u] * rows[u * n + e];
+    out[e] = scale * sum;
+  }
+}
 
 // Where the R = B T rows of a pass sit: row r is token t = r % T of sequence b = r / T, at cache
 // slot pos[b] + t of that sequence, whose first pad[b] slots are left padding.
@@ -362,28 +404,49 @@ struct CpuStep : torch::CustomClassHolder {
 
   // Softmax attention of R queries (rows of stride ld, heads first), each over its sequence's cache
   // slots pad .. its own (the last `window` of them for a sliding window; a padding query sees only
-  // itself) -> o (R, q_dim).
+  // itself) -> o (R, q_dim). The queries that read one K/V head (a sequence's rows times the heads
+  // of its group) go in chunks of up to kMaxRows, so each key and value row is read once per chunk:
+  // the scores are a small-M product with the keys as weight rows, the output the weighted sum of
+  // the value rows. (One query at a time, a verify pass of 7 tokens spent ~5 ms of ~20 in attention
+  // at 400 cached tokens.) Chunks are smaller where too few would leave a thread idle.
   void attend(const float* q, int64_t ld, const Rows& rows, int64_t R, const at::Tensor& kc, const at::Tensor& vc,
               int64_t window, float* o) const {
-    const int64_t max_len = kc.size(2), group = n_heads / n_kv;
-    at::parallel_for(0, R * n_heads, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<float> p(max_len);
+    const int64_t max_len = kc.size(2), group = n_heads / n_kv, B = R / rows.T, G = rows.T * group;
+    const int64_t split = (2 * at::get_num_threads() + B * n_kv - 1) / (B * n_kv);  // chunks wanted per K/V head
+    const int64_t chunk = std::clamp<int64_t>((G + split - 1) / split, 1, kMaxRows), per_head = (G + chunk - 1) / chunk;
+    at::parallel_for(0, B * n_kv * per_head, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<float> qs(kMaxRows * hd), scores;
       for (int64_t b = b0; b < b1; ++b) {
-        const int64_t t = b / n_heads, j = b % n_heads, kvh = j / group, last = rows.slot(t), pad = rows.pad[rows.seq(t)];
-        int64_t first = std::max<int64_t>(pad, window > 0 ? last - window + 1 : 0);
-        if (last < pad) first = last;
-        const float* qh = q + t * ld + j * hd;
-        const float* keys = kc.data_ptr<float>() + (rows.seq(t) * n_kv + kvh) * max_len * hd;
-        const float* values = vc.data_ptr<float>() + (rows.seq(t) * n_kv + kvh) * max_len * hd;
-        float top = -INFINITY;
-        for (int64_t u = first; u <= last; ++u) top = std::max(top, p[u] = dot(qh, keys + u * hd, hd) * scaling);
-        const float sum = exp_sum(p.data() + first, p.data() + first, last - first + 1, top);
-        float* out = o + t * n_heads * hd + j * hd;
-        std::fill(out, out + hd, 0.0f);
-        for (int64_t u = first; u <= last; ++u) {
-          const float w = p[u] / sum;
-          const float* val = values + u * hd;
-          for (int64_t e = 0; e < hd; ++e) out[e] += w * val[e];
+        const int64_t s = b / (n_kv * per_head), kvh = b / per_head % n_kv, g0 = b % per_head * chunk;
+        const int64_t n = std::min(chunk, G - g0), pad = rows.pad[s];
+        auto row = [&](int64_t g) { return s * rows.T + (g0 + g) / group; };  // query g: this row, head head(g)
+        auto head = [&](int64_t g) { return kvh * group + (g0 + g) % group; };
+        int64_t first[kMaxRows], last[kMaxRows], lo = max_len, hi = 0;
+        for (int64_t g = 0; g < n; ++g) {
+          last[g] = rows.slot(row(g));
+          first[g] = std::max<int64_t>(pad, window > 0 ? last[g] - window + 1 : 0);
+          if (last[g] < pad) first[g] = last[g];
+          lo = std::min(lo, first[g]), hi = std::max(hi, last[g]);
+          const float* qg = q + row(g) * ld + head(g) * hd;
+          std::copy(qg, qg + hd, qs.data() + g * hd);
+        }
+        const int64_t U = hi - lo + 1;
+        const float* keys = kc.data_ptr<float>() + (s * n_kv + kvh) * max_len * hd + lo * hd;
+        const float* values = vc.data_ptr<float>() + (s * n_kv + kvh) * max_len * hd + lo * hd;
+        scores.resize(n * U);
+        with_rows(static_cast<int>(n), [&](auto m) {
+          blocks<decltype(m)::value>(0, U, [&](auto r, int64_t u) {
+            rows_block<decltype(m)::value, decltype(r)::value>(qs.data(), hd, keys + u * hd, hd, nullptr, nullptr,
+                                                               scores.data() + u, U);
+          });
+        });
+        for (int64_t g = 0; g < n; ++g) {  // softmax over the query's own keys; the others weigh 0
+          float* p = scores.data() + g * U;
+          const int64_t a = first[g] - lo, e = last[g] - lo + 1;
+          const float top = scale_max(p + a, e - a, static_cast<float>(scaling));
+          const float sum = exp_sum(p + a, p + a, e - a, top);
+          std::fill(p, p + a, 0.0f), std::fill(p + e, p + U, 0.0f);
+          weighted_rows(p, values, U, hd, 1.0f / sum, o + row(g) * n_heads * hd + head(g) * hd);
         }
       }
     });
