@@ -32,7 +32,6 @@ import os
 import statistics
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -99,19 +98,20 @@ def speedup(a: float, k: int, c: float, v: float) -> float:
     return expected_tokens(a, k) / (k * c + v)
 
 
-def confident_speedup(tau: float, drafts: float, c: float, verify: dict[int, float]) -> float:
+def confident_speedup(tau: float, drafts: float, c: list[float] | float, verify: dict[int, float]) -> float:
     """Predicted speed-up of rounds whose length the draft's confidence decides: tau tokens and
-    ``drafts`` draft steps per round on average, the verify cost interpolated between draft lengths."""
+    ``drafts`` draft steps per round on average, the verify cost interpolated between draft lengths
+    (c as for :func:`best_k`)."""
     lo = min(max(int(drafts), 1), max(verify))
     hi = min(lo + 1, max(verify))
     v = verify[lo] + (verify[hi] - verify[lo]) * (drafts - lo)
-    return tau / (drafts * c + v)
+    return tau / (drafts * draft_cost(c, max(1, round(drafts))) + v)
 
 
-def best_k(a: float, c: float, verify: dict[int, float]) -> tuple[int, float]:
+def best_k(a: float, c: list[float] | float, verify: dict[int, float]) -> tuple[int, float]:
     """The draft length (a key of ``verify``: k -> cost of verifying k + 1 tokens) with the highest
-    predicted speed-up, and that speed-up."""
-    return max(((k, speedup(a, k, c, v)) for k, v in verify.items()), key=lambda kv: kv[1])
+    predicted speed-up, and that speed-up. c: the draft step's cost, or its costs at positions 1, 2, ..."""
+    return max(((k, speedup(a, k, draft_cost(c, k), v)) for k, v in verify.items()), key=lambda kv: kv[1])
 
 
 # -- measuring ---------------------------------------------------------------------------------------
@@ -187,47 +187,73 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def step_costs(m: SpecGateModel, ids: torch.Tensor, settings: list[Setting], max_draft: int, rounds: int) -> dict[str, float]:
-    """Median time of each kind of step over a plain step's: "plain", "verify k" (k + 1 tokens) for
-    k in 1..max_draft, "draft b v f" per setting; "plain_ms" in milliseconds.
+def step_costs(m: SpecGateModel, ids: torch.Tensor, settings: list[Setting], max_draft: int, rounds: int) -> dict:
+    """What each kind of step costs here, as a ratio to a plain step, timed where the decoding loops run
+    it: "plain" (a plain step after plain steps), "verify k" (k + 1 tokens, after k draft steps),
+    "draft b v f [p]" (a list: the draft step at each position 1..max_draft of a round, after a verify
+    pass and the drafts before it); "plain_ms" in milliseconds.
 
-    The kinds run in turn, ``rounds`` times (a busy neighbour slows all alike). Single-token steps
-    cycle over the prompt's last max_draft + 1 positions, so the draft's skips are those of several
-    tokens, not of one."""
-    tail = max_draft + 1
+    Where a step runs matters on a CPU: a verify pass streams the float32 weights and evicts a draft's
+    copy from the caches, so the first draft step of a round costs more than the later ones (an int8
+    draft's 0.37x against 0.26x of a plain step here), and a verify pass after drafts more than one
+    after verify passes. Timing each kind apart, after other kinds, predicted 1.96x where the loop ran
+    1.84x. Every round runs each kind once, in turn (a busy neighbour slows all alike); the figures
+    are medians over ``rounds`` rounds."""
+    tail = 2 * max_draft + 2
     if ids.shape[1] <= tail:
-        raise ValueError(f"the timing prompt has {ids.shape[1]} tokens: it needs more than max_draft + 1 = {tail}")
+        raise ValueError(f"the timing prompt has {ids.shape[1]} tokens: it needs more than 2 max_draft + 2 = {tail}")
     engine, gates = m.engine, m.gates
     cache = engine.new_cache(1, ids.shape[1])
     engine(ids[:, :-tail], cache)
     base = cache.host_lengths[0]
-
-    def run(j: int, T: int = 1, policy=None, head=None, kv_fill="project", precision="float32") -> None:
-        """T tokens from tail position j on, against the prompt's cache up to there."""
-        cache.rewind([base + j])  # a list: no read from the device in the timed step
-        start = ids.shape[1] - tail + j
-        engine(ids[:, start : start + T], cache, gates if policy else None, policy, head=head, kv_fill=kv_fill,
-               precision=precision, exact_logits=False)  # greedy decoding's steps  # fmt: skip
-
-    steps: dict[str, Callable[[int], None]] = {"plain": run}
-    for k in range(1, max_draft + 1):
-        steps[f"verify {k}"] = lambda j, k=k: run(0, T=k + 1)
+    drafts = {}
     for b, v, f, pr in settings:
         draft = SpecConfig(draft_budget=b)
         policy = draft_policy(draft_gates(gates, draft), draft)  # as the loop drafts: no gates at budget 0
-        head = m.draft_head(v) if v else None
-        steps[draft_name(b, v, f, pr)] = lambda j, p=policy, h=head, f=f, pr=pr: run(j, policy=p, head=h, kv_fill=f, precision=pr)
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for r in range(rounds + 2):  # two warm-up rounds: backend probes, kernel builds, caches
-        for name, fn in steps.items():
+        drafts[draft_name(b, v, f, pr)] = dict(policy=policy, head=m.draft_head(v) if v else None, kv_fill=f, precision=pr)
+
+    def steps(start: int, n: int, T: int = 1, policy=None, **kw) -> list[float]:
+        """n passes of T tokens from tail position start on, each after the last; their times."""
+        cache.rewind([base + start])  # a list: no read from the device in the timed steps
+        times = []
+        for j in range(start, start + n * T, T):
+            pos = ids.shape[1] - tail + j
             _sync(engine.device)
             t = time.perf_counter()
-            fn(r % tail)
+            engine(ids[:, pos : pos + T], cache, gates if policy else None, policy, exact_logits=False, **kw)  # greedy
             _sync(engine.device)
-            if r >= 2:
-                times[name].append(time.perf_counter() - t)
+            times.append(time.perf_counter() - t)
+        return times
+
+    names = list(drafts)
+    times: dict[str, list] = {"plain": [], **{f"verify {k}": [] for k in range(1, max_draft + 1)}}
+    times |= {name: [[] for _ in range(max_draft)] for name in names}
+    for r in range(rounds + 2):  # two warm-up rounds: backend probes, kernel builds, caches
+        keep = r >= 2
+        plain = steps(r % max_draft, max_draft + 1)[1:]  # plain decoding's steady state
+        if keep:
+            times["plain"].append(statistics.median(plain))
+        for name in names:  # a round as the loop runs it: verify, then max_draft drafts
+            steps(0, 1, T=max_draft + 1)
+            for i, t in enumerate(steps(max_draft + 1, max_draft, **drafts[name])):
+                if keep:
+                    times[name][i].append(t)
+        for k in range(1, max_draft + 1):  # k drafts (of the settings in turn), then the verify pass
+            if names:
+                steps(0, k, **drafts[names[(r + k) % len(names)]])
+            t = steps(0, 1, T=k + 1)[0]
+            if keep:
+                times[f"verify {k}"].append(t)
     plain = statistics.median(times["plain"])
-    return {"plain_ms": plain * 1e3, **{name: statistics.median(ts) / plain for name, ts in times.items()}}
+    return {"plain_ms": plain * 1e3, "plain": 1.0,
+            **{f"verify {k}": statistics.median(times[f"verify {k}"]) / plain for k in range(1, max_draft + 1)},
+            **{name: [statistics.median(ts) / plain for ts in times[name]] for name in names}}  # fmt: skip
+
+
+def draft_cost(costs: list[float] | float, k: int) -> float:
+    """A draft step's mean cost (x plain) over a round of k drafts, from the per-position costs of
+    :func:`step_costs` (a number: the same at every position)."""
+    return statistics.mean(costs[:k]) if isinstance(costs, list) else costs
 
 
 def draft_name(budget: float, vocab: int | None, kv_fill: str, precision: str = "float32") -> str:
@@ -331,12 +357,13 @@ def tune(m: SpecGateModel, config: TuneConfig = TuneConfig(), prompts: list[torc
         acc = acceptance(m, prompts, (b, v, f, pr), config.max_draft, config.tokens)
         c = costs[draft_name(b, v, f, pr)]
         k, s = best_k(acc["a"], c, verify)
-        setting = {"budget": b, "vocab": v, "kv_fill": f, "precision": pr, "draft_cost": c}
-        rows.append({**setting, **acc, "k": k, "min_draft_prob": 0.0, "verify_cost": verify[k], "speedup": s})
+        setting = {"budget": b, "vocab": v, "kv_fill": f, "precision": pr}
+        rows.append({**setting, **acc, "draft_cost": draft_cost(c, k), "k": k, "min_draft_prob": 0.0,
+                     "verify_cost": verify[k], "speedup": s})  # fmt: skip
         for p in config.draft_probs:
             r = confident_rounds(m, prompts, (b, v, f, pr), config.max_draft, config.tokens, p)
-            rows.append({**setting, **r, "k": config.max_draft, "min_draft_prob": p,
-                         "speedup": confident_speedup(r["tau"], r["drafts"], c, verify)})  # fmt: skip
+            rows.append({**setting, **r, "draft_cost": draft_cost(c, max(1, round(r["drafts"]))), "k": config.max_draft,
+                         "min_draft_prob": p, "speedup": confident_speedup(r["tau"], r["drafts"], c, verify)})  # fmt: skip
     best = max(rows, key=lambda r: r["speedup"])
     spec = SpecConfig(draft_budget=best["budget"], max_draft=best["k"], init_draft=best["k"], adaptive=False,
                       min_draft_prob=best["min_draft_prob"], draft_vocab=best["vocab"], kv_fill=best["kv_fill"],

@@ -43,6 +43,10 @@ def test_the_choice_drafts_several_tokens_when_they_are_accepted_and_cheap():
     assert tune.expected_tokens(0.8, 1) == pytest.approx(1.8)
     assert tune.expected_tokens(1.0, 4) == 5.0
     assert tune.best_k(0.0, 0.3, {k: 1.1 for k in range(1, 9)})[1] < 1.0  # nothing accepted: plain wins
+    # a cold first draft step of a round (the verify pass evicted the draft's weights) is shared by the round's drafts
+    assert tune.best_k(0.8, 1.0, {k: 1.1 for k in range(1, 9)}) == (1, pytest.approx(1.8 / 2.1))
+    k, s = tune.best_k(0.8, [1.0] + [0.1] * 7, {k: 1.1 for k in range(1, 9)})
+    assert k > 1 and s == pytest.approx(tune.expected_tokens(0.8, k) / (1.0 + 0.1 * (k - 1) + 1.1)) and s > 1.0
     # rounds the draft's confidence cuts: measured tokens and drafts per round, verify cost interpolated
     assert tune.confident_speedup(2.5, 1.5, 0.3, {1: 1.1, 2: 1.3, 3: 1.5}) == pytest.approx(2.5 / (1.5 * 0.3 + 1.2))
 
@@ -61,6 +65,8 @@ def test_tune_stores_a_choice_that_generate_uses_losslessly(cache, caplog):
     confident = [r for r in result["settings"] if r["min_draft_prob"] == 0.5]
     assert len(confident) == len(result["settings"]) / 2 and all(1 <= r["drafts"] <= 3 and r["tau"] >= 1 for r in confident)
     assert result["predicted_speedup"] >= 1.0 and result["costs"]["plain"] == 1.0
+    drafts = [c for name, c in result["costs"].items() if name.startswith("draft ")]  # per position in a round
+    assert len(drafts) == len(result["settings"]) / 2 and all(len(c) == 3 and min(c) > 0 for c in drafts)
     assert "choice:" in tune.report(result)
     path = tune.save(result, tune.tune_file(m))
     assert path.parent == cache and json.loads(path.read_text())["key"] == tune.tune_key(m)
