@@ -109,13 +109,19 @@ def _spec_config(args) -> SpecConfig | None:
     return SpecConfig(**given) if given else None
 
 
-def _load(args, gates: str | None = None):
+def _load(args, gates: str | None = None, remeasure: bool = False):
+    """The model the flags name, at their thread count; ``remeasure``: the machine's backend choices
+    (:mod:`specgate.linear`) measured anew, not read from its cache file."""
     import specgate
 
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
+    if remeasure:
+        from . import linear
+
+        print(f"measuring this machine's linear-product backends again (dropped {linear.forget_choices()})")
     gates = gates or args.gates
     return specgate.load(args.model, gates=None if gates == "none" else gates, dtype=args.dtype, device=args.device)
 
@@ -335,7 +341,7 @@ def cmd_tune(args) -> int:
         max_draft=args.max_draft, prompts=args.prompts, tokens=args.tokens, rounds=args.rounds, kv_fills=tuple(args.kv_fills),
         precisions=tuple(args.precisions) if args.precisions else None, draft_probs=tuple(args.draft_probs),
     )  # fmt: skip
-    m = _load(args)
+    m = _load(args, remeasure=True)  # tune is this machine's measuring step: no backend choice from a busy moment
     start = time.perf_counter()
     result = tune.tune(m, config)
     print(tune.report(result))

@@ -146,6 +146,21 @@ def _disk_table(threads: int) -> dict:
     return _disk[mkey]
 
 
+def forget_choices() -> Path:
+    """Drop this machine's kept choices at the current thread count, on disk and in this process, so the
+    next products, and the engine's next load, measure again (``specgate tune`` starts with it: a choice
+    measured during a busy moment would otherwise stay). Returns the cache file it removed."""
+    threads = torch.get_num_threads()
+    path = cache_file(threads)
+    path.unlink(missing_ok=True)
+    _disk.pop(machine_key(threads), None)
+    for key in [k for k in _choice if k[0] == threads]:
+        del _choice[key]
+    for name in [n for n in _report if n.endswith(f" threads={threads}")]:
+        del _report[name]
+    return path
+
+
 def _save(threads: int, name: str, entry: dict) -> None:
     """Add one choice to the cache file, merging with what other processes wrote; atomic replace."""
     path = cache_file(threads)

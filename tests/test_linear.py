@@ -147,6 +147,19 @@ def test_disk_cache_round_trip(fresh, monkeypatch):
     assert report["backend"] == "torch" and report["source"] == "disk"
 
 
+def test_forgotten_choices_are_measured_again(fresh, monkeypatch):
+    x, w = torch.randn(1, 96), torch.randn(80, 96)
+    L.linear(x, w)
+    assert L.cache_file().is_file() and L.choices()["choices"]
+    assert L.forget_choices() == L.cache_file() and not L.cache_file().exists() and not L.choices()["choices"]
+    measured = []
+    real = L.measure
+    monkeypatch.setattr(L, "measure", lambda *a, **k: measured.append(1) or real(*a, **k))
+    L.linear(x, w)
+    (entry,) = L.choices()["choices"].values()
+    assert measured and entry["source"] == "measured" and L.cache_file().is_file()
+
+
 def test_disk_choice_of_a_missing_backend_is_measured_again(fresh, monkeypatch):
     monkeypatch.setattr(cpu_linear, "load", lambda: None)
     L.cache_file().parent.mkdir(parents=True, exist_ok=True)
