@@ -23,7 +23,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <numeric>
 #include <vector>
 
 #include "cpu_linear.h"
@@ -82,18 +81,6 @@ inline Vec vexp(Vec x) {
 inline Vec vexp(Vec x) { return std::exp(x); }
 #endif
 
-// The lanes of v summed, and their maximum.
-inline float lane_sum(Vec v) {
-  float lanes[kLanes];
-  vstore(lanes, v);
-  return std::accumulate(lanes, lanes + kLanes, 0.0f);
-}
-inline float lane_max(Vec v) {
-  float lanes[kLanes];
-  vstore(lanes, v);
-  return *std::max_element(lanes, lanes + kLanes);
-}
-
 // y[i] = e^(x[i] - shift) for n floats (y may be x); returns their sum.
 float exp_sum(float* y, const float* x, int64_t n, float shift) {
   Vec sum = vzero();
@@ -103,7 +90,9 @@ float exp_sum(float* y, const float* x, int64_t n, float shift) {
     vstore(y + i, e);
     sum = vadd(sum, e);
   }
-  float total = lane_sum(sum);
+  float lanes[kLanes];
+  hsums<1>(&sum, lanes);
+  float total = lanes[0];
   for (; i < n; ++i) total += y[i] = std::exp(x[i] - shift);
   return total;
 }
@@ -117,7 +106,9 @@ float scale_max(float* x, int64_t n, float s) {
     vstore(x + i, v);
     top = vmax(top, v);
   }
-  float m = lane_max(top);
+  float lanes[kLanes];
+  vstore(lanes, top);
+  float m = *std::max_element(lanes, lanes + kLanes);
   for (; i < n; ++i) m = std::max(m, x[i] *= s);
   return m;
 }
