@@ -57,6 +57,16 @@ inline Vec vmul(Vec a, Vec b) { return a * b; }
 inline Vec vmax(Vec a, Vec b) { return std::max(a, b); }
 #endif
 
+// v, kept in a register: a token row's vector feeds R FMAs, and unless told, gcc folds its load into
+// each of them (R loads from L1 where one does), which made the products load-bound at 5-8 token rows.
+template <typename V>
+inline V in_register(V v) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+  asm("" : "+v"(v));
+#endif
+  return v;
+}
+
 // Weight rows per block: as many as keep all R * M accumulators within one reduction tree
 // (R * M <= kLanes), at most Cap (8 or 4, see block_cap). With AVX-512 and Cap 8 that is 8 rows for
 // 1-2 token rows, 5 for 3, 4 for 4, 3 for 5 and 2 for 6-8: the accumulators plus the weight and token
@@ -228,7 +238,7 @@ inline void rows_block(const float* x, int64_t d, const W* w, int64_t ldw, const
     }
     for (int v = 0; v < V; ++v)
       for (int m = 0; m < M; ++m) {
-        const Vec xv = vload(x + m * d + k + v * kLanes);
+        const Vec xv = in_register(vload(x + m * d + k + v * kLanes));
         for (int r = 0; r < R; ++r)
           acc[r * M + m] = first && v == 0 ? vmul(wv[r][v], xv) : vfma(wv[r][v], xv, acc[r * M + m]);
       }
@@ -353,9 +363,9 @@ inline void rows_block_int8(const Int8Rows& xq, const int8_t* w, int64_t ldw, co
       wv[r] = _mm512_xor_si512(_mm512_loadu_si512(w + r * ldw + k), flip);
     }
     for (int m = 0; m < M; ++m) {
-      const __m512i xv = _mm512_loadu_si512(xq.codes.data() + m * d + k);
-      const Vec sv = _mm512_loadu_ps(xq.scales.data() + (m * d + k) / kActGroup);
-      const __m512i start = _mm512_loadu_si512(xq.start.data() + (m * d + k) / kActGroup);
+      const __m512i xv = in_register(_mm512_loadu_si512(xq.codes.data() + m * d + k));
+      const Vec sv = in_register(_mm512_loadu_ps(xq.scales.data() + (m * d + k) / kActGroup));
+      const __m512i start = in_register(_mm512_loadu_si512(xq.start.data() + (m * d + k) / kActGroup));
       for (int r = 0; r < R; ++r)
         acc[r * M + m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, wv[r], xv)), sv, acc[r * M + m]);
     }
@@ -404,9 +414,9 @@ inline void rows_block_q4(const Int8Rows& xq, const float* qsum, const q4_t* w, 
       ov[r] = _mm512_permutexvar_ps(pick_offset, p);
     }
     for (int m = 0; m < M; ++m) {
-      const __m512i xv = _mm512_loadu_si512(xq.codes.data() + m * d + k);
-      const Vec step = _mm512_loadu_ps(xq.scales.data() + (m * d + k) / kActGroup);
-      const Vec qs = _mm512_loadu_ps(qsum + (m * d + k) / kActGroup);
+      const __m512i xv = in_register(_mm512_loadu_si512(xq.codes.data() + m * d + k));
+      const Vec step = in_register(_mm512_loadu_ps(xq.scales.data() + (m * d + k) / kActGroup));
+      const Vec qs = in_register(_mm512_loadu_ps(qsum + (m * d + k) / kActGroup));
       for (int r = 0; r < R; ++r) {
         const Vec dots = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[r], xv));
         acc[r * M + m] = _mm512_fmadd_ps(_mm512_fmadd_ps(dots, sv[r], _mm512_mul_ps(ov[r], qs)), step, acc[r * M + m]);
