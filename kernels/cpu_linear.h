@@ -385,17 +385,34 @@ inline void rows_block_int8(const Int8Rows& xq, const int8_t* w, int64_t ldw, co
 // adds step * (scale * sum(code * q) + offset * sum(q)) (step: its 4 inputs' rounding step, q their
 // codes): ~6 instructions per 64 weights and token row, where widening the codes to floats takes ~14
 // per 32 (the int4 draft's products were compute-bound, no faster than int8's). 32 bytes hold 64
-// inputs as the low nibbles of two groups' 16 bytes, then the high ones: [0..15, 32..47, 16..31, 48..63];
-// one 128-bit-lane shuffle puts them in order.
+// inputs as the low nibbles of two groups' 16 bytes, then the high ones. They are loaded into both
+// halves of a vector and the upper half shifted by a nibble, which leaves the inputs in the order
+// [0..15, 32..47, 16..31, 48..63] (q4_order): the token rows come in that order too (q4_permuted),
+// so no shuffle per weight row is needed (that shuffle and the insert it replaces ran on the port
+// the compute-bound kernel was short of).
+// The order rows_block_q4 meets the inputs in, per 64: 16 at a time, [0, 2, 1, 3] (its own inverse).
+constexpr int q4_order[4] = {0, 2, 1, 3};
+
+// rows (M, d) with each 64 inputs in q4_order (d a multiple of 64).
+inline std::vector<float> q4_permuted(const float* x, int64_t rows, int64_t d) {
+  std::vector<float> out(rows * d);
+  for (int64_t i = 0; i < rows * d; i += 64)
+    for (int c = 0; c < 4; ++c) std::memcpy(&out[i + 16 * c], x + i + 16 * q4_order[c], 16 * sizeof(float));
+  return out;
+}
+
 template <int M, int R>
 inline void rows_block_q4(const Int8Rows& xq, const float* qsum, const q4_t* w, int64_t ldw, const float* params,
                           int64_t np, const float* bias, float* y, int64_t ldy) {
   constexpr int N = R * M;
   const int64_t d = xq.d;
-  const __m256i low = _mm256_set1_epi8(0x0F);
-  // lanes 0-7 take group 2g's (scale, offset), lanes 8-15 group 2g + 1's, from {s0, o0, s1, o1}
-  const __m512i pick_scale = _mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0);
-  const __m512i pick_offset = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1);
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  const __m512i nibble = _mm512_set_epi16(4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4,  // upper half: high nibbles
+                                          0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+  // in q4_order, lanes 0-3 and 8-11 take group 2g's (scale, offset), lanes 4-7 and 12-15 group
+  // 2g + 1's, from {s0, o0, s1, o1}
+  const __m512i pick_scale = _mm512_set_epi32(2, 2, 2, 2, 0, 0, 0, 0, 2, 2, 2, 2, 0, 0, 0, 0);
+  const __m512i pick_offset = _mm512_set_epi32(3, 3, 3, 3, 1, 1, 1, 1, 3, 3, 3, 3, 1, 1, 1, 1);
   Vec acc[N];
   for (int i = 0; i < N; ++i) acc[i] = vzero();
   for (int64_t k = 0; k < d; k += 64) {
@@ -404,10 +421,8 @@ inline void rows_block_q4(const Int8Rows& xq, const float* qsum, const q4_t* w, 
     for (int r = 0; r < R; ++r) {
       const uint8_t* bytes = &w[r * ldw + k / 2].bits;
       __builtin_prefetch(reinterpret_cast<const char*>(bytes) + kPrefetchBytes, 0, 2);
-      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes));
-      const __m512i halves = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(b, low)),
-                                                _mm256_and_si256(_mm256_srli_epi16(b, 4), low), 1);
-      wv[r] = _mm512_shuffle_i64x2(halves, halves, _MM_SHUFFLE(3, 1, 2, 0));
+      const __m512i b = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes)));
+      wv[r] = _mm512_and_si512(_mm512_srlv_epi16(b, nibble), low);
       // groups 2g and 2g + 1's pairs: 4 float16 -> {s0, o0, s1, o1}
       const Vec p = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(params + r * np + k / kGroup))));
       sv[r] = _mm512_permutexvar_ps(pick_scale, p);
@@ -465,7 +480,9 @@ inline void linear_rows(const float* x, int64_t rows, int64_t d, const W* w, int
       const int64_t np = row_params<W>(d);
       for (int64_t m0 = 0; m0 < rows; m0 += kMaxRows) {
         const int M = static_cast<int>(std::min<int64_t>(kMaxRows, rows - m0));
-        const Int8Rows xq(x + m0 * d, M, d);
+        std::vector<float> xs;  // int4: the token rows in the order its kernel reads the weights
+        if constexpr (std::is_same_v<W, q4_t>) xs = q4_permuted(x + m0 * d, M, d);
+        const Int8Rows xq(xs.empty() ? x + m0 * d : xs.data(), M, d);
         std::vector<float> qsum;  // int4: each lane's sum of codes (start is -128 times it)
         if constexpr (std::is_same_v<W, q4_t>)
           for (const int32_t s : xq.start) qsum.push_back(static_cast<float>(s / -128));
