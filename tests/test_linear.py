@@ -198,6 +198,25 @@ def test_kernel_reads_low_precision_weights(kernel, precision, rows, d):
         kernel(x, q, b, None if extra.numel() else torch.ones(131))
 
 
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_int8_rounding_of_zero_and_extreme_groups(kernel, precision):
+    """The token rows' rounding (vectorised, 16 inputs at a time) on groups of 4 that are all zero,
+    a row that is all zero, and groups spanning 1e-30 to 1e30: the reference's codes, no NaN."""
+    from specgate.kernels.cpu_step import dequantized, int8_activations, low_precision, rounded_activations
+
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 128), torch.randn(40, 128)
+    x[0, 4:12] = 0.0  # two whole groups
+    x[1] = 0.0
+    x[2, :4] = torch.tensor([1e-30, -1e30, 3.0, -0.5])
+    q, extra = low_precision(w, precision)
+    got = kernel(x, q, None, extra)
+    seen = rounded_activations(x) if int8_activations() else x
+    want = F.linear(seen.double(), dequantized(w, precision).double()).float()
+    assert torch.isfinite(got).all() and (got[1] == 0).all()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4 * want.abs().max().item())
+
+
 @pytest.mark.parametrize("rows", [1, 2, 3, 5])
 def test_block_rows_change_the_blocking_not_the_result(kernel, rows):
     """4 or 8 weight rows per block: the same sums (each row's in the same order, up to the final
