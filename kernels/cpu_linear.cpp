@@ -11,6 +11,7 @@
 
 #include <atomic>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "cpu_linear.h"
@@ -94,36 +95,69 @@ at::Tensor screened_linear(const at::Tensor& x, const at::Tensor& weight, const 
   const float *xp = x2.data_ptr<float>(), *w = weight.data_ptr<float>(), *e = err.data_ptr<float>(), *nq = norm.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   linear_rows(xp, rows, d, q.data_ptr<int8_t>(), d, scale.data_ptr<float>(), nullptr, yp, V);
-  const int64_t grain = 8192;
-  std::vector<int64_t> dense;  // token rows with too many candidates: every logit from float32
+  // Two passes over the logits for all token rows at once (a pass per row cost a verify pass's 5 rows
+  // ~0.3 ms): each row's level max_s (y_s - b_s), then its candidates, per chunk of the vocabulary.
+  std::vector<float> nx(rows), nd(rows), low(rows, -INFINITY);
   for (int64_t m = 0; m < rows; ++m) {
-    const float* xm = xp + m * d;
-    float* ym = yp + m * V;
-    const float nx = std::sqrt(dot(xm, xm, d)), nd = rounding_bound(xm, d);
-    auto bound = [&](int64_t r) { return e[r] * nx + nq[r] * nd; };
-    const float low = at::parallel_reduce(
-        0, V, grain, -INFINITY,
-        [&](int64_t r0, int64_t r1, float best) {
-          for (int64_t r = r0; r < r1; ++r) best = std::max(best, ym[r] - bound(r));
-          return best;
-        },
-        [](float a, float b) { return std::max(a, b); });
-    const int64_t n = at::parallel_reduce(
-        0, V, grain, int64_t{0},
-        [&](int64_t r0, int64_t r1, int64_t count) {
-          for (int64_t r = r0; r < r1; ++r) count += ym[r] + bound(r) >= low;
-          return count;
-        },
-        [](int64_t a, int64_t b) { return a + b; });
+    nx[m] = std::sqrt(dot(xp + m * d, xp + m * d, d));
+    nd[m] = rounding_bound(xp + m * d, d);
+  }
+  const int64_t chunk = 8192, chunks = (V + chunk - 1) / chunk;
+  std::vector<float> levels(chunks * rows);  // [c * rows + m]: row m's level over chunk c
+  std::vector<std::vector<int64_t>> found(chunks * rows);  // [c * rows + m]: row m's candidates in chunk c
+  // f(c, m, r0, r1, bounds) for chunk c = vocabulary rows [r0, r1) and token row m, both threads
+  // taking whole chunks; bounds(r): b_r .. b_{r + kLanes} for row m.
+  auto over_chunks = [&](auto f) {
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t m = 0; m < rows; ++m) {
+          const Vec a = vset(nx[m]), b = vset(nd[m]);
+          f(c, m, c * chunk, std::min(V, (c + 1) * chunk), [&](int64_t r) { return vfma(vload(e + r), a, vmul(vload(nq + r), b)); });
+        }
+    });
+  };
+  auto bound = [&](int64_t m, int64_t r) { return e[r] * nx[m] + nq[r] * nd[m]; };  // the leftover rows'
+  over_chunks([&](int64_t c, int64_t m, int64_t r0, int64_t r1, auto bounds) {
+    const float* ym = yp + m * V;
+    Vec best = vset(-INFINITY);
+    int64_t r = r0;
+    for (; r + kLanes <= r1; r += kLanes) best = vmax(best, vfma(bounds(r), vset(-1.0f), vload(ym + r)));
+    float lanes[kLanes], top = -INFINITY;
+    vstore(lanes, best);
+    for (float v : lanes) top = std::max(top, v);
+    for (; r < r1; ++r) top = std::max(top, ym[r] - bound(m, r));
+    levels[c * rows + m] = top;
+  });
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int64_t m = 0; m < rows; ++m) low[m] = std::max(low[m], levels[c * rows + m]);
+  over_chunks([&](int64_t c, int64_t m, int64_t r0, int64_t r1, auto bounds) {
+    const float* ym = yp + m * V;
+    std::vector<int64_t>& out = found[c * rows + m];
+    int64_t r = r0;
+    for (; r + kLanes <= r1; r += kLanes)
+      for (uint32_t hits = vat_least(vadd(vload(ym + r), bounds(r)), vset(low[m])); hits; hits &= hits - 1)
+        out.push_back(r + __builtin_ctz(hits));
+    for (; r < r1; ++r)
+      if (ym[r] + bound(m, r) >= low[m]) out.push_back(r);
+  });
+  std::vector<int64_t> dense;  // token rows with too many candidates: every logit from float32
+  std::vector<std::pair<int64_t, int64_t>> exact;  // (token row, vocabulary row) recomputed in float32
+  for (int64_t m = 0; m < rows; ++m) {
+    int64_t n = 0;
+    for (int64_t c = 0; c < chunks; ++c) n += found[c * rows + m].size();
     if (n > max_exact) {
       dense.push_back(m);
       continue;
     }
-    at::parallel_for(0, V, grain, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r)
-        if (ym[r] + bound(r) >= low) ym[r] = dot(xm, w + r * d, d);
-    });
+    for (int64_t c = 0; c < chunks; ++c)
+      for (int64_t r : found[c * rows + m]) exact.emplace_back(m, r);
   }
+  at::parallel_for(0, static_cast<int64_t>(exact.size()), 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const auto [m, r] = exact[i];
+      yp[m * V + r] = dot(xp + m * d, w + r * d, d);
+    }
+  });
   if (!dense.empty()) {  // one float32 pass over the head for all of them
     const int64_t k = dense.size();
     std::vector<float> xs(k * d), ys(k * V);

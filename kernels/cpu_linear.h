@@ -34,6 +34,7 @@ inline Vec vset(float a) { return _mm512_set1_ps(a); }
 inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
 inline Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
 inline Vec vmax(Vec a, Vec b) { return _mm512_max_ps(a, b); }
+inline uint32_t vat_least(Vec a, Vec b) { return _mm512_cmp_ps_mask(a, b, _CMP_GE_OQ); }  // lane i: bit i
 #elif defined(__AVX2__) && defined(__FMA__)
 using Vec = __m256;
 constexpr int kLanes = 8;
@@ -45,6 +46,7 @@ inline Vec vset(float a) { return _mm256_set1_ps(a); }
 inline Vec vadd(Vec a, Vec b) { return _mm256_add_ps(a, b); }
 inline Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
 inline Vec vmax(Vec a, Vec b) { return _mm256_max_ps(a, b); }
+inline uint32_t vat_least(Vec a, Vec b) { return _mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_GE_OQ)); }
 #else
 using Vec = float;  // no vector unit we know: plain scalar code, still one pass over the weights
 constexpr int kLanes = 1;
@@ -56,6 +58,7 @@ inline Vec vset(float a) { return a; }
 inline Vec vadd(Vec a, Vec b) { return a + b; }
 inline Vec vmul(Vec a, Vec b) { return a * b; }
 inline Vec vmax(Vec a, Vec b) { return std::max(a, b); }
+inline uint32_t vat_least(Vec a, Vec b) { return a >= b; }
 #endif
 
 // Prefetches for a weight stream read at p: far ahead into L2, which keeps enough lines coming from
