@@ -395,52 +395,93 @@ struct CpuStep : torch::CustomClassHolder {
 
   // Softmax attention of R queries (rows of stride ld, heads first), each over its sequence's cache
   // slots pad .. its own (the last `window` of them for a sliding window; a padding query sees only
-  // itself) -> o (R, q_dim). The queries that read one K/V head (a sequence's rows times the heads
-  // of its group) go in chunks of up to kMaxRows, so each key and value row is read once per chunk:
-  // the scores are a small-M product with the keys as weight rows, the output the weighted sum of
-  // the value rows. (One query at a time, a verify pass of 7 tokens spent ~5 ms of ~20 in attention
-  // at 400 cached tokens.) Chunks are smaller where too few would leave a thread idle.
+  // itself) -> o (R, q_dim). The threads take (sequence, K/V head, part of its keys) items, so each
+  // key and value row is read once per pass, however many queries read it (split by queries instead,
+  // a verify pass of 8 tokens read each three times, and a decode step twice: at 1,000 cached tokens
+  // that was most of an 8-token pass's attention). In an item, the queries of the head go in chunks
+  // of up to kMaxRows: the scores are a small-M product with the keys as weight rows, the output the
+  // weighted sum of the value rows. Each item leaves per query the maximum of its scores, the sum of
+  // their exponentials and its unnormalised output; the parts are merged after, as flash attention does.
   void attend(const float* q, int64_t ld, const Rows& rows, int64_t R, const at::Tensor& kc, const at::Tensor& vc,
               int64_t window, float* o) const {
     const int64_t max_len = kc.size(2), group = n_heads / n_kv, B = R / rows.T, G = rows.T * group;
-    const int64_t split = (2 * at::get_num_threads() + B * n_kv - 1) / (B * n_kv);  // chunks wanted per K/V head
-    const int64_t chunk = std::clamp<int64_t>((G + split - 1) / split, 1, kMaxRows), per_head = (G + chunk - 1) / chunk;
-    at::parallel_for(0, B * n_kv * per_head, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t parts = std::max<int64_t>(1, (2 * at::get_num_threads() + B * n_kv - 1) / (B * n_kv));
+    // query g of sequence s: token row s * T + g / group, head kvh * group + g % group; its keys first .. last
+    auto row = [&](int64_t s, int64_t g) { return s * rows.T + g / group; };
+    std::vector<int64_t> first(B * G), last(B * G), lo(B, max_len), hi(B, 0);
+    for (int64_t s = 0; s < B; ++s)
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t i = s * G + g, pad = rows.pad[s];
+        last[i] = rows.slot(row(s, g));
+        first[i] = last[i] < pad ? last[i] : std::max<int64_t>(pad, window > 0 ? last[i] - window + 1 : 0);
+        lo[s] = std::min(lo[s], first[i]), hi[s] = std::max(hi[s], last[i]);
+      }
+    const int64_t items = B * n_kv * parts;
+    std::vector<float> top(items * G), sum(items * G), out(items * G * hd);  // per item and query
+    at::parallel_for(0, items, 1, [&](int64_t b0, int64_t b1) {
       std::vector<float> qs(kMaxRows * hd), scores;
       for (int64_t b = b0; b < b1; ++b) {
-        const int64_t s = b / (n_kv * per_head), kvh = b / per_head % n_kv, g0 = b % per_head * chunk;
-        const int64_t n = std::min(chunk, G - g0), pad = rows.pad[s];
-        auto row = [&](int64_t g) { return s * rows.T + (g0 + g) / group; };  // query g: this row, head head(g)
-        auto head = [&](int64_t g) { return kvh * group + (g0 + g) % group; };
-        int64_t first[kMaxRows], last[kMaxRows], lo = max_len, hi = 0;
-        for (int64_t g = 0; g < n; ++g) {
-          last[g] = rows.slot(row(g));
-          first[g] = std::max<int64_t>(pad, window > 0 ? last[g] - window + 1 : 0);
-          if (last[g] < pad) first[g] = last[g];
-          lo = std::min(lo, first[g]), hi = std::max(hi, last[g]);
-          const float* qg = q + row(g) * ld + head(g) * hd;
-          std::copy(qg, qg + hd, qs.data() + g * hd);
-        }
-        const int64_t U = hi - lo + 1;
-        const float* keys = kc.data_ptr<float>() + (s * n_kv + kvh) * max_len * hd + lo * hd;
-        const float* values = vc.data_ptr<float>() + (s * n_kv + kvh) * max_len * hd + lo * hd;
-        scores.resize(n * U);
-        with_rows(static_cast<int>(n), [&](auto m) {
-          blocks<decltype(m)::value>(0, U, [&](auto r, int64_t u) {
-            rows_block<decltype(m)::value, decltype(r)::value>(qs.data(), hd, keys + u * hd, hd, nullptr, nullptr,
-                                                               scores.data() + u, U);
+        const int64_t s = b / (n_kv * parts), kvh = b / parts % n_kv, p = b % parts, span = hi[s] - lo[s] + 1;
+        const int64_t a0 = lo[s] + span * p / parts, a1 = lo[s] + span * (p + 1) / parts;  // this item's keys
+        const float* keys = kc.data_ptr<float>() + (s * n_kv + kvh) * max_len * hd;
+        const float* values = vc.data_ptr<float>() + (s * n_kv + kvh) * max_len * hd;
+        for (int64_t g0 = 0; g0 < G; g0 += kMaxRows) {
+          const int64_t n = std::min<int64_t>(kMaxRows, G - g0);
+          int64_t f[kMaxRows], l[kMaxRows], c0 = a1, c1 = a0 - 1;  // each query's keys here; all of theirs
+          for (int64_t g = 0; g < n; ++g) {
+            const int64_t i = s * G + g0 + g;
+            f[g] = std::max(first[i], a0), l[g] = std::min(last[i], a1 - 1);
+            if (f[g] <= l[g]) c0 = std::min(c0, f[g]), c1 = std::max(c1, l[g]);
+            const float* qg = q + row(s, g0 + g) * ld + (kvh * group + (g0 + g) % group) * hd;
+            std::copy(qg, qg + hd, qs.data() + g * hd);
+          }
+          float* t = top.data() + b * G + g0;
+          float* z = sum.data() + b * G + g0;
+          float* y = out.data() + (b * G + g0) * hd;
+          if (c0 > c1) {  // none of these queries reads this part's keys
+            std::fill(t, t + n, -INFINITY), std::fill(z, z + n, 0.0f), std::fill(y, y + n * hd, 0.0f);
+            continue;
+          }
+          const int64_t U = c1 - c0 + 1;
+          scores.resize(n * U);
+          with_rows(static_cast<int>(n), [&](auto m) {
+            blocks<decltype(m)::value>(0, U, [&](auto r, int64_t u) {
+              rows_block<decltype(m)::value, decltype(r)::value>(qs.data(), hd, keys + (c0 + u) * hd, hd, nullptr, nullptr,
+                                                                 scores.data() + u, U);
+            });
           });
-        });
-        for (int64_t g = 0; g < n; ++g) {  // softmax over the query's own keys; the others weigh 0
-          float* p = scores.data() + g * U;
-          const int64_t a = first[g] - lo, e = last[g] - lo + 1;
-          const float top = scale_max(p + a, e - a, static_cast<float>(scaling));
-          const float sum = exp_sum(p + a, p + a, e - a, top);
-          std::fill(p, p + a, 0.0f), std::fill(p + e, p + U, 0.0f);
-          weighted_rows(p, values, U, hd, 1.0f / sum, o + row(g) * n_heads * hd + head(g) * hd);
+          for (int64_t g = 0; g < n; ++g) {  // softmax terms over the query's own keys; the others weigh 0
+            if (f[g] > l[g]) {
+              t[g] = -INFINITY, z[g] = 0.0f, std::fill(y + g * hd, y + (g + 1) * hd, 0.0f);
+              continue;
+            }
+            float* w = scores.data() + g * U;
+            const int64_t e0 = f[g] - c0, e1 = l[g] - c0 + 1;
+            t[g] = scale_max(w + e0, e1 - e0, static_cast<float>(scaling));
+            z[g] = exp_sum(w + e0, w + e0, e1 - e0, t[g]);
+            std::fill(w, w + e0, 0.0f), std::fill(w + e1, w + U, 0.0f);
+            weighted_rows(w, values + c0 * hd, U, hd, 1.0f, y + g * hd);
+          }
         }
       }
     });
+    for (int64_t s = 0; s < B; ++s)  // merge the parts: every query reads its own key, so one part at least has terms
+      for (int64_t kvh = 0; kvh < n_kv; ++kvh)
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t b = (s * n_kv + kvh) * parts;
+          float most = -INFINITY, total = 0.0f;
+          for (int64_t p = 0; p < parts; ++p) most = std::max(most, top[(b + p) * G + g]);
+          float* dst = o + row(s, g) * n_heads * hd + (kvh * group + g % group) * hd;
+          std::fill(dst, dst + hd, 0.0f);
+          for (int64_t p = 0; p < parts; ++p) {
+            const int64_t i = (b + p) * G + g;
+            if (sum[i] == 0.0f) continue;
+            const float weight = std::exp(top[i] - most);
+            total += weight * sum[i];
+            for (int64_t e = 0; e < hd; ++e) dst[e] += weight * out[i * hd + e];
+          }
+          for (int64_t e = 0; e < hd; ++e) dst[e] /= total;
+        }
   }
 };
 
