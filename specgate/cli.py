@@ -218,6 +218,8 @@ _HELP = {
     "train_gates": "standins: train the gates jointly with the stand-ins and adapters (each budget's threshold is "
     "steered to keep skipping its share of the compute; calibrate afterwards)",
     "gate_lr": "standins with --train-gates: the gates' learning rate",
+    "top1_weight": "standins: add this times the cross-entropy of the draft against the original model's top-1 "
+    "token to the KL (greedy acceptance asks only that the top-1 tokens agree)",
     "time_limit_s": "stop with a checkpoint after this many seconds",
     "resume": "continue from the checkpoints in OUTPUT_DIR (refused if they were made from another model, data or settings)",
 }

@@ -162,12 +162,15 @@ def train_step(
         runs, record = gates.draft_runs(budget), ForwardRecord()
         decide = lambda imp, i, b: runs(imp, i, b) | ~valid  # noqa: E731
         logits = gated_forward(engine, ids, gates, decide, record, kvs, config.draft_round or 1).float()
-        kl = (target_logp.exp() * (target_logp - logits.log_softmax(-1))).sum(-1)[valid].mean()
+        logp = logits.log_softmax(-1)[valid]
+        loss = (target_logp[valid].exp() * (target_logp[valid] - logp)).sum(-1).mean()  # KL(full || draft)
+        if config.top1_weight:
+            loss = loss + config.top1_weight * F.nll_loss(logp, target_logp[valid].argmax(-1))
         skips = (~torch.stack(record.run)[:, valid]).float().mean(1)  # (2L,) share skipped, order (layer, branch)
         cost, saved = engine.pass_costs("project", gates)
         compute = sum(saved[k % 2][k // 2] * float(skips[k]) for k in range(len(skips))) / sum(map(sum, cost))
-        stats = StepStats(float(kl.detach()), 0.0, 0.0, float(skips.mean()), budget, int(valid.sum()), compute)
-        return kl, stats, torch.zeros(0)
+        stats = StepStats(float(loss.detach()), 0.0, 0.0, float(skips.mean()), budget, int(valid.sum()), compute)
+        return loss, stats, torch.zeros(0)
     if config.objective == "distill":
         with torch.no_grad():  # the original model (gates read along, nothing skipped or scaled)
             full = ForwardRecord()

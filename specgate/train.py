@@ -74,6 +74,7 @@ class TrainConfig:
     draft_round: int = 0  # standins: 0: the draft's own K/V everywhere; R: rounds of R draft tokens after a verified prefix
     train_gates: bool = False  # standins: train the gates too (jointly with the stand-ins and adapters)
     gate_lr: float = 3e-5  # ... at this learning rate
+    top1_weight: float = 0.0  # standins: plus this times the cross-entropy of the original model's top-1 token
     budget_max: float = 0.5  # share of (token, branch) evaluations skipped (warm-up target for paper)
     budget_min: float = 0.1  # distill: lower end of the sampled budgets
     warmup_steps: int = 200  # budget warm-up: 0 -> budget_max (paper); range scaled up (distill)
@@ -128,8 +129,10 @@ class TrainConfig:
             )
         if self.draft_round < 0:
             raise ValueError(f"draft_round must be >= 0, got {self.draft_round}")
-        if (self.draft_round or self.train_gates) and self.objective != "standins":
-            raise ValueError("draft_round and train_gates are for the standins objective")
+        if (self.draft_round or self.train_gates or self.top1_weight) and self.objective != "standins":
+            raise ValueError("draft_round, train_gates and top1_weight are for the standins objective")
+        if self.top1_weight < 0:
+            raise ValueError(f"top1_weight must be >= 0, got {self.top1_weight}")
         if self.gate_lr <= 0:
             raise ValueError(f"gate_lr must be > 0, got {self.gate_lr}")
         if self.context_gates and self.objective not in ("damage", "standins"):

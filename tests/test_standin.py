@@ -159,12 +159,37 @@ def test_draft_rounds_train_on_what_decoding_sees(family):
 
 
 def test_draft_rounds_are_for_the_standins_objective():
-    with pytest.raises(ValueError, match="draft_round and train_gates are for the standins objective"):
+    with pytest.raises(ValueError, match="draft_round, train_gates and top1_weight are for the standins objective"):
         T.TrainConfig(objective="damage", draft_round=2)
-    with pytest.raises(ValueError, match="draft_round and train_gates are for the standins objective"):
+    with pytest.raises(ValueError, match="draft_round, train_gates and top1_weight are for the standins objective"):
         T.TrainConfig(objective="damage", train_gates=True)
+    with pytest.raises(ValueError, match="draft_round, train_gates and top1_weight are for the standins objective"):
+        T.TrainConfig(objective="distill", top1_weight=1.0)
+    with pytest.raises(ValueError, match="top1_weight must be >= 0"):
+        T.TrainConfig(objective="standins", context_gates="x", top1_weight=-1.0)
     with pytest.raises(ValueError, match="draft_round must be >= 0"):
         T.TrainConfig(objective="standins", context_gates="x", draft_round=-1)
+
+
+@torch.no_grad()
+def test_top1_weight_adds_the_cross_entropy_of_the_full_models_top_token():
+    """The standins loss is KL(full || draft) plus top1_weight times the draft's cross-entropy
+    against the original model's top-1 token, computed here from the two models' logits."""
+    m = tiny("llama", gates=True)
+    L = m.engine.num_layers
+    m.gates.thresholds[0.5] = torch.full((2, L), 0.5)
+    m.gates.standins = _standins(m, rank=2)
+    ids = torch.randint(3, 101, (2, 12), generator=torch.Generator().manual_seed(0))
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    valid[1, -3:] = False  # padding
+    loss = {w: G.train_step(m.engine, m.gates, ids, valid, T.TrainConfig(objective="standins", context_gates="x", top1_weight=w), 0.5, None)[0]
+            for w in (0.0, 2.0)}  # fmt: skip
+    full = layers.dense_forward(m.engine.weights, ids).float()[valid]
+    runs = m.gates.draft_runs(0.5)
+    draft = gated_forward(m.engine, ids, m.gates, lambda imp, i, b: runs(imp, i, b) | ~valid).float()[valid].log_softmax(-1)
+    ce = -draft.gather(-1, full.argmax(-1, keepdim=True)).mean()
+    assert ce > 0
+    torch.testing.assert_close(loss[2.0] - loss[0.0], 2.0 * ce, rtol=1e-4, atol=1e-5)
 
 
 @torch.no_grad()
