@@ -171,6 +171,7 @@ struct Layer {
 
 constexpr int kTensorsPerLayer = 16;
 constexpr int64_t kMaxTokens = 16;  // token rows: two passes over the weights of kMaxRows rows
+constexpr int64_t kKeyBlock = 128;  // cache slots per attention work item (see CpuStep::attend)
 
 // out (n floats) = scale * sum over u < U of w[u] * rows[u * n .. u * n + n): four vectors of out at
 // a time, two rows at a time, so eight FMA chains run side by side.
@@ -395,17 +396,18 @@ struct CpuStep : torch::CustomClassHolder {
 
   // Softmax attention of R queries (rows of stride ld, heads first), each over its sequence's cache
   // slots pad .. its own (the last `window` of them for a sliding window; a padding query sees only
-  // itself) -> o (R, q_dim). The threads take (sequence, K/V head, part of its keys) items, so each
-  // key and value row is read once per pass, however many queries read it (split by queries instead,
-  // a verify pass of 8 tokens read each three times, and a decode step twice: at 1,000 cached tokens
-  // that was most of an 8-token pass's attention). In an item, the queries of the head go in chunks
-  // of up to kMaxRows: the scores are a small-M product with the keys as weight rows, the output the
-  // weighted sum of the value rows. Each item leaves per query the maximum of its scores, the sum of
-  // their exponentials and its unnormalised output; the parts are merged after, as flash attention does.
+  // itself) -> o (R, q_dim). The threads take (sequence, K/V head, block of kKeyBlock cache slots)
+  // items, so each key and value row is read once per pass, however many queries read it (split by
+  // queries instead, a verify pass of 8 tokens read each three times, a decode step twice). In an
+  // item, the queries of the head go in chunks of up to kMaxRows: the scores are a small-M product
+  // with the keys as weight rows, the output the weighted sum of the value rows. Each item leaves per
+  // query the maximum of its scores, the sum of their exponentials and its unnormalised output; the
+  // blocks are merged after, as flash attention does. The blocks sit at fixed slots, so a query's
+  // arithmetic does not depend on the other queries of its pass: a token's logits are the same bits
+  // in a decode step and in a verify pass (tested), and greedy speculation gives plain decoding's tokens.
   void attend(const float* q, int64_t ld, const Rows& rows, int64_t R, const at::Tensor& kc, const at::Tensor& vc,
               int64_t window, float* o) const {
     const int64_t max_len = kc.size(2), group = n_heads / n_kv, B = R / rows.T, G = rows.T * group;
-    const int64_t parts = std::max<int64_t>(1, (2 * at::get_num_threads() + B * n_kv - 1) / (B * n_kv));
     // query g of sequence s: token row s * T + g / group, head kvh * group + g % group; its keys first .. last
     auto row = [&](int64_t s, int64_t g) { return s * rows.T + g / group; };
     std::vector<int64_t> first(B * G), last(B * G), lo(B, max_len), hi(B, 0);
@@ -416,13 +418,15 @@ struct CpuStep : torch::CustomClassHolder {
         first[i] = last[i] < pad ? last[i] : std::max<int64_t>(pad, window > 0 ? last[i] - window + 1 : 0);
         lo[s] = std::min(lo[s], first[i]), hi[s] = std::max(hi[s], last[i]);
       }
+    int64_t parts = 1;  // blocks per sequence, the most any sequence's keys span
+    for (int64_t s = 0; s < B; ++s) parts = std::max(parts, hi[s] / kKeyBlock - lo[s] / kKeyBlock + 1);
     const int64_t items = B * n_kv * parts;
     std::vector<float> top(items * G), sum(items * G), out(items * G * hd);  // per item and query
     at::parallel_for(0, items, 1, [&](int64_t b0, int64_t b1) {
       std::vector<float> qs(kMaxRows * hd), scores;
       for (int64_t b = b0; b < b1; ++b) {
-        const int64_t s = b / (n_kv * parts), kvh = b / parts % n_kv, p = b % parts, span = hi[s] - lo[s] + 1;
-        const int64_t a0 = lo[s] + span * p / parts, a1 = lo[s] + span * (p + 1) / parts;  // this item's keys
+        const int64_t s = b / (n_kv * parts), kvh = b / parts % n_kv, block = lo[s] / kKeyBlock + b % parts;
+        const int64_t a0 = std::max(lo[s], block * kKeyBlock), a1 = std::min(hi[s] + 1, (block + 1) * kKeyBlock);  // its keys
         const float* keys = kc.data_ptr<float>() + (s * n_kv + kvh) * max_len * hd;
         const float* values = vc.data_ptr<float>() + (s * n_kv + kvh) * max_len * hd;
         for (int64_t g0 = 0; g0 < G; g0 += kMaxRows) {
@@ -475,12 +479,16 @@ struct CpuStep : torch::CustomClassHolder {
           std::fill(dst, dst + hd, 0.0f);
           for (int64_t p = 0; p < parts; ++p) {
             const int64_t i = (b + p) * G + g;
-            if (sum[i] == 0.0f) continue;
+            if (sum[i] == 0.0f) continue;  // no keys of this query in the block
             const float weight = std::exp(top[i] - most);
             total += weight * sum[i];
-            for (int64_t e = 0; e < hd; ++e) dst[e] += weight * out[i * hd + e];
+            int64_t e = 0;
+            for (; e + kLanes <= hd; e += kLanes) vstore(dst + e, vfma(vset(weight), vload(out.data() + i * hd + e), vload(dst + e)));
+            for (; e < hd; ++e) dst[e] += weight * out[i * hd + e];
           }
-          for (int64_t e = 0; e < hd; ++e) dst[e] /= total;
+          int64_t e = 0;
+          for (; e + kLanes <= hd; e += kLanes) vstore(dst + e, vmul(vload(dst + e), vset(1.0f / total)));
+          for (; e < hd; ++e) dst[e] *= 1.0f / total;
         }
   }
 };
