@@ -442,8 +442,9 @@ struct CpuStep : torch::CustomClassHolder {
           float* t = top.data() + b * G + g0;
           float* z = sum.data() + b * G + g0;
           float* y = out.data() + (b * G + g0) * hd;
-          if (c0 > c1) {  // none of these queries reads this part's keys
-            std::fill(t, t + n, -INFINITY), std::fill(z, z + n, 0.0f), std::fill(y, y + n * hd, 0.0f);
+          auto none = [&](int64_t g) { t[g] = -INFINITY, z[g] = 0.0f, std::fill(y + g * hd, y + (g + 1) * hd, 0.0f); };
+          if (c0 > c1) {  // none of these queries reads this block's keys
+            for (int64_t g = 0; g < n; ++g) none(g);
             continue;
           }
           const int64_t U = c1 - c0 + 1;
@@ -456,7 +457,7 @@ struct CpuStep : torch::CustomClassHolder {
           });
           for (int64_t g = 0; g < n; ++g) {  // softmax terms over the query's own keys; the others weigh 0
             if (f[g] > l[g]) {
-              t[g] = -INFINITY, z[g] = 0.0f, std::fill(y + g * hd, y + (g + 1) * hd, 0.0f);
+              none(g);
               continue;
             }
             float* w = scores.data() + g * U;
@@ -469,7 +470,7 @@ struct CpuStep : torch::CustomClassHolder {
         }
       }
     });
-    for (int64_t s = 0; s < B; ++s)  // merge the parts: every query reads its own key, so one part at least has terms
+    for (int64_t s = 0; s < B; ++s)  // merge the blocks: every query reads its own key, so one block at least has terms
       for (int64_t kvh = 0; kvh < n_kv; ++kvh)
         for (int64_t g = 0; g < G; ++g) {
           const int64_t b = (s * n_kv + kvh) * parts;
