@@ -12,9 +12,11 @@ oneDNN: what the engine ran before it measured). ``--precisions`` adds draft ste
 int8 copies of the weights (fused path only). Plain and verify steps are greedy decoding's: the LM
 head is the screened one where the engine has it (``Engine.screened``); the rows "float32 head" time
 the same steps with the whole float32 head, what sampling and ``output_scores`` need.
+``--prefetch FAR:NEAR`` times every step again with the kernels' prefetch distances set to those
+bytes at every row count, beside the engine's measured choice (``specgate.dispatch.prefetch``).
 
     python eval/step_costs.py [--gates DIR] [--threads 2] [--rounds 30] [--budgets 0.3 0.5 0.7] [--vocab 8192]
-        [--paths fused torch] [--precisions float32 int8]
+        [--paths fused torch] [--precisions float32 int8] [--prefetch 24576:1024]
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--paths", nargs="+", default=["fused"], choices=list(PATHS), help="code paths to compare")
     ap.add_argument("--precisions", nargs="+", default=["float32"], choices=["float32", "bfloat16", "int8", "int4"],
                     help="draft weight precisions (not float32: the fused path only)")  # fmt: skip
+    ap.add_argument("--prefetch", nargs="+", default=[], metavar="FAR:NEAR", help="prefetch distances to time every step with too")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -102,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
                 if pr != "float32" and head is not None:
                     steps[p, f"draft b=0 vocab {len(head)} {pr}"] = lambda p=p, pr=pr: step(p, head=head, precision=pr)
 
+        for plan in args.prefetch:
+            far, near = (int(b) for b in plan.split(":"))
+            for (p, name), fn in list(steps.items()):
+                steps[p, f"{name} [prefetch {plan}]"] = lambda fn=fn, far=far, near=near: with_prefetch(fn, far, near)
         times = {key: [] for key in steps}
         for _ in range(2):  # warm-up: kernel builds, backend probes, low-precision copies happen here
             for (p, _name), fn in steps.items():
@@ -125,6 +132,16 @@ def main(argv: list[str] | None = None) -> int:
     used = sorted({c["backend"] for c in linear.choices()["choices"].values()})
     print(f"linear backends chosen by auto: {', '.join(used) or 'none recorded'}")
     return 0
+
+
+def with_prefetch(fn, far: int, near: int) -> None:
+    """fn() with every row count's prefetch distances set to (far, near), then put back."""
+    previous = [torch.ops.specgate.set_prefetch(T, far, near) for T in range(1, 9)]
+    try:
+        fn()
+    finally:
+        for T, plan in enumerate(previous, 1):
+            torch.ops.specgate.set_prefetch(T, *plan)
 
 
 if __name__ == "__main__":

@@ -192,6 +192,17 @@ int64_t set_block_rows(int64_t cap) {
   return previous;
 }
 
+// Sets how far ahead products over `rows` token rows prefetch their weights (bytes; near 0: no L1
+// prefetch, see Prefetch); returns the previous (far, near).
+std::vector<int64_t> set_prefetch(int64_t rows, int64_t far, int64_t near) {
+  TORCH_CHECK(rows >= 1 && rows <= kMaxRows, "set_prefetch: rows must be 1..", kMaxRows, ", got ", rows);
+  TORCH_CHECK(far > 0 && near >= 0, "set_prefetch: far > 0 and near >= 0 bytes, got ", far, " and ", near);
+  Prefetch& pf = prefetch_plan(static_cast<int>(rows));
+  std::vector<int64_t> previous{pf.far, pf.near};
+  pf = Prefetch{far, near};
+  return previous;
+}
+
 }  // namespace
 
 // A fragment: other code may define more ops in the specgate namespace.
@@ -200,6 +211,7 @@ TORCH_LIBRARY_FRAGMENT(specgate, m) {
   m.def("parallel_threads() -> int", &parallel_threads);
   m.def("int8_activations() -> bool", &int8_activations);  // whether int8 products round the token rows to int8 (VNNI)
   m.def("set_block_rows(int cap) -> int", &set_block_rows);  // 8 or 4 weight rows per block at most; returns the previous
+  m.def("set_prefetch(int rows, int far, int near) -> int[]", &set_prefetch);  // per token-row count; returns the previous
   m.def("screened_linear(Tensor x, Tensor weight, Tensor q, Tensor scale, Tensor err, Tensor norm, int max_exact) -> Tensor");
 }
 

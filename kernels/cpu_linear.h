@@ -20,8 +20,6 @@
 namespace specgate_cpu {
 
 constexpr int kMaxRows = 8;         // token rows per pass over the weights
-constexpr int64_t kFarPrefetchBytes = 24576;  // how far ahead of the weight being read to prefetch into L2
-constexpr int64_t kNearPrefetchBytes = 1024;  // and into L1 (see prefetch_ahead)
 
 #if defined(__AVX512F__)
 using Vec = __m512;
@@ -61,15 +59,28 @@ inline Vec vmax(Vec a, Vec b) { return std::max(a, b); }
 inline uint32_t vat_least(Vec a, Vec b) { return a >= b; }
 #endif
 
-// Prefetches for a weight stream read at p: far ahead into L2, which keeps enough lines coming from
-// memory, and near ahead into L1, so the loads meet no L2 latency either. With the L2 prefetch alone
-// (8 KB ahead), products over 5 token rows streamed their weights 1.13-1.17x slower than over one
-// (the more work per line, the fewer loads the core has in flight); with both, 1.05-1.09x, and
-// 1-row products ran no slower (2-core Intel Xeon, eval/verify_parts.py).
-inline void prefetch_ahead(const void* p) {
+// How far ahead of the weight being read the kernels prefetch: far into L2, which keeps enough lines
+// coming from memory, and near into L1 (0: not at all), so the loads meet no L2 latency either.
+// What pays depends on the machine and the token rows per pass. On a 2-core Intel Xeon, with the L2
+// prefetch alone (8 KB ahead), 5-row products streamed their weights 1.13-1.17x slower than 1-row
+// ones (the more work per line, the fewer loads the core has in flight); with both (24 KB, 1 KB),
+// 1.05-1.09x, and 1-row products ran no slower. On a 2-core AMD EPYC (Zen 4) the near prefetch made
+// 1-row products slower. So the distances are set per row count (index: rows 1..kMaxRows) by
+// set_prefetch, which the engine calls with what it timed fastest on the machine
+// (specgate.dispatch.prefetch); these are the defaults.
+struct Prefetch {
+  int64_t far = 24576, near = 1024;
+};
+
+inline Prefetch& prefetch_plan(int rows) {
+  static Prefetch plans[kMaxRows + 1];
+  return plans[rows];
+}
+
+inline void prefetch_ahead(const void* p, const Prefetch& pf) {
   const char* c = static_cast<const char*>(p);
-  __builtin_prefetch(c + kFarPrefetchBytes, 0, 1);
-  __builtin_prefetch(c + kNearPrefetchBytes, 0, 3);
+  __builtin_prefetch(c + pf.far, 0, 1);
+  if (pf.near) __builtin_prefetch(c + pf.near, 0, 3);
 }
 
 // v, kept in a register: a token row's vector feeds R FMAs, and unless told, gcc folds its load into
@@ -245,10 +256,11 @@ inline void rows_block(const float* x, int64_t d, const W* w, int64_t ldw, const
   // Inputs k .. k + kStep; the first step sets acc. (Zeroing acc first made the compiler clear a
   // stack copy of it per block: 5-10% of a block's time at 5-8 token rows and d = 576, ~30% at d = 64,
   // timed hot on the Intel Xeon.)
+  const Prefetch pf = prefetch_plan(M);
   auto step = [&](int64_t k, auto first) {
     Vec wv[R][V];
     for (int r = 0; r < R; ++r) {
-      prefetch_ahead(reinterpret_cast<const char*>(w + r * ldw) + byte_of<W>(k));
+      prefetch_ahead(reinterpret_cast<const char*>(w + r * ldw) + byte_of<W>(k), pf);
       load_step(w + r * ldw, k, grouped ? scale + r * np : nullptr, wv[r]);
     }
     for (int v = 0; v < V; ++v)
@@ -379,12 +391,13 @@ inline void rows_block_int8(const Int8Rows& xq, const int8_t* w, int64_t ldw, co
   constexpr int N = R * M;
   const int64_t d = xq.d;
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const Prefetch pf = prefetch_plan(M);
   Vec acc[N];
   for (int i = 0; i < N; ++i) acc[i] = vzero();
   for (int64_t k = 0; k < d; k += 64) {
     __m512i wv[R];
     for (int r = 0; r < R; ++r) {
-      prefetch_ahead(w + r * ldw + k);
+      prefetch_ahead(w + r * ldw + k, pf);
       wv[r] = _mm512_xor_si512(_mm512_loadu_si512(w + r * ldw + k), flip);
     }
     for (int m = 0; m < M; ++m) {
@@ -439,6 +452,7 @@ inline void rows_block_q4(const Int8Rows& xq, const q4_t* w, int64_t ldw, const 
   // 2g + 1's, from {s0, o0, s1, o1}
   const __m512i pick_scale = _mm512_set_epi32(2, 2, 2, 2, 0, 0, 0, 0, 2, 2, 2, 2, 0, 0, 0, 0);
   const __m512i pick_offset = _mm512_set_epi32(3, 3, 3, 3, 1, 1, 1, 1, 3, 3, 3, 3, 1, 1, 1, 1);
+  const Prefetch pf = prefetch_plan(M);
   Vec acc[N];
   for (int i = 0; i < N; ++i) acc[i] = vzero();
   for (int64_t k = 0; k < d; k += 64) {
@@ -446,7 +460,7 @@ inline void rows_block_q4(const Int8Rows& xq, const q4_t* w, int64_t ldw, const 
     Vec sv[R], ov[R];
     for (int r = 0; r < R; ++r) {
       const uint8_t* bytes = &w[r * ldw + k / 2].bits;
-      prefetch_ahead(bytes);
+      prefetch_ahead(bytes, pf);
       const __m512i b = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes)));
       wv[r] = _mm512_and_si512(_mm512_srlv_epi16(b, nibble), low);
       // groups 2g and 2g + 1's pairs: 4 float16 -> {s0, o0, s1, o1}

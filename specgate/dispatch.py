@@ -145,6 +145,55 @@ def block_rows(weights: "ModelWeights") -> int | None:
     return labels[choice]
 
 
+# Prefetch distances the CPU kernels choose between per token-row count (bytes ahead into L2, into
+# L1; see Prefetch in kernels/cpu_linear.h), labelled as bench output lists the choices. A 2-core AMD
+# EPYC (Zen 4) streamed 1-2 row products 7-10% faster without the L1 prefetch and 5-8 row ones 2-10%
+# slower (eval/kernel_rates.py --prefetch); on an Intel Xeon the L1 prefetch paid at 5 rows and cost
+# nothing at 1.
+PREFETCH = {"prefetch L2+L1": (24576, 1024), "prefetch L2": (24576, 0)}
+
+
+def prefetch(weights: "ModelWeights") -> dict[int, str] | None:
+    """Sets how far ahead the CPU kernels prefetch their weights, per token-row count 1..8: the
+    faster of :data:`PREFETCH` for this model's decoder products at that row count, timed
+    interleaved once per machine, thread count and shape and kept on disk with the products'
+    choices; ``SPECGATE_PREFETCH=FAR:NEAR`` (bytes) sets every row count without timing. Returns the
+    labels per row count (None without the kernels). Like the block rows it holds for the process."""
+    from . import linear
+    from .kernels import cpu_linear
+
+    if cpu_linear.load() is None:
+        return None
+    forced = os.environ.get("SPECGATE_PREFETCH")
+    if forced is not None:
+        try:
+            far, near = (int(b) for b in forced.split(":"))
+        except ValueError:
+            raise ValueError(f"SPECGATE_PREFETCH must be FAR:NEAR in bytes, e.g. 24576:1024, got {forced!r}") from None
+        for T in range(1, 9):
+            torch.ops.specgate.set_prefetch(T, far, near)
+        return dict.fromkeys(range(1, 9), f"prefetch {forced}")
+    mats = [m for lw in weights.layers for m in (lw.qkv_w, lw.o_w, lw.gate_up_w, lw.down_w)]
+    xs = {d: torch.randn(8, d) for d in {m.shape[1] for m in mats}}
+    lw = weights.layers[0]
+    chosen = {}
+    for T in range(1, 9):
+        name = f"prefetch: {len(weights.layers)} layers {tuple(lw.qkv_w.shape)} {tuple(lw.gate_up_w.shape)}, {T} rows"
+        choice = linear.remembered(name, tuple(PREFETCH))
+        if choice is None:
+
+            def products(plan: tuple[int, int], T: int = T) -> None:
+                torch.ops.specgate.set_prefetch(T, *plan)
+                for m in mats:
+                    torch.ops.specgate.small_linear(xs[m.shape[1]][:T], m)
+
+            with torch.inference_mode():
+                choice = linear.fastest(name, {label: lambda p=p: products(p) for label, p in PREFETCH.items()}, reps=9)
+        torch.ops.specgate.set_prefetch(T, *PREFETCH[choice])
+        chosen[T] = choice
+    return chosen
+
+
 def fused_pays(engine: "Engine") -> bool:
     """Whether ``kernels="auto"`` takes the engine's fused pass: the faster of it and the PyTorch path
     (products by the measured choice of :mod:`specgate.linear`) for a decode step plus a 5-token verify

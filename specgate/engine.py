@@ -173,6 +173,7 @@ class Engine:
         self.cpu_step = dispatch.make_cpu_step(kernels, self.weights)
         if self.cpu_step is not None:
             dispatch.block_rows(self.weights)
+            dispatch.prefetch(self.weights)
         if kernels == "auto" and not dispatch.fused_pays(self):
             self.cpu_step = None
         self.screened = dispatch.screened_head(self.weights, kernels)  # for forward(exact_logits=False)

@@ -237,6 +237,62 @@ def test_block_rows_change_the_blocking_not_the_result(kernel, rows):
         torch.ops.specgate.set_block_rows(6)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 5, 8])
+def test_prefetch_distances_change_the_speed_not_the_result(kernel, rows):
+    """Prefetching is a hint: every distance, with or without the L1 prefetch, gives the same bits for
+    float32, bfloat16, int8 and int4 weights; bad settings are refused."""
+    from specgate.kernels.cpu_step import low_precision
+
+    torch.manual_seed(rows)
+    x, w = torch.randn(rows, 192), torch.randn(133, 192)
+    q8, s8 = low_precision(w, "int8")
+    q4, s4 = low_precision(w, "int4")
+    previous = torch.ops.specgate.set_prefetch(rows, 24576, 1024)
+    out = []
+    try:
+        for plan in ((24576, 1024), (24576, 0), (64, 0), (4096, 256)):
+            torch.ops.specgate.set_prefetch(rows, *plan)
+            out.append([kernel(x, w), kernel(x, w.bfloat16()), kernel(x, q8, None, s8), kernel(x, q4, None, s4)])
+    finally:
+        torch.ops.specgate.set_prefetch(rows, *previous)
+    for got in out[1:]:
+        for a, b in zip(out[0], got):
+            assert torch.equal(a, b)
+    for bad in ((0, 24576, 0), (9, 24576, 0), (1, 0, 0), (1, 24576, -1)):
+        with pytest.raises(RuntimeError, match="set_prefetch"):
+            torch.ops.specgate.set_prefetch(*bad)
+
+
+def test_prefetch_is_timed_once_per_row_count_and_kept(kernel, fresh, monkeypatch):
+    from specgate import dispatch
+    from specgate.adapters import read_weights
+    from conftest import tiny_hf
+
+    monkeypatch.delenv("SPECGATE_PREFETCH", raising=False)
+    weights = read_weights(tiny_hf("llama"))
+    previous = [torch.ops.specgate.set_prefetch(T, 24576, 1024) for T in range(1, 9)]
+    try:
+        first = dispatch.prefetch(weights)
+        assert set(first) == set(range(1, 9)) and set(first.values()) <= set(dispatch.PREFETCH)
+        entries = [v for k, v in L.choices()["choices"].items() if k.startswith("prefetch")]
+        assert len(entries) == 8 and all(e["source"] == "measured" and set(e["us"]) == set(dispatch.PREFETCH) for e in entries)
+        want = [dispatch.PREFETCH[first[T]] for T in range(1, 9)]
+        assert [tuple(torch.ops.specgate.set_prefetch(T, *want[T - 1])) for T in range(1, 9)] == want  # what it set
+        monkeypatch.setattr(L, "measure", lambda *a, **k: pytest.fail("timed again although the disk holds the choice"))
+        for state in (L._choice, L._report, L._disk):
+            state.clear()
+        assert dispatch.prefetch(weights) == first
+        monkeypatch.setenv("SPECGATE_PREFETCH", "8192:0")
+        dispatch.prefetch(weights)
+        assert all(tuple(torch.ops.specgate.set_prefetch(T, 24576, 1024)) == (8192, 0) for T in range(1, 9))
+        monkeypatch.setenv("SPECGATE_PREFETCH", "8192")
+        with pytest.raises(ValueError, match="SPECGATE_PREFETCH must be FAR:NEAR"):
+            dispatch.prefetch(weights)
+    finally:
+        for T, plan in enumerate(previous, 1):
+            torch.ops.specgate.set_prefetch(T, *plan)
+
+
 def test_block_rows_are_timed_once_and_kept(kernel, fresh, monkeypatch):
     from specgate import dispatch
     from specgate.adapters import read_weights
