@@ -284,7 +284,9 @@ inline void rows_block(const float* x, int64_t d, const W* w, int64_t ldw, const
     for (int m = 0; m < M; ++m) {
       float s = sums[r * M + m];
       if constexpr (!grouped) {  // a grouped row has no leftover (d is a multiple of kGroup) and no row scale
-        for (int64_t kk = k; kk < d; ++kk) s += to_float(w[r * ldw + kk]) * x[m * d + kk];  // d % kLanes leftover
+        // the d % kLanes leftover; std::fma, so every instantiation rounds it alike (gcc contracted a * b + s
+        // to an FMA in some and not in others: with 83 or 1,555 inputs a row's sums differed with the row count)
+        for (int64_t kk = k; kk < d; ++kk) s = std::fma(to_float(w[r * ldw + kk]), x[m * d + kk], s);
         if (scale) s *= scale[r];
       }
       y[m * ldy + r] = bias ? s + bias[r] : s;

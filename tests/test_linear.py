@@ -54,6 +54,19 @@ def test_kernel_matches_f_linear(kernel, rows, d, bias):
     torch.testing.assert_close(kernel(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("d", [576, 1536, 1555, 83])  # whole vectors; a scalar leftover after them
+def test_a_rows_sums_are_the_same_bits_at_any_row_count(kernel, d):
+    """Each row's sums are those of F.linear, and the same bits whatever rows come with it (a verify
+    pass and a decode step agree), float32 and bfloat16 weights."""
+    torch.manual_seed(d)
+    x, w = torch.randn(11, d), torch.randn(67, d)
+    for weight in (w, w.bfloat16()):
+        alone = torch.cat([kernel(x[j : j + 1], weight) for j in range(len(x))])
+        torch.testing.assert_close(alone, F.linear(x, weight.float()), rtol=1e-5, atol=1e-4)
+        for rows in (2, 4, 5, 8, 11):
+            assert torch.equal(kernel(x[:rows], weight), alone[:rows]), rows
+
+
 def test_kernel_non_contiguous_x_and_sliced_weight_rows(kernel):
     torch.manual_seed(0)
     x = torch.randn(3, 77, 2).transpose(1, 2)  # (3, 2, 77): six rows, not contiguous
