@@ -11,6 +11,7 @@
 
 #include <atomic>
 #include <optional>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -184,20 +185,30 @@ int64_t parallel_threads() {
 
 bool int8_activations() { return kInt8Activations; }
 
-// Sets block_cap (8 or 4) for every product after it; returns the previous value.
-int64_t set_block_rows(int64_t cap) {
+// The index (Weights) of a weight type's settings: "float32", "bfloat16", "int8" or "int4".
+int weight_kind(const std::string& weights) {
+  const char* names[kWeightKinds] = {"float32", "bfloat16", "int8", "int4"};
+  for (int i = 0; i < kWeightKinds; ++i)
+    if (weights == names[i]) return i;
+  TORCH_CHECK(false, "weights must be float32, bfloat16, int8 or int4, got ", weights);
+  return kFloat32;  // not reached
+}
+
+// Sets block_cap (8 or 4) for every product over `weights` after it; returns the previous value.
+int64_t set_block_rows(int64_t cap, const std::string& weights) {
   TORCH_CHECK(cap == 8 || cap == 4, "set_block_rows: 8 or 4, got ", cap);
-  const int64_t previous = block_cap();
-  block_cap() = static_cast<int>(cap);
+  int& current = block_cap(weight_kind(weights));
+  const int64_t previous = current;
+  current = static_cast<int>(cap);
   return previous;
 }
 
-// Sets how far ahead products over `rows` token rows prefetch their weights (bytes; near 0: no L1
-// prefetch, see Prefetch); returns the previous (far, near).
-std::vector<int64_t> set_prefetch(int64_t rows, int64_t far, int64_t near) {
+// Sets how far ahead products over `weights` and `rows` token rows prefetch them (bytes; near 0:
+// no L1 prefetch, see Prefetch); returns the previous (far, near).
+std::vector<int64_t> set_prefetch(int64_t rows, int64_t far, int64_t near, const std::string& weights) {
   TORCH_CHECK(rows >= 1 && rows <= kMaxRows, "set_prefetch: rows must be 1..", kMaxRows, ", got ", rows);
   TORCH_CHECK(far > 0 && near >= 0, "set_prefetch: far > 0 and near >= 0 bytes, got ", far, " and ", near);
-  Prefetch& pf = prefetch_plan(static_cast<int>(rows));
+  Prefetch& pf = prefetch_plan(weight_kind(weights), static_cast<int>(rows));
   std::vector<int64_t> previous{pf.far, pf.near};
   pf = Prefetch{far, near};
   return previous;
@@ -210,8 +221,8 @@ TORCH_LIBRARY_FRAGMENT(specgate, m) {
   m.def("small_linear(Tensor x, Tensor weight, Tensor? bias=None, Tensor? scale=None) -> Tensor");
   m.def("parallel_threads() -> int", &parallel_threads);
   m.def("int8_activations() -> bool", &int8_activations);  // whether int8 products round the token rows to int8 (VNNI)
-  m.def("set_block_rows(int cap) -> int", &set_block_rows);  // 8 or 4 weight rows per block at most; returns the previous
-  m.def("set_prefetch(int rows, int far, int near) -> int[]", &set_prefetch);  // per token-row count; returns the previous
+  m.def("set_block_rows(int cap, str weights=\"float32\") -> int", &set_block_rows);  // 8 or 4 weight rows per block at most; returns the previous
+  m.def("set_prefetch(int rows, int far, int near, str weights=\"float32\") -> int[]", &set_prefetch);  // per token-row count; returns the previous
   m.def("screened_linear(Tensor x, Tensor weight, Tensor q, Tensor scale, Tensor err, Tensor norm, int max_exact) -> Tensor");
 }
 

@@ -61,20 +61,26 @@ inline uint32_t vat_least(Vec a, Vec b) { return a >= b; }
 
 // How far ahead of the weight being read the kernels prefetch: far into L2, which keeps enough lines
 // coming from memory, and near into L1 (0: not at all), so the loads meet no L2 latency either.
-// What pays depends on the machine and the token rows per pass. On a 2-core Intel Xeon, with the L2
-// prefetch alone (8 KB ahead), 5-row products streamed their weights 1.13-1.17x slower than 1-row
-// ones (the more work per line, the fewer loads the core has in flight); with both (24 KB, 1 KB),
-// 1.05-1.09x, and 1-row products ran no slower. On a 2-core AMD EPYC (Zen 4) the near prefetch made
-// 1-row products slower. So the distances are set per row count (index: rows 1..kMaxRows) by
-// set_prefetch, which the engine calls with what it timed fastest on the machine
-// (specgate.dispatch.prefetch); these are the defaults.
+// What pays depends on the machine, the weights' type and the token rows per pass. On a 2-core Intel
+// Xeon, with the L2 prefetch alone (8 KB ahead), 5-row float32 products streamed their weights
+// 1.13-1.17x slower than 1-row ones (the more work per line, the fewer loads the core has in flight);
+// with both (24 KB, 1 KB), 1.05-1.09x, and 1-row products ran no slower. On a 2-core AMD EPYC (Zen 4)
+// the near prefetch made 1-row float32 products 7-10% slower and 1-row int8 and int4 ones 6-8%
+// faster. So the distances are set per weight type and row count (rows 1..kMaxRows) by set_prefetch,
+// which the engine calls with what it timed fastest on the machine (specgate.dispatch); these are
+// the defaults.
 struct Prefetch {
   int64_t far = 24576, near = 1024;
 };
 
-inline Prefetch& prefetch_plan(int rows) {
-  static Prefetch plans[kMaxRows + 1];
-  return plans[rows];
+// The weight types the kernels read, as indices of their settings (set_prefetch, set_block_rows).
+enum Weights { kFloat32, kBFloat16, kInt8, kInt4, kWeightKinds };
+template <typename W>
+constexpr int kind_of = std::is_same_v<W, float> ? kFloat32 : std::is_same_v<W, uint16_t> ? kBFloat16 : std::is_same_v<W, int8_t> ? kInt8 : kInt4;
+
+inline Prefetch& prefetch_plan(int kind, int rows) {
+  static Prefetch plans[kWeightKinds][kMaxRows + 1];
+  return plans[kind][rows];
 }
 
 inline void prefetch_ahead(const void* p, const Prefetch& pf) {
@@ -256,7 +262,7 @@ inline void rows_block(const float* x, int64_t d, const W* w, int64_t ldw, const
   // Inputs k .. k + kStep; the first step sets acc. (Zeroing acc first made the compiler clear a
   // stack copy of it per block: 5-10% of a block's time at 5-8 token rows and d = 576, ~30% at d = 64,
   // timed hot on the Intel Xeon.)
-  const Prefetch pf = prefetch_plan(M);
+  const Prefetch pf = prefetch_plan(kind_of<W>, M);
   auto step = [&](int64_t k, auto first) {
     Vec wv[R][V];
     for (int r = 0; r < R; ++r) {
@@ -294,12 +300,13 @@ inline void rows_block(const float* x, int64_t d, const W* w, int64_t ldw, const
   }
 }
 
-// The most weight rows a block streams at once, 8 or 4: 4 ran 3-10% faster for 1-3 token rows on
-// a 2-core Intel Xeon (AVX-512, AMX) than 8, which the rule above was written for; the engine times
-// both once per machine (specgate.dispatch.block_rows) and sets it with the set_block_rows op.
-inline int& block_cap() {
-  static int cap = 8;
-  return cap;
+// The most weight rows a block streams at once, per weight type (Weights), 8 or 4: 4 ran 3-10%
+// faster for 1-3 float32 token rows on a 2-core Intel Xeon (AVX-512, AMX) than 8, which the rule
+// above was written for, and 1-row int4 products 13% faster on a 2-core AMD EPYC; the engine times
+// both once per machine (specgate.dispatch) and sets it with the set_block_rows op.
+inline int& block_cap(int kind) {
+  static int caps[kWeightKinds] = {8, 8, 8, 8};
+  return caps[kind];
 }
 
 // Output rows [n0, n1) for M token rows: block(R, n) for blocks of R = block_rows<M, Cap>() weight
@@ -313,8 +320,8 @@ inline void blocks_of(int64_t n0, int64_t n1, Block block) {
 }
 
 template <int M, typename Block>
-inline void blocks(int64_t n0, int64_t n1, Block block) {
-  if (block_cap() == 4) return blocks_of<M, 4>(n0, n1, block);
+inline void blocks(int kind, int64_t n0, int64_t n1, Block block) {
+  if (block_cap(kind) == 4) return blocks_of<M, 4>(n0, n1, block);
   blocks_of<M, 8>(n0, n1, block);
 }
 
@@ -393,7 +400,7 @@ inline void rows_block_int8(const Int8Rows& xq, const int8_t* w, int64_t ldw, co
   constexpr int N = R * M;
   const int64_t d = xq.d;
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  const Prefetch pf = prefetch_plan(M);
+  const Prefetch pf = prefetch_plan(kInt8, M);
   Vec acc[N];
   for (int i = 0; i < N; ++i) acc[i] = vzero();
   for (int64_t k = 0; k < d; k += 64) {
@@ -454,7 +461,7 @@ inline void rows_block_q4(const Int8Rows& xq, const q4_t* w, int64_t ldw, const 
   // 2g + 1's, from {s0, o0, s1, o1}
   const __m512i pick_scale = _mm512_set_epi32(2, 2, 2, 2, 0, 0, 0, 0, 2, 2, 2, 2, 0, 0, 0, 0);
   const __m512i pick_offset = _mm512_set_epi32(3, 3, 3, 3, 1, 1, 1, 1, 3, 3, 3, 3, 1, 1, 1, 1);
-  const Prefetch pf = prefetch_plan(M);
+  const Prefetch pf = prefetch_plan(kInt4, M);
   Vec acc[N];
   for (int i = 0; i < N; ++i) acc[i] = vzero();
   for (int64_t k = 0; k < d; k += 64) {
@@ -527,7 +534,7 @@ inline void linear_rows(const float* x, int64_t rows, int64_t d, const W* w, int
         const Int8Rows xq(xs.empty() ? x + m0 * d : xs.data(), M, d);
         at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
           with_rows(M, [&](auto m) {
-            blocks<decltype(m)::value>(n0, n1, [&](auto r, int64_t i) {
+            blocks<decltype(m)::value>(kind_of<W>, n0, n1, [&](auto r, int64_t i) {
               constexpr int MM = decltype(m)::value, RR = decltype(r)::value;
               if constexpr (std::is_same_v<W, int8_t>)
                 rows_block_int8<MM, RR>(xq, w + i * ldw, ldw, scale + i, at(bias, i), y + m0 * n + i, n);
@@ -545,7 +552,7 @@ inline void linear_rows(const float* x, int64_t rows, int64_t d, const W* w, int
   at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
     for (int64_t m0 = 0; m0 < rows; m0 += kMaxRows) {
       with_rows(static_cast<int>(std::min<int64_t>(kMaxRows, rows - m0)), [&](auto m) {
-        blocks<decltype(m)::value>(n0, n1, [&](auto r, int64_t i) {
+        blocks<decltype(m)::value>(kind_of<W>, n0, n1, [&](auto r, int64_t i) {
           rows_block<decltype(m)::value, decltype(r)::value>(x + m0 * d, d, w + i * ldw, ldw, at(scale, i * np), at(bias, i), y + m0 * n + i, n);
         });
       });

@@ -450,7 +450,7 @@ struct CpuStep : torch::CustomClassHolder {
           const int64_t U = c1 - c0 + 1;
           scores.resize(n * U);
           with_rows(static_cast<int>(n), [&](auto m) {
-            blocks<decltype(m)::value>(0, U, [&](auto r, int64_t u) {
+            blocks<decltype(m)::value>(kFloat32, 0, U, [&](auto r, int64_t u) {
               rows_block<decltype(m)::value, decltype(r)::value>(qs.data(), hd, keys + (c0 + u) * hd, hd, nullptr, nullptr,
                                                                  scores.data() + u, U);
             });

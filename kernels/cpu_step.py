@@ -59,9 +59,10 @@ class CpuStep:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         vec = lambda t: torch.empty(0) if t is None else t.detach().float().contiguous()  # noqa: E731
-        tensors = []
+        tensors, self.products = [], []  # products: the decoder's (matrix, scale) pairs, layer by layer
         for lw in weights.layers:
             mats = [low_precision(w, precision) for w in (lw.qkv_w, lw.o_w, lw.gate_up_w, lw.down_w)]
+            self.products += mats
             (qkv, o, gate_up, down), scales = zip(*mats)
             tensors += [vec(lw.attn_norm), qkv, vec(lw.qkv_b), o, vec(lw.o_b), vec(lw.mlp_norm), gate_up, down]
             tensors += [vec(t) for t in (lw.q_norm, lw.k_norm, lw.post_attn_norm, lw.post_mlp_norm)] + list(scales)

@@ -194,6 +194,43 @@ def prefetch(weights: "ModelWeights") -> dict[int, str] | None:
     return chosen
 
 
+def low_precision_streaming(weights: "ModelWeights", precision: str, products: list[tuple[torch.Tensor, torch.Tensor]]) -> str | None:
+    """Sets how the CPU kernels stream a low-precision copy of the weights in 1-row products (draft
+    steps): the fastest of 8 or 4 weight rows per block and :data:`PREFETCH`, timed over the copy's
+    decoder ``products`` (:func:`~specgate.kernels.cpu_step.low_precision` pairs) interleaved once per
+    machine, thread count and shape and kept on disk with the other choices. On a 2-core AMD EPYC
+    (Zen 4), int4 products ran 0.85x the time of float32's best setting (8 rows, L2 only).
+    ``SPECGATE_BLOCK_ROWS`` and ``SPECGATE_PREFETCH`` set them without timing. Returns the label."""
+    from . import linear
+
+    forced_rows, forced_prefetch = os.environ.get("SPECGATE_BLOCK_ROWS"), os.environ.get("SPECGATE_PREFETCH")
+    if forced_rows or forced_prefetch:
+        if forced_rows:
+            torch.ops.specgate.set_block_rows(int(forced_rows), precision)
+        if forced_prefetch:
+            torch.ops.specgate.set_prefetch(1, *(int(b) for b in forced_prefetch.split(":")), precision)
+        return f"{precision}: forced"
+    options = {f"{precision} block {cap}, {label}": (cap, plan) for cap in (8, 4) for label, plan in PREFETCH.items()}
+    lw = weights.layers[0]
+    name = f"streaming: {precision} copy of {len(weights.layers)} layers {tuple(lw.qkv_w.shape)} {tuple(lw.gate_up_w.shape)}, 1 row"
+    choice = linear.remembered(name, tuple(options))
+    if choice is None:
+        inputs = [torch.randn(1, w.shape[1]) for lw in weights.layers for w in (lw.qkv_w, lw.o_w, lw.gate_up_w, lw.down_w)]
+
+        def products_with(cap: int, plan: tuple[int, int]) -> None:
+            torch.ops.specgate.set_block_rows(cap, precision)
+            torch.ops.specgate.set_prefetch(1, *plan, precision)
+            for x, (q, extra) in zip(inputs, products):
+                torch.ops.specgate.small_linear(x, q, None, extra if extra.numel() else None)
+
+        with torch.inference_mode():
+            choice = linear.fastest(name, {label: lambda o=o: products_with(*o) for label, o in options.items()}, reps=9)
+    cap, plan = options[choice]
+    torch.ops.specgate.set_block_rows(cap, precision)
+    torch.ops.specgate.set_prefetch(1, *plan, precision)
+    return choice
+
+
 def fused_pays(engine: "Engine") -> bool:
     """Whether ``kernels="auto"`` takes the engine's fused pass: the faster of it and the PyTorch path
     (products by the measured choice of :mod:`specgate.linear`) for a decode step plus a 5-token verify

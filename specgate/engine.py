@@ -306,6 +306,8 @@ class Engine:
                 raise ValueError(f"precision={precision!r} needs the fused CPU pass: kernels='auto' or 'cpu', on the CPU")
             shared = self.screened.int8 if self.screened is not None and head_precision(precision) == "int8" else None
             self._low_steps[precision] = dispatch.make_cpu_step("cpu", self.weights, precision, shared)  # raises what is wrong
+            if precision != "float32":
+                dispatch.low_precision_streaming(self.weights, precision, self._low_steps[precision].products)
         return self._low_steps[precision]
 
     def _prepare(self, input_ids: torch.Tensor, cache: StaticKVCache) -> _Pass:

@@ -37,6 +37,9 @@ def test_kernel_runs_on_torch_threads(kernel):
         torch.set_num_threads(before)
 
 
+KINDS = ("float32", "bfloat16", "int8", "int4")  # the weight types the kernels keep settings for
+
+
 def spy(monkeypatch, backend: str) -> list[int]:
     """Count the calls that reach one backend."""
     calls, run = [], L.RUN[backend]
@@ -240,10 +243,12 @@ def test_block_rows_change_the_blocking_not_the_result(kernel, rows):
     out = {}
     try:
         for cap in (8, 4):
-            torch.ops.specgate.set_block_rows(cap)
+            for k in KINDS:
+                torch.ops.specgate.set_block_rows(cap, k)
             out[cap] = [kernel(x, w), kernel(x, w.bfloat16()), kernel(x, q, None, scale)]
     finally:
-        torch.ops.specgate.set_block_rows(8)
+        for k in KINDS:
+            torch.ops.specgate.set_block_rows(8, k)
     for a, b in zip(out[8], out[4]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)
     with pytest.raises(RuntimeError, match="8 or 4"):
@@ -260,20 +265,59 @@ def test_prefetch_distances_change_the_speed_not_the_result(kernel, rows):
     x, w = torch.randn(rows, 192), torch.randn(133, 192)
     q8, s8 = low_precision(w, "int8")
     q4, s4 = low_precision(w, "int4")
-    previous = torch.ops.specgate.set_prefetch(rows, 24576, 1024)
+    previous = {k: torch.ops.specgate.set_prefetch(rows, 24576, 1024, k) for k in KINDS}
     out = []
     try:
         for plan in ((24576, 1024), (24576, 0), (64, 0), (4096, 256)):
-            torch.ops.specgate.set_prefetch(rows, *plan)
+            for k in KINDS:
+                torch.ops.specgate.set_prefetch(rows, *plan, k)
             out.append([kernel(x, w), kernel(x, w.bfloat16()), kernel(x, q8, None, s8), kernel(x, q4, None, s4)])
     finally:
-        torch.ops.specgate.set_prefetch(rows, *previous)
+        for k, plan in previous.items():
+            torch.ops.specgate.set_prefetch(rows, *plan, k)
     for got in out[1:]:
         for a, b in zip(out[0], got):
             assert torch.equal(a, b)
     for bad in ((0, 24576, 0), (9, 24576, 0), (1, 0, 0), (1, 24576, -1)):
         with pytest.raises(RuntimeError, match="set_prefetch"):
             torch.ops.specgate.set_prefetch(*bad)
+    with pytest.raises(RuntimeError, match="weights must be float32, bfloat16, int8 or int4"):
+        torch.ops.specgate.set_prefetch(1, 24576, 0, "int3")
+
+
+def test_low_precision_streaming_is_timed_once_and_kept(kernel, fresh, monkeypatch):
+    """A low-precision copy's 1-row products get their own block rows and prefetch, timed once over
+    the copy and kept; the float32 products' settings stay as they were."""
+    from specgate import dispatch
+    from specgate.adapters import read_weights
+    from specgate.kernels.cpu_step import low_precision
+    from conftest import tiny_hf
+
+    monkeypatch.delenv("SPECGATE_BLOCK_ROWS", raising=False)
+    monkeypatch.delenv("SPECGATE_PREFETCH", raising=False)
+    weights = read_weights(tiny_hf("llama"))
+    products = [low_precision(w, "int8") for lw in weights.layers for w in (lw.qkv_w, lw.o_w, lw.gate_up_w, lw.down_w)]
+    float_cap, float_plan = torch.ops.specgate.set_block_rows(8), torch.ops.specgate.set_prefetch(1, 24576, 0)
+    try:
+        first = dispatch.low_precision_streaming(weights, "int8", products)
+        entry = next(v for k, v in L.choices()["choices"].items() if k.startswith("streaming: int8"))
+        assert entry["source"] == "measured" and entry["backend"] == first and len(entry["us"]) == 4
+        cap = 4 if "block 4" in first else 8
+        plan = next(p for label, p in dispatch.PREFETCH.items() if first.endswith(label))
+        assert torch.ops.specgate.set_block_rows(8, "int8") == cap and tuple(torch.ops.specgate.set_prefetch(1, *plan, "int8")) == plan
+        assert torch.ops.specgate.set_block_rows(8) == 8 and tuple(torch.ops.specgate.set_prefetch(1, 24576, 0)) == (24576, 0)
+        monkeypatch.setattr(L, "measure", lambda *a, **k: pytest.fail("timed again although the disk holds the choice"))
+        for state in (L._choice, L._report, L._disk):
+            state.clear()
+        assert dispatch.low_precision_streaming(weights, "int8", products) == first
+        monkeypatch.setenv("SPECGATE_BLOCK_ROWS", "4")
+        dispatch.low_precision_streaming(weights, "int8", products)
+        assert torch.ops.specgate.set_block_rows(8, "int8") == 4
+    finally:
+        torch.ops.specgate.set_block_rows(float_cap)
+        torch.ops.specgate.set_prefetch(1, *float_plan)
+        torch.ops.specgate.set_block_rows(8, "int8")
+        torch.ops.specgate.set_prefetch(1, 24576, 1024, "int8")
 
 
 def test_prefetch_is_timed_once_per_row_count_and_kept(kernel, fresh, monkeypatch):
