@@ -12,8 +12,8 @@ oneDNN: what the engine ran before it measured). ``--precisions`` adds draft ste
 int8 copies of the weights (fused path only). Plain and verify steps are greedy decoding's: the LM
 head is the screened one where the engine has it (``Engine.screened``); the rows "float32 head" time
 the same steps with the whole float32 head, what sampling and ``output_scores`` need.
-``--prefetch FAR:NEAR`` times every step again with the kernels' prefetch distances set to those
-bytes at every row count, beside the engine's measured choice (``specgate.dispatch.prefetch``).
+``--prefetch FAR:NEAR`` times every step again with the float32 products' prefetch distances set to
+those bytes at every row count, beside the engine's measured choice (``specgate.dispatch.prefetch``).
 
     python eval/step_costs.py [--gates DIR] [--threads 2] [--rounds 30] [--budgets 0.3 0.5 0.7] [--vocab 8192]
         [--paths fused torch] [--precisions float32 int8] [--prefetch 24576:1024]
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def with_prefetch(fn, far: int, near: int) -> None:
-    """fn() with every row count's prefetch distances set to (far, near), then put back."""
+    """fn() with the float32 products' prefetch distances set to (far, near) at every row count, then put back."""
     previous = [torch.ops.specgate.set_prefetch(T, far, near) for T in range(1, 9)]
     try:
         fn()
