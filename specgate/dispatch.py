@@ -194,12 +194,13 @@ def prefetch(weights: "ModelWeights") -> dict[int, str] | None:
     return chosen
 
 
-def low_precision_streaming(weights: "ModelWeights", precision: str, products: list[tuple[torch.Tensor, torch.Tensor]]) -> str | None:
+def low_precision_streaming(weights: "ModelWeights", precision: str, products: list[tuple[torch.Tensor, torch.Tensor]]) -> str:
     """Sets how the CPU kernels stream a low-precision copy of the weights in 1-row products (draft
     steps): the fastest of 8 or 4 weight rows per block and :data:`PREFETCH`, timed over the copy's
     decoder ``products`` (:func:`~specgate.kernels.cpu_step.low_precision` pairs) interleaved once per
     machine, thread count and shape and kept on disk with the other choices. On a 2-core AMD EPYC
-    (Zen 4), int4 products ran 0.85x the time of float32's best setting (8 rows, L2 only).
+    (Zen 4), int4 products took 0.85x the time with 4 rows and the L1 prefetch that they took with
+    float32's 1-row setting there (8 rows, L2 only).
     ``SPECGATE_BLOCK_ROWS`` and ``SPECGATE_PREFETCH`` set them without timing. Returns the label."""
     from . import linear
 
