@@ -111,6 +111,37 @@ def make_cpu_step(
         return None
 
 
+def _decoder(weights: "ModelWeights") -> list[torch.Tensor]:
+    """The decoder's matrices in the order a step reads them: q/k/v, output, gate/up, down per layer."""
+    return [m for lw in weights.layers for m in (lw.qkv_w, lw.o_w, lw.gate_up_w, lw.down_w)]
+
+
+def _shapes(weights: "ModelWeights") -> str:
+    """The model's shape as the names of the timed choices give it (kept on disk per shape)."""
+    lw = weights.layers[0]
+    return f"{len(weights.layers)} layers {tuple(lw.qkv_w.shape)} {tuple(lw.gate_up_w.shape)}"
+
+
+def _forced_block_rows() -> int | None:
+    """``SPECGATE_BLOCK_ROWS`` (8 or 4), if set."""
+    forced = os.environ.get("SPECGATE_BLOCK_ROWS")
+    if forced not in (None, "8", "4"):
+        raise ValueError(f"SPECGATE_BLOCK_ROWS must be 8 or 4, got {forced!r}")
+    return int(forced) if forced else None
+
+
+def _forced_prefetch() -> tuple[int, int] | None:
+    """``SPECGATE_PREFETCH`` as (far, near) bytes, if set."""
+    forced = os.environ.get("SPECGATE_PREFETCH")
+    if forced is None:
+        return None
+    try:
+        far, near = (int(b) for b in forced.split(":"))
+    except ValueError:
+        raise ValueError(f"SPECGATE_PREFETCH must be FAR:NEAR in bytes, e.g. 24576:1024, got {forced!r}") from None
+    return far, near
+
+
 def block_rows(weights: "ModelWeights") -> int | None:
     """Sets how many weight rows the CPU kernels' products stream at once (8 or 4; see ``block_cap``
     in kernels/cpu_linear.h) to the faster for this model's decoder products at 1 and 2 token rows,
@@ -122,15 +153,12 @@ def block_rows(weights: "ModelWeights") -> int | None:
 
     if cpu_linear.load() is None:
         return None
-    forced = os.environ.get("SPECGATE_BLOCK_ROWS")
-    if forced not in (None, "8", "4"):
-        raise ValueError(f"SPECGATE_BLOCK_ROWS must be 8 or 4, got {forced!r}")
-    lw = weights.layers[0]
-    name = f"block rows: {len(weights.layers)} layers {tuple(lw.qkv_w.shape)} {tuple(lw.gate_up_w.shape)}, 1 + 2 rows"
+    forced = _forced_block_rows()
+    name = f"block rows: {_shapes(weights)}, 1 + 2 rows"
     labels = {"block 8": 8, "block 4": 4}  # as bench output lists the choices
     choice = f"block {forced}" if forced else linear.remembered(name, tuple(labels))
     if choice is None:
-        mats = [m for lw in weights.layers for m in (lw.qkv_w, lw.o_w, lw.gate_up_w, lw.down_w)]
+        mats = _decoder(weights)
         xs = {m.shape[1]: torch.randn(2, m.shape[1]) for m in mats}
 
         def products(cap: int) -> None:
@@ -164,21 +192,16 @@ def prefetch(weights: "ModelWeights") -> dict[int, str] | None:
 
     if cpu_linear.load() is None:
         return None
-    forced = os.environ.get("SPECGATE_PREFETCH")
+    forced = _forced_prefetch()
     if forced is not None:
-        try:
-            far, near = (int(b) for b in forced.split(":"))
-        except ValueError:
-            raise ValueError(f"SPECGATE_PREFETCH must be FAR:NEAR in bytes, e.g. 24576:1024, got {forced!r}") from None
         for T in range(1, 9):
-            torch.ops.specgate.set_prefetch(T, far, near)
-        return dict.fromkeys(range(1, 9), f"prefetch {forced}")
-    mats = [m for lw in weights.layers for m in (lw.qkv_w, lw.o_w, lw.gate_up_w, lw.down_w)]
+            torch.ops.specgate.set_prefetch(T, *forced)
+        return dict.fromkeys(range(1, 9), "prefetch {}:{}".format(*forced))
+    mats = _decoder(weights)
     xs = {d: torch.randn(8, d) for d in {m.shape[1] for m in mats}}
-    lw = weights.layers[0]
     chosen = {}
     for T in range(1, 9):
-        name = f"prefetch: {len(weights.layers)} layers {tuple(lw.qkv_w.shape)} {tuple(lw.gate_up_w.shape)}, {T} rows"
+        name = f"prefetch: {_shapes(weights)}, {T} rows"
         choice = linear.remembered(name, tuple(PREFETCH))
         if choice is None:
 
@@ -204,19 +227,18 @@ def low_precision_streaming(weights: "ModelWeights", precision: str, products: l
     ``SPECGATE_BLOCK_ROWS`` and ``SPECGATE_PREFETCH`` set them without timing. Returns the label."""
     from . import linear
 
-    forced_rows, forced_prefetch = os.environ.get("SPECGATE_BLOCK_ROWS"), os.environ.get("SPECGATE_PREFETCH")
+    forced_rows, forced_prefetch = _forced_block_rows(), _forced_prefetch()
     if forced_rows or forced_prefetch:
         if forced_rows:
-            torch.ops.specgate.set_block_rows(int(forced_rows), precision)
+            torch.ops.specgate.set_block_rows(forced_rows, precision)
         if forced_prefetch:
-            torch.ops.specgate.set_prefetch(1, *(int(b) for b in forced_prefetch.split(":")), precision)
+            torch.ops.specgate.set_prefetch(1, *forced_prefetch, precision)
         return f"{precision}: forced"
     options = {f"{precision} block {cap}, {label}": (cap, plan) for cap in (8, 4) for label, plan in PREFETCH.items()}
-    lw = weights.layers[0]
-    name = f"streaming: {precision} copy of {len(weights.layers)} layers {tuple(lw.qkv_w.shape)} {tuple(lw.gate_up_w.shape)}, 1 row"
+    name = f"streaming: {precision} copy of {_shapes(weights)}, 1 row"
     choice = linear.remembered(name, tuple(options))
     if choice is None:
-        inputs = [torch.randn(1, w.shape[1]) for lw in weights.layers for w in (lw.qkv_w, lw.o_w, lw.gate_up_w, lw.down_w)]
+        inputs = [torch.randn(1, m.shape[1]) for m in _decoder(weights)]
 
         def products_with(cap: int, plan: tuple[int, int]) -> None:
             torch.ops.specgate.set_block_rows(cap, precision)
@@ -246,8 +268,7 @@ def fused_pays(engine: "Engine") -> bool:
     if forced != "auto" or engine.cpu_step is None:
         return forced == "smallm" and engine.cpu_step is not None
     w, step = engine.weights, engine.cpu_step
-    lw = w.layers[0]
-    name = f"fused pass: {len(w.layers)} layers {tuple(lw.qkv_w.shape)} {tuple(lw.gate_up_w.shape)}, 1 + 5 rows"
+    name = f"fused pass: {_shapes(w)}, 1 + 5 rows"
     known = linear.remembered(name, ("fused", "torch"))
     if known is not None:
         return known == "fused"
