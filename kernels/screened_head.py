@@ -33,14 +33,15 @@ MARGIN = 1.01  # on the bound's terms: their own float rounding
 class ScreenedHead:
     """The screened product with ``weight`` (V, d) float32 (shared, not copied), and its int8 copy
     (+25% of the head's bytes; :attr:`int8` = (codes, row scales), which a low-precision draft may share).
-    ``max_exact``: the most rows per token recomputed in float32 before the whole row is (default V / 32)."""
+    ``max_exact``: the most rows per token recomputed in float32 before the whole row is (default V / 32).
+    A draft vocabulary's head (:class:`specgate.vocab.DraftHead`) screens its rows the same way."""
 
-    def __init__(self, weight: torch.Tensor, max_exact: int | None = None):
+    def __init__(self, weight: torch.Tensor, max_exact: int | None = None, int8: tuple[torch.Tensor, torch.Tensor] | None = None):
         if weight.dtype != torch.float32 or weight.device.type != "cpu":
             raise ValueError(f"the screened head reads a float32 CPU weight, not {weight.dtype} on {weight.device}")
         self.weight = weight.detach().contiguous()
         V, d = self.weight.shape
-        self.int8 = low_precision(self.weight, "int8")
+        self.int8 = low_precision(self.weight, "int8") if int8 is None else int8  # int8: this weight's copy, if made
         q, scale = self.int8
         err, norm = torch.empty(V), torch.empty(V)
         rounding = d * 2.0**-23  # float32 sums of d products, in the int8 product and in the recomputed one

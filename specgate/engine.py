@@ -231,7 +231,7 @@ class Engine:
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         if head is not None:
-            return head.logits(h, head_precision(precision))
+            return head.logits(h, head_precision(precision), screened=not exact_logits and self.screened is not None)
         if precision != "float32":
             return self.low_precision_step(precision).logits(h)
         return layers.head(self.weights, h, None if exact_logits else self.screened)

@@ -120,3 +120,41 @@ def test_a_low_precision_draft_reads_its_vocabulary_in_that_precision():
     spec = SpecConfig(0.0, draft_vocab=30, draft_precision="int8", max_draft=3)
     out = m.generate(ids, max_new_tokens=30, eos_token_id=None, pad_token_id=0, speculative=True, spec_config=spec)
     assert torch.equal(out, plain)
+
+
+@pytest.mark.skipif(cpu_linear.load() is None, reason="the CPU kernels cannot be built here")
+@torch.inference_mode()
+def test_a_greedy_draft_screens_its_vocabulary_to_the_float32_argmax():
+    """The screened draft head (greedy drafts): the argmax of the float32 rows, also where the int8
+    rows (what int8 and int4 drafts read) pick another token of a near tie; exact logits where they
+    could be the maximum, -inf outside; added rows taken in float32; the engine screens only greedy
+    steps of an engine that screens its own head."""
+    m = _model()
+    w = m.engine.weights.lm_head
+    call = m.draft_head(30).with_context(torch.tensor([[7, 9, 11]]))
+    a, b = call.ids[0].item(), call.ids[1].item()
+    g = torch.Generator().manual_seed(5)
+    w[b] = w[a] + 1e-4 * torch.randn(w.shape[1], generator=g)  # a near tie the int8 copy cannot resolve
+    call = m.draft_head(30).with_context(torch.tensor([[7, 9, 11]]))  # rows read anew
+    call.add(torch.tensor([5, 6, 8]))
+    norm_w = m.engine.weights.final_norm
+    h = w[a] / norm_w + 0.3 * torch.randn(64, w.shape[1], generator=g)  # states pointing at the tie
+    exact, int8, screened = call.logits(h), call.logits(h, "int8"), call.logits(h, "int8", screened=True)
+    assert torch.equal(screened.argmax(-1), exact.argmax(-1))
+    assert not torch.equal(int8.argmax(-1), exact.argmax(-1))  # the int8 rows alone pick wrong
+    top = exact.argmax(-1, keepdim=True)
+    torch.testing.assert_close(screened.gather(-1, top), exact.gather(-1, top), atol=1e-5, rtol=1e-5)
+    assert torch.isneginf(screened[:, ~call.inside]).all() and torch.isfinite(screened[:, call.ids]).all()
+    added = torch.tensor([5, 6, 8])
+    torch.testing.assert_close(screened[:, added], exact[:, added], atol=1e-5, rtol=1e-5)
+    assert m.draft_head(30)._low["screened"].int8 is m.draft_head(30)._low["int8"]  # one int8 copy, shared
+
+    from specgate.kernels.screened_head import ScreenedHead
+
+    ids = torch.randint(3, VOCAB, (1, 5), generator=g)
+    steps = {}
+    for exact_logits in (True, False):
+        m.engine.screened = ScreenedHead(w)
+        cache = m.engine.new_cache(1, 6)
+        steps[exact_logits] = m.engine(ids, cache, head=call, exact_logits=exact_logits)
+    assert torch.equal(steps[False].argmax(-1), steps[True].argmax(-1)) and not torch.equal(steps[False], steps[True])
