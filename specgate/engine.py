@@ -226,15 +226,18 @@ class Engine:
         (``"bfloat16"``, ``"int8"``: a copy, for drafts; see :mod:`specgate.kernels.cpu_step`).
         ``exact_logits=False``: only each row's argmax must be the full head's (greedy decisions), so
         the screened head may compute them where the engine has one (:attr:`screened`): exact where
-        they could be the maximum, within a bound elsewhere (:mod:`specgate.kernels.screened_head`)."""
+        they could be the maximum, within a bound elsewhere (:mod:`specgate.kernels.screened_head`);
+        so a greedy draft over a low-precision copy, or with a draft vocabulary, takes the float32
+        head's token too."""
         h = self.hidden(input_ids, cache, gates, policy, kv_fill=kv_fill, counter=counter, precision=precision)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
+        screened = None if exact_logits else self.screened  # greedy: the float32 head's argmax, at about int8's cost
         if head is not None:
-            return head.logits(h, head_precision(precision), screened=not exact_logits and self.screened is not None)
-        if precision != "float32":
+            return head.logits(h, head_precision(precision), screened=screened is not None)
+        if precision != "float32" and screened is None:
             return self.low_precision_step(precision).logits(h)
-        return layers.head(self.weights, h, None if exact_logits else self.screened)
+        return layers.head(self.weights, h, screened)
 
     __call__ = forward
 

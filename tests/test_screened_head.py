@@ -100,6 +100,27 @@ def test_the_engine_screens_only_greedy_steps():
     assert not torch.equal(greedy, exact)  # the rest comes from the int8 copy
 
 
+@pytest.mark.parametrize("precision", ["bfloat16", "int8", "int4"])
+@torch.inference_mode()
+def test_a_greedy_low_precision_draft_takes_the_float32_heads_token(precision):
+    """A draft pass over a low-precision copy reads its LM head in that precision (int8 under int4)
+    where it needs the logits (sampling); a greedy one screens the float32 head: the argmax of the
+    float32 head on the draft's own hidden states."""
+    from specgate.layers import head
+
+    m = screened(tiny("llama"))
+    e = m.engine
+    ids = torch.randint(3, 101, (1, 9), generator=torch.Generator().manual_seed(6))
+    h = e.hidden(ids, e.new_cache(1, 9), precision=precision)
+    full = head(e.weights, h)
+    low = e(ids, e.new_cache(1, 9), precision=precision)
+    greedy = e(ids, e.new_cache(1, 9), precision=precision, exact_logits=False)
+    assert torch.equal(greedy.argmax(-1), full.argmax(-1))
+    top = full.argmax(-1, keepdim=True)
+    torch.testing.assert_close(greedy.gather(-1, top), full.gather(-1, top), atol=1e-5, rtol=1e-5)
+    assert not torch.equal(low, full)  # the copy's own head
+
+
 def test_which_engines_have_a_screened_head(fresh, monkeypatch):
     """kernels='auto' times the screened head against the float32 head once per machine and head shape
     (kept on disk, as the products' choices); the PyTorch path, SPECGATE_SCREENED_HEAD=0 and a forced
