@@ -61,18 +61,16 @@ def _record_ids(record, tokenizer, where: str) -> list[int]:
 def self_answers(
     model, prompts: list[str], max_new_tokens: int = 256, batch_size: int = 8, temperature: float = 0.0, seed: int = 0
 ) -> list[str]:
-    """The model's own answers to chat prompts, decoded with our engine in left-padded batches."""
+    """The model's own answers to chat prompts (a base model's continuations of them), decoded with our
+    engine in left-padded batches."""
     tok = model.tokenizer
     side, tok.padding_side = tok.padding_side, "left"
     generator = torch.Generator().manual_seed(seed)
     answers = []
     try:
         for i in range(0, len(prompts), batch_size):
-            texts = [
-                tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                for p in prompts[i : i + batch_size]
-            ]
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            texts = [model.chat_text(p) for p in prompts[i : i + batch_size]]
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=not tok.chat_template)
             sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0} if temperature > 0 else {"do_sample": False}
             out = model.generate(enc.input_ids, enc.attention_mask, max_new_tokens=max_new_tokens, generator=generator, **sampling)
             answers += tok.batch_decode(out[:, enc.input_ids.shape[1] :], skip_special_tokens=True)

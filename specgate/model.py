@@ -19,7 +19,7 @@ from .generation import Sampling, plain_generate, warp
 from .output import Emitter
 from .speculative import SpecConfig, SpecStats, speculative_generate
 from .tune import resolve as resolve_settings
-from .vocab import DraftHead
+from .vocab import DraftHead, shipped_ranking
 from .loading import DEFAULT_MODEL, default_gates, load_hf
 
 # GenerationConfig features we do not implement, with the value that means "off". A call that
@@ -51,6 +51,8 @@ class SpecGateModel:
         self.name = name
         self.gates = gates.to(self.engine.dtype).to(self.engine.device) if gates is not None else None
         self._draft_heads: dict[tuple[int, int], DraftHead] = {}
+        # the draft vocabulary's ranking where the gates bring none (see token_ranking)
+        self.default_ranking = shipped_ranking(name, hf_model.config.vocab_size)
 
     @property
     def config(self):
@@ -62,26 +64,41 @@ class SpecGateModel:
         config = GateConfig(c.hidden_size, c.num_hidden_layers, kind, rank, model_type=c.model_type, model_name=self.name)
         return GateSet(config).to(self.engine.dtype).to(self.engine.device)
 
+    @property
+    def token_ranking(self) -> torch.Tensor | None:
+        """The draft vocabulary's order (most written first): the gates' (``specgate train`` stores
+        one), else :attr:`default_ranking`: the one shipped for this model (specgate/rankings/), or
+        one you set (``specgate.vocab.load_ranking`` of a file ``eval/draft_vocab.py --gates none`` wrote)."""
+        if self.gates is not None and self.gates.token_ranking is not None:
+            return self.gates.token_ranking
+        return self.default_ranking
+
     def draft_head(self, n: int) -> DraftHead:
-        """The LM head over the n tokens the gates' ranking puts first (built once per n)."""
-        if self.gates is None or self.gates.token_ranking is None:
+        """The LM head over the n tokens the ranking (:attr:`token_ranking`) puts first (built once per n)."""
+        ranking = self.token_ranking
+        if ranking is None:
             raise ValueError(
-                "a draft vocabulary needs gates saved with a token ranking (`specgate train` stores one; "
-                "eval/draft_vocab.py adds one to existing gates): pass draft_vocab=None for the full head"
+                "a draft vocabulary needs a token ranking: gates saved with one (`specgate train` stores one; "
+                "eval/draft_vocab.py adds one to existing gates, or with --gates none writes one for a model "
+                "without gates, to set as model.default_ranking): pass draft_vocab=None for the full head"
             )
-        key = (n, self.gates.token_ranking.data_ptr())  # other gates, another ranking: another head
+        key = (n, ranking.data_ptr())  # another ranking: another head
         if key not in self._draft_heads:
-            self._draft_heads[key] = DraftHead(self.engine.weights, self.gates.token_ranking[:n])
+            self._draft_heads[key] = DraftHead(self.engine.weights, ranking[:n])
         return self._draft_heads[key]
+
+    def chat_text(self, prompt: str) -> str:
+        """One user turn through the chat template, or the prompt itself where the tokenizer has none
+        (a base model): tokenize it with ``add_special_tokens=not tokenizer.chat_template``."""
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        return prompt
 
     def encode_chat(self, prompt: str) -> torch.Tensor:
         """(1, T) ids of one user turn, through the chat template when the tokenizer has one."""
         tok = self.tokenizer
-        if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-        else:
-            text = prompt
-        return tok(text, return_tensors="pt", add_special_tokens=not tok.chat_template).input_ids.to(self.engine.device)
+        return tok(self.chat_text(prompt), return_tensors="pt", add_special_tokens=not tok.chat_template).input_ids.to(self.engine.device)
 
     def generate(
         self,

@@ -124,11 +124,19 @@ def candidates(m: SpecGateModel, config: TuneConfig) -> list[Setting]:
     """Settings to try: calibrated budgets (filtered by ``config.budgets``) times the full head and
     the restricted vocabularies smaller than the model's, times ``config.kv_fills`` and ``config.precisions``
     (None: float32); and the drafts over each low-precision copy that skip nothing (None: those of
-    :data:`DEFAULT_LOW` that run here). Without gates, only those."""
+    :data:`DEFAULT_LOW` that run here). Without gates, only those (with the vocabularies of the model's
+    own ranking where it has one, :attr:`SpecGateModel.token_ranking`)."""
     gates = m.gates
     precisions = config.precisions or ("float32",)
     # these drafts save without skipping too: budget 0
     low = [p for p in precisions if p != "float32"] if config.precisions else [p for p in DEFAULT_LOW if _low_drafts(m, p)]
+    vocabs: list[int | None] = [None]
+    if m.token_ranking is None:
+        if config.vocabs:
+            log.warning("no token ranking: tuning the full draft head only (eval/draft_vocab.py adds one)")
+    else:
+        wanted = DEFAULT_VOCABS if config.vocabs is None else config.vocabs
+        vocabs += sorted({n for n in wanted if n < len(m.token_ranking)})
     if gates is None:
         if not low:
             raise ValueError(
@@ -136,9 +144,9 @@ def candidates(m: SpecGateModel, config: TuneConfig) -> list[Setting]:
                 "none runs here: pass --precisions int8 (or bfloat16 / int4) on a CPU with the fused pass, or --gates "
                 "DIR with calibrated gates"
             )
-        if config.budgets or config.vocabs:
-            log.warning("no gates: tuning drafts that skip nothing, with the full head (budgets and vocabularies need gates)")
-        return [(0.0, None, "project", p) for p in low]
+        if config.budgets:
+            log.warning("no gates: tuning drafts that skip nothing (budgets need gates)")
+        return [(0.0, v, "project", p) for v in vocabs for p in low]
     if not gates.thresholds:
         raise ValueError("tuning needs calibrated gates: pass --gates DIR, and run `specgate calibrate --gates DIR` first")
     calibrated = sorted(gates.thresholds)
@@ -149,13 +157,6 @@ def candidates(m: SpecGateModel, config: TuneConfig) -> list[Setting]:
             f"the gates are not calibrated for budgets {missing}: pick from {calibrated} or run `specgate calibrate --budgets ...`"
         )
     budgets = [c for c in calibrated if any(abs(b - c) < 1e-6 for b in budgets)]  # the stored keys, exactly
-    vocabs: list[int | None] = [None]
-    if gates.token_ranking is None:
-        if config.vocabs:
-            log.warning("the gates have no token ranking: tuning the full draft head only (eval/draft_vocab.py adds one)")
-    else:
-        wanted = DEFAULT_VOCABS if config.vocabs is None else config.vocabs
-        vocabs += sorted({n for n in wanted if n < len(gates.token_ranking)})
     return [(0.0, v, "project", p) for v in vocabs for p in low] + [
         (b, v, f, p) for b in budgets for v in vocabs for f in config.kv_fills for p in precisions
     ]
@@ -319,15 +320,15 @@ def confident_rounds(m: SpecGateModel, prompts: list[torch.Tensor], setting: Set
 
 
 def gates_hash(m: SpecGateModel) -> str:
-    """Hash of everything in the gates that changes the draft: config, weights, thresholds, ranking
-    ("none" without gates)."""
-    g = m.gates
-    if g is None:
+    """Hash of everything in the gates that changes the draft: config, weights, thresholds, the draft
+    vocabulary's ranking (a model's own where it has no gates; "none" without either)."""
+    g, ranking = m.gates, m.token_ranking
+    if g is None and ranking is None:
         return "none"
-    h = hashlib.sha256(json.dumps(dataclasses.asdict(g.config), sort_keys=True).encode())
-    tensors = sorted(g.state_dict().items()) + sorted((f"thresholds.{b!r}", t) for b, t in g.thresholds.items())
-    if g.token_ranking is not None:
-        tensors.append(("token_ranking", g.token_ranking))
+    h = hashlib.sha256(b"none" if g is None else json.dumps(dataclasses.asdict(g.config), sort_keys=True).encode())
+    tensors = [] if g is None else sorted(g.state_dict().items()) + sorted((f"thresholds.{b!r}", t) for b, t in g.thresholds.items())
+    if ranking is not None:
+        tensors.append(("token_ranking", ranking))
     for name, t in tensors:
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())

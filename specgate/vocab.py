@@ -6,7 +6,8 @@ as in FR-Spec) reads a few percent of it and loses only the drafts whose token f
 verifier keeps the full head: greedy output is unchanged, and in sampling the draft's distribution
 is zero outside the subset, which speculative sampling corrects exactly.
 
-The ranking (:func:`rank_tokens`) is stored with the gates; :class:`DraftHead` holds the rows of
+The ranking (:func:`rank_tokens`) is stored with the gates; a model without gates may have one shipped
+(:func:`shipped_ranking`, made by ``eval/draft_vocab.py --gates none``). :class:`DraftHead` holds the rows of
 the LM head for the first ``n`` ranked tokens as one contiguous copy (gathering rows per call costs
 more than the full head).
 """
@@ -16,10 +17,14 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 
 from .adapters import ModelWeights
+from .gates import RANKING_KEY
 from .kernels.cpu_step import low_precision, low_precision_linear
 from .kernels.screened_head import ScreenedHead
 from .layers import head
@@ -35,6 +40,35 @@ def rank_tokens(documents: Iterable[list[int]], vocab_size: int) -> torch.Tensor
         if 0 <= t < vocab_size:
             freq[t] = c
     return torch.argsort(-freq, stable=True)
+
+
+RANKINGS = Path(__file__).parent / "rankings"  # shipped rankings for models without gates, NAME.safetensors
+
+
+def save_ranking(ranking: torch.Tensor, path: str | Path, keep: int = 32768) -> Path:
+    """Write the first ``keep`` ranked token ids (int32; a draft vocabulary is smaller) to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(save({RANKING_KEY: ranking[:keep].to(torch.int32).contiguous()}))
+    return path
+
+
+def load_ranking(path: str | Path, vocab_size: int) -> torch.Tensor:
+    """A ranking written by :func:`save_ranking`, checked against the model's vocabulary."""
+    path = Path(path)
+    try:
+        ranking = load_file(str(path))[RANKING_KEY].long()
+    except (FileNotFoundError, SafetensorError, KeyError) as e:
+        raise ValueError(f"{path} is not a token ranking (write one with eval/draft_vocab.py --gates none): {e}") from e
+    if ranking.dim() != 1 or len(ranking) == 0 or len(ranking.unique()) != len(ranking) or not 0 <= int(ranking.min()) <= int(ranking.max()) < vocab_size:
+        raise ValueError(f"{path} is not a ranking of distinct token ids below {vocab_size}: it was made for another tokenizer")
+    return ranking
+
+
+def shipped_ranking(name: str, vocab_size: int) -> torch.Tensor | None:
+    """The ranking shipped for the model alias ``name`` (``specgate/rankings/``), if any."""
+    path = RANKINGS / f"{name}.safetensors"
+    return load_ranking(path, vocab_size) if name and "/" not in name and path.is_file() else None
 
 
 def coverage(

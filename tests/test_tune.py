@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import VOCAB, tiny
 
-from specgate import linear, tune
+from specgate import SpecConfig, linear, tune
 from specgate.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -162,6 +162,24 @@ def test_without_gates_tune_chooses_among_low_precision_drafts(cache):
     out = m.generate(ids, max_new_tokens=20, eos_token_id=None, pad_token_id=0, speculative=True, return_dict_in_generate=True)
     assert out.spec_stats.settings.startswith("tuned (")
     assert torch.equal(out.sequences, m.generate(ids, max_new_tokens=20, eos_token_id=None, pad_token_id=0))
+
+
+def test_without_gates_a_models_own_ranking_adds_draft_vocabularies(cache):
+    """A model without gates but with a token ranking of its own (one shipped for it, or set) tunes
+    draft vocabularies too, under another key than without the ranking, and drafts with them losslessly."""
+    if not linear.available()["smallm"]:
+        pytest.skip("no C++ toolchain: no fused pass, so no low-precision copy to draft from")
+    m = tiny("llama")
+    key = tune.tune_key(m)
+    m.default_ranking = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(1))
+    assert tune.tune_key(m) != key
+    config = tune.TuneConfig(precisions=("int8",), vocabs=(50, VOCAB), max_draft=3, tokens=16, rounds=2)
+    assert tune.candidates(m, config) == [(0.0, None, "project", "int8"), (0.0, 50, "project", "int8")]
+    tune.save(tune.tune(m, config, prompts=_prompts()), tune.tune_file(m))
+    ids = _prompts()[0]
+    spec = SpecConfig(0.0, draft_vocab=50, draft_precision="int8", max_draft=3)
+    out = m.generate(ids, max_new_tokens=20, eos_token_id=None, pad_token_id=0, speculative=True, spec_config=spec)
+    assert torch.equal(out, m.generate(ids, max_new_tokens=20, eos_token_id=None, pad_token_id=0))
 
 
 def test_the_tune_command_takes_its_flags_and_refuses_bad_ones(capsys):

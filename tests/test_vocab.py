@@ -9,7 +9,7 @@ from conftest import VOCAB, tiny
 
 from specgate import SpecConfig, load_gates, save_gates
 from specgate.kernels import cpu_linear
-from specgate.vocab import DraftHead, coverage, rank_tokens
+from specgate.vocab import DraftHead, coverage, load_ranking, rank_tokens, save_ranking, shipped_ranking
 
 
 def test_ranking_puts_frequent_tokens_first_and_coverage_counts_them():
@@ -158,3 +158,39 @@ def test_a_greedy_draft_screens_its_vocabulary_to_the_float32_argmax():
         cache = m.engine.new_cache(1, 6)
         steps[exact_logits] = m.engine(ids, cache, head=call, exact_logits=exact_logits)
     assert torch.equal(steps[False].argmax(-1), steps[True].argmax(-1)) and not torch.equal(steps[False], steps[True])
+
+
+def test_a_ranking_file_round_trips_and_a_bad_one_is_refused(tmp_path):
+    """save_ranking keeps the first ranked ids; load_ranking refuses a file that is not a ranking, or
+    whose ids do not fit the model's vocabulary; the ranking shipped for Gemma 3 270M loads."""
+    ranking = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(3))
+    path = save_ranking(ranking, tmp_path / "r.safetensors", keep=40)
+    assert torch.equal(load_ranking(path, VOCAB), ranking[:40])
+    with pytest.raises(ValueError, match="another tokenizer"):
+        load_ranking(path, 20)  # ids beyond a smaller vocabulary
+    save_ranking(torch.tensor([3, 5, 3]), tmp_path / "dup.safetensors")
+    with pytest.raises(ValueError, match="distinct"):
+        load_ranking(tmp_path / "dup.safetensors", VOCAB)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a file of tensors")
+    for bad in (tmp_path / "junk.safetensors", tmp_path / "missing.safetensors"):
+        with pytest.raises(ValueError, match="eval/draft_vocab.py"):
+            load_ranking(bad, VOCAB)
+    gemma = shipped_ranking("gemma-3-270m", 262144)
+    assert gemma is not None and len(gemma) == 32768 and len(gemma.unique()) == 32768
+    assert shipped_ranking("smollm2-135m-instruct", 49152) is None and shipped_ranking("", VOCAB) is None
+
+
+def test_a_model_without_gates_drafts_over_its_own_ranking():
+    """draft_head takes the gates' ranking, else the model's own (default_ranking); with neither it
+    says where one comes from. Greedy output with an int8 draft over that vocabulary is unchanged."""
+    m = tiny("llama")
+    with pytest.raises(ValueError, match="--gates none"):
+        m.draft_head(30)
+    m.default_ranking = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(m.draft_head(30).ranked, m.default_ranking[:30])
+    if cpu_linear.load() is None:
+        return
+    ids = torch.randint(3, VOCAB, (1, 7), generator=torch.Generator().manual_seed(4))
+    plain = m.generate(ids, max_new_tokens=30, eos_token_id=None, pad_token_id=0)
+    spec = SpecConfig(0.0, draft_vocab=30, draft_precision="int8", max_draft=3)
+    assert torch.equal(m.generate(ids, max_new_tokens=30, eos_token_id=None, pad_token_id=0, speculative=True, spec_config=spec), plain)
