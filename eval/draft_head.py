@@ -8,9 +8,12 @@ draft now screens the float32 head (exact argmax at about the int8 head's cost).
   that skip nothing, with the screened draft head and with the copy's own head (the engine's screened
   head switched off for the whole call: the verifier's tokens are the same either way);
 - cost: the draft vocabulary's head product on a decode step's hidden state, the copy's own rows
-  against the screened ones (and the float32 rows), interleaved, medians.
+  against the screened ones (and the float32 rows), interleaved, medians;
+- with ``--loop N``: end to end, ``generate(speculative=True)`` at this machine's tuned (or default)
+  settings on the first N MT-Bench questions, a draft vocabulary's rows screened or in the copy's
+  precision, alternating per prompt (the same tokens either way, asserted): tokens/s, alpha, tau.
 
-    python eval/draft_head.py [--model smollm2-135m-instruct] [--precision int4] [--vocab 16384] [--prompts 8]
+    python eval/draft_head.py [--model smollm2-135m-instruct] [--precision int4] [--vocab 16384] [--prompts 8] [--loop 8]
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ import torch
 
 import specgate
 from specgate import SpecConfig, layers
+from specgate.bench import mtbench_prompts
 from specgate.kernels.cpu_step import head_precision
 from specgate.prompts import split
+from specgate.vocab import DraftHead
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=6, help="drafts per round")
     ap.add_argument("--rounds", type=int, default=40, help="timing rounds of the head products")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--loop", type=int, default=0, help="MT-Bench questions for the end-to-end comparison (0: none)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     m = specgate.load(args.model, gates=None if args.gates == "none" else args.gates)
@@ -78,7 +84,37 @@ def main(argv: list[str] | None = None) -> int:
                 f()
                 times[k].append(time.perf_counter() - t)
     print("  head product, medians: " + "  ".join(f"{k} {statistics.median(v) * 1e3:.3f} ms" for k, v in times.items()))
+    if args.loop:
+        loop(m, args.loop, args.tokens)
     return 0
+
+
+def loop(m: specgate.SpecGateModel, prompts: int, tokens: int) -> None:
+    """Tuned speculative decoding with a draft vocabulary's rows screened or not, alternating per prompt."""
+    method = DraftHead.logits
+    variants = {"screened": method, "unscreened": lambda self, h, precision="float32", screened=False: method(self, h, precision)}
+    ids = [m.encode_chat(p) for p in mtbench_prompts(prompts)]
+    m.generate(ids[0], max_new_tokens=16, do_sample=False, speculative=True)  # warm-up
+    totals = {k: [0, 0.0, 0, 0, 0] for k in variants}  # tokens, seconds, accepted, drafted, rounds
+    try:
+        for i, x in enumerate(ids):
+            outs = []
+            for name in list(variants)[:: 1 if i % 2 == 0 else -1]:
+                DraftHead.logits = variants[name]
+                t = time.perf_counter()
+                out = m.generate(x, max_new_tokens=tokens, do_sample=False, speculative=True, return_dict_in_generate=True)
+                s, total = out.spec_stats, totals[name]
+                for j, v in enumerate((out.sequences.shape[1] - x.shape[1], time.perf_counter() - t, s.accepted, s.drafted, s.rounds)):
+                    total[j] += v
+                outs.append(out.sequences)
+            assert torch.equal(*outs), "a draft head changed the output"
+    finally:
+        DraftHead.logits = method
+    print(f"end to end, {prompts} MT-Bench questions, {tokens} tokens, settings: {out.spec_stats.settings}")
+    for name, (n, t, a, d, r) in totals.items():
+        print(f"  {name:10s} {n / t:6.1f} tokens/s  alpha {a / d:.3f}  tau {(a + r) / r:.2f}")
+    rate = {name: n / t for name, (n, t, *_) in totals.items()}
+    print(f"  screened / unscreened: {rate['screened'] / rate['unscreened']:.3f}x")
 
 
 if __name__ == "__main__":
