@@ -21,8 +21,8 @@ namespace {
 
 using namespace specgate_cpu;
 
-// y = x @ weight^T (* scale per output row) (+ bias). weight: float32, bfloat16, or int8 with a
-// float32 scale per row (a low-precision draft's copy, kernels/cpu_step.py).
+// y = x @ weight^T (* scale per output row) (+ bias). weight: float32, bfloat16, int8 with a float32
+// scale per row, or 4-bit blocks (uint8, cpu_linear.h) (a low-precision draft's copy, kernels/cpu_step.py).
 at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                         const std::optional<at::Tensor>& scale) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "small_linear: CPU tensors only");
@@ -31,10 +31,13 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const std
                   (type == at::kFloat || type == at::kBFloat16 || type == at::kChar || type == at::kByte),
               "small_linear: float32 x, and float32, bfloat16, int8 or 4-bit (uint8) weights");
   TORCH_CHECK(weight.dim() == 2 && weight.stride(1) == 1, "small_linear: weight must be 2-D with contiguous rows");
-  const bool q4 = type == at::kByte;  // two 4-bit codes per byte
-  const int64_t n = weight.size(0), d = q4 ? 2 * weight.size(1) : weight.size(1);
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == d, "small_linear: x's last dim ", x.size(-1), " != weight's ", d);
-  TORCH_CHECK(!q4 || d % kGroup == 0, "small_linear: 4-bit weights need a multiple of ", kGroup, " inputs");
+  const bool q4 = type == at::kByte;  // 4-bit blocks (cpu_linear.h), whose width the inputs' count rounds up
+  TORCH_CHECK(x.dim() >= 1, "small_linear: x must have a last dim of inputs");
+  const int64_t n = weight.size(0), d = q4 ? x.size(-1) : weight.size(1);
+  TORCH_CHECK(x.size(-1) == d, "small_linear: x's last dim ", x.size(-1), " != weight's ", d);
+  TORCH_CHECK(!q4 || (d % kGroup == 0 && n % kQ4Rows == 0 && weight.size(1) == q4_chunks(d) * 40 && weight.is_contiguous()),
+              "small_linear: 4-bit weights (kernels/cpu_step.py int4) for ", d, " inputs are a contiguous (n, ", q4_chunks(d) * 40,
+              ") uint8 matrix with n a multiple of ", kQ4Rows, ", and the inputs a multiple of ", kGroup);
   auto floats = [](const std::optional<at::Tensor>& t, int64_t size, const char* name, at::Tensor& keep) -> const float* {
     if (!t.has_value() || !t->defined()) return nullptr;
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == size, "small_linear: ", name, " must be ", size, " float32");
@@ -43,17 +46,9 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const std
   };
   at::Tensor bias_c, scale_c;
   const float* b = floats(bias, n, "bias", bias_c);
-  const float* s = nullptr;
-  if (q4 && scale.has_value() && scale->defined()) {  // float16 (scale, offset) pairs, read as one float-sized unit each
-    TORCH_CHECK(scale->scalar_type() == at::kHalf && scale->numel() == 2 * n * row_params<q4_t>(d),
-                "small_linear: 4-bit weights need a float16 (scale, offset) pair per group of ", kGroup, " inputs");
-    scale_c = scale->contiguous();
-    s = reinterpret_cast<const float*>(scale_c.data_ptr());
-  } else {
-    s = floats(scale, n, "scale", scale_c);
-  }
-  TORCH_CHECK((type == at::kChar || q4) == (s != nullptr),
-              "small_linear: int8 weights need a scale per row, 4-bit ones a (scale, offset) per group, others none");
+  const float* s = floats(scale, n, "scale", scale_c);
+  TORCH_CHECK((type == at::kChar) == (s != nullptr),
+              "small_linear: int8 weights need a scale per row, others none (4-bit ones hold theirs)");
   const at::Tensor x2 = x.reshape({-1, d}).contiguous();
   const int64_t rows = x2.size(0), ldw = weight.stride(0);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());

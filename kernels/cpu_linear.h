@@ -192,62 +192,93 @@ inline Vec load_w(const uint16_t* p) { return to_float(*p); }
 inline Vec load_w(const int8_t* p) { return to_float(*p); }
 #endif
 
-// 4-bit weights (a draft's copy, kernels/cpu_step.py): per group of kGroup inputs, kGroup / 2 bytes,
-// byte j holding input j in its low nibble and input j + kGroup / 2 in its high one, and a float16
-// (scale, offset) pair (the layout of GGUF's Q4_1 blocks): w = scale * code + offset. A row of d
-// inputs is d / 2 bytes (ldw counts bytes), its pairs d / kGroup. A pair is 4 bytes: the "scale"
-// pointer (const float*) steps over pairs, one float-sized unit each, and half_pair reads one.
+// 4-bit weights (a draft's copy, kernels/cpu_step.py int4): groups of kGroup inputs, each with a
+// float16 (scale, offset), w = scale * code + offset (GGUF's Q4_1 numbers), laid out for streaming:
+// rows in blocks of kQ4Rows, a row's inputs in chunks of 64 (groups A and B; a last half chunk is
+// padded with a group of scale and offset 0), and a block's chunk is kQ4Bytes contiguous bytes: its
+// rows' 32 code bytes, their (sA, sB) pairs, their (oA, oB) pairs. Byte j of a row's codes holds
+// position j in its low nibble and position j + 32 in its high one, position p being input
+// q4_input(p) of the chunk: each 4 positions (a 32-bit lane of the VNNI kernel's unpacked codes)
+// belong to one group, A and B alternating, so a lane's scale is one of the pair broadcast, with no
+// shuffle, and a product reads one stream per block. (In Q4_1's own layout, codes and pairs in two
+// arrays and a group's halves in a byte, an int4 draft's 1-row products took 1.18x this one's time,
+// median of five alternated runs on a 2-core AMD EPYC: README, Measured.) A row of d inputs takes
+// q4_chunks(d) * 40 bytes (ldw).
 struct q4_t {
   uint8_t bits;
 };
-constexpr int kGroup = 32;
+constexpr int kGroup = 32, kQ4Rows = 4, kQ4Bytes = kQ4Rows * 40;
+constexpr int q4_input(int p) { return 32 * (p / 4 % 2) + 16 * (p / 32) + 4 * (p / 8 % 4) + p % 4; }
+inline int64_t q4_chunks(int64_t d) { return (d + 63) / 64; }
 
-// Inputs a weight type's loader widens per call, and the floats of per-row parameters it reads.
-template <typename W>
-constexpr int kStep = kLanes;
-template <>
-constexpr int kStep<q4_t> = kGroup;
-template <typename W>
-constexpr int64_t byte_of(int64_t k) {  // where input k of a row starts, in bytes
-  return std::is_same_v<W, q4_t> ? k / 2 : k * static_cast<int64_t>(sizeof(W));
-}
-template <typename W>
-inline int64_t row_params(int64_t d) {  // in float-sized units
-  return std::is_same_v<W, q4_t> ? d / kGroup : 1;
-}
-
-// The (scale, offset) pair of a 4-bit group, stored as two float16 in one float-sized unit.
-inline void half_pair(const float* pair, float& scale, float& offset) {
-  const auto* h = reinterpret_cast<const c10::Half*>(pair);
-  scale = static_cast<float>(h[0]);
-  offset = static_cast<float>(h[1]);
+// The token rows x (rows, d) in the chunks' position order, zero-padded to whole chunks: (rows, 64 q4_chunks(d)).
+inline std::vector<float> q4_positions(const float* x, int64_t rows, int64_t d) {
+  const int64_t dp = q4_chunks(d) * 64;
+  std::vector<float> out(rows * dp, 0.0f);
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t c = 0; c < dp; c += 64)
+      for (int p = 0; p < 64; p += 4)  // 4 positions hold 4 consecutive inputs
+        if (c + q4_input(p) < d) std::memcpy(&out[m * dp + c + p], x + m * d + c + q4_input(p), 4 * sizeof(float));
+  return out;
 }
 
-// Weights k .. k + kStep of one row as kStep / kLanes vectors. params: the row's (scale, offset)
-// pairs (q4_t only).
-template <typename W>
-inline void load_step(const W* row, int64_t k, const float*, Vec* out) {
-  out[0] = load_w(row + k);
+inline float half_at(const uint8_t* p) {
+  c10::Half h;
+  std::memcpy(&h, p, sizeof h);
+  return static_cast<float>(h);
 }
-inline void load_step(const q4_t* row, int64_t k, const float* params, Vec* out) {
-  const uint8_t* b = &row[k / 2].bits;
-  float scale, offset;
-  half_pair(params + k / kGroup, scale, offset);
+
+// Codes of kLanes positions as floats: the low (Shift 0) or high (Shift 4) nibbles of bytes b[0 .. kLanes).
+template <int Shift>
+inline Vec nibbles(const uint8_t* b) {
 #if defined(__AVX512F__)
-  const __m128i bytes = _mm_loadu_si128((const __m128i*)b), low = _mm_set1_epi8(0x0F);
-  const __m128i codes[2] = {_mm_and_si128(bytes, low), _mm_and_si128(_mm_srli_epi16(bytes, 4), low)};
-  for (int i = 0; i < 2; ++i)
-    out[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes[i])), _mm512_set1_ps(scale), _mm512_set1_ps(offset));
+  const __m128i v = _mm_and_si128(_mm_srli_epi16(_mm_loadu_si128((const __m128i*)b), Shift), _mm_set1_epi8(0x0F));
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v));
 #elif defined(__AVX2__) && defined(__FMA__)
-  const __m128i bytes = _mm_loadu_si128((const __m128i*)b), low = _mm_set1_epi8(0x0F);
-  const __m128i codes[2] = {_mm_and_si128(bytes, low), _mm_and_si128(_mm_srli_epi16(bytes, 4), low)};
-  for (int i = 0; i < 4; ++i) {
-    const __m128i c = i % 2 ? _mm_srli_si128(codes[i / 2], 8) : codes[i / 2];
-    out[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c)), _mm256_set1_ps(scale), _mm256_set1_ps(offset));
-  }
+  const __m128i v = _mm_and_si128(_mm_srli_epi16(_mm_loadl_epi64((const __m128i*)b), Shift), _mm_set1_epi8(0x0F));
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
 #else
-  for (int i = 0; i < kGroup; ++i) out[i] = scale * static_cast<float>(i < kGroup / 2 ? b[i] & 0x0F : b[i - kGroup / 2] >> 4) + offset;
+  return static_cast<float>((b[0] >> Shift) & 0x0F);
 #endif
+}
+
+// A vector whose lanes alternate a, b every 4 (a block's positions' groups), for kLanes >= 8.
+inline Vec alternating(float a, float b) {
+#if defined(__AVX512F__)
+  return _mm512_setr_ps(a, a, a, a, b, b, b, b, a, a, a, a, b, b, b, b);
+#elif defined(__AVX2__) && defined(__FMA__)
+  return _mm256_setr_ps(a, a, a, a, b, b, b, b);
+#else
+  return a;  // unused: the scalar build picks per position
+#endif
+}
+
+// Row r of a 4-bit block (chunks chunks at block) times M token rows xp (M, 64 chunks) in position
+// order, the codes widened to floats (CPUs without VNNI): y[m * ldy + r] (+ bias[r]).
+template <int M>
+inline void q4_row_floats(const float* xp, const uint8_t* block, int64_t chunks, int r, const Prefetch& pf, const float* bias,
+                          float* y, int64_t ldy) {
+  const int64_t dp = chunks * 64;
+  Vec acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = vzero();
+  for (int64_t c = 0; c < chunks; ++c) {
+    const uint8_t* chunk = block + c * kQ4Bytes;
+    if (r == 0)
+      for (int i = 0; i < kQ4Bytes; i += 64) prefetch_ahead(chunk + i, pf);
+    const uint8_t* codes = chunk + 32 * r;
+    const float sa = half_at(chunk + 128 + 4 * r), sb = half_at(chunk + 130 + 4 * r);
+    const float oa = half_at(chunk + 144 + 4 * r), ob = half_at(chunk + 146 + 4 * r);
+    const Vec sv = alternating(sa, sb), ov = alternating(oa, ob);
+    for (int v = 0; v < 64; v += kLanes) {
+      const Vec code = v < 32 ? nibbles<0>(codes + v) : nibbles<4>(codes + v - 32);
+      const bool b = v / 4 % 2;  // the scalar build's group (kLanes >= 8: every vector alternates alike)
+      const Vec w = kLanes >= 8 ? vfma(code, sv, ov) : vfma(code, vset(b ? sb : sa), vset(b ? ob : oa));
+      for (int m = 0; m < M; ++m) acc[m] = vfma(w, vload(xp + m * dp + c * 64 + v), acc[m]);
+    }
+  }
+  float sums[(M + kLanes - 1) / kLanes * kLanes];
+  hsums_all<M>(acc, sums);
+  for (int m = 0; m < M; ++m) y[m * ldy + r] = bias ? sums[m] + bias[r] : sums[m];
 }
 
 // R output rows [w, w + R * ldw) for M token rows x (M, d), written to y[m * ldy + r]; each row's
@@ -255,46 +286,40 @@ inline void load_step(const q4_t* row, int64_t k, const float* params, Vec* out)
 template <int M, int R, typename W>
 inline void rows_block(const float* x, int64_t d, const W* w, int64_t ldw, const float* scale, const float* bias, float* y,
                        int64_t ldy) {
-  constexpr int N = R * M, V = kStep<W> / kLanes;
-  constexpr bool grouped = std::is_same_v<W, q4_t>;  // its parameters are per group, read by load_step
-  const int64_t np = row_params<W>(d);
+  constexpr int N = R * M;
   Vec acc[N];  // acc[r * M + m]: weight row r times token row m
-  // Inputs k .. k + kStep; the first step sets acc. (Zeroing acc first made the compiler clear a
+  // Inputs k .. k + kLanes; the first step sets acc. (Zeroing acc first made the compiler clear a
   // stack copy of it per block: 5-10% of a block's time at 5-8 token rows and d = 576, ~30% at d = 64,
   // timed hot on the Intel Xeon.)
   const Prefetch pf = prefetch_plan(kind_of<W>, M);
   auto step = [&](int64_t k, auto first) {
-    Vec wv[R][V];
+    Vec wv[R];
     for (int r = 0; r < R; ++r) {
-      prefetch_ahead(reinterpret_cast<const char*>(w + r * ldw) + byte_of<W>(k), pf);
-      load_step(w + r * ldw, k, grouped ? scale + r * np : nullptr, wv[r]);
+      prefetch_ahead(w + r * ldw + k, pf);
+      wv[r] = load_w(w + r * ldw + k);
     }
-    for (int v = 0; v < V; ++v)
-      for (int m = 0; m < M; ++m) {
-        const Vec xv = in_register(vload(x + m * d + k + v * kLanes));
-        for (int r = 0; r < R; ++r)
-          acc[r * M + m] = first && v == 0 ? vmul(wv[r][v], xv) : vfma(wv[r][v], xv, acc[r * M + m]);
-      }
+    for (int m = 0; m < M; ++m) {
+      const Vec xv = in_register(vload(x + m * d + k));
+      for (int r = 0; r < R; ++r) acc[r * M + m] = first ? vmul(wv[r], xv) : vfma(wv[r], xv, acc[r * M + m]);
+    }
   };
   int64_t k = 0;
-  if (d >= kStep<W>) {
+  if (d >= kLanes) {
     step(0, std::true_type{});
-    k = kStep<W>;
+    k = kLanes;
   } else {
     for (int i = 0; i < N; ++i) acc[i] = vzero();
   }
-  for (; k + kStep<W> <= d; k += kStep<W>) step(k, std::false_type{});
+  for (; k + kLanes <= d; k += kLanes) step(k, std::false_type{});
   float sums[(N + kLanes - 1) / kLanes * kLanes];
   hsums_all<N>(acc, sums);
   for (int r = 0; r < R; ++r) {
     for (int m = 0; m < M; ++m) {
       float s = sums[r * M + m];
-      if constexpr (!grouped) {  // a grouped row has no leftover (d is a multiple of kGroup) and no row scale
-        // the d % kLanes leftover; std::fma, so every instantiation rounds it alike (gcc contracted a * b + s
-        // to an FMA in some and not in others: with 83 or 1,555 inputs a row's sums differed with the row count)
-        for (int64_t kk = k; kk < d; ++kk) s = std::fma(to_float(w[r * ldw + kk]), x[m * d + kk], s);
-        if (scale) s *= scale[r];
-      }
+      // the d % kLanes leftover; std::fma, so every instantiation rounds it alike (gcc contracted a * b + s
+      // to an FMA in some and not in others: with 83 or 1,555 inputs a row's sums differed with the row count)
+      for (int64_t kk = k; kk < d; ++kk) s = std::fma(to_float(w[r * ldw + kk]), x[m * d + kk], s);
+      if (scale) s *= scale[r];
       y[m * ldy + r] = bias ? s + bias[r] : s;
     }
   }
@@ -302,8 +327,8 @@ inline void rows_block(const float* x, int64_t d, const W* w, int64_t ldw, const
 
 // The most weight rows a block streams at once, per weight type (Weights), 8 or 4: 4 ran 3-10%
 // faster for 1-3 float32 token rows on a 2-core Intel Xeon (AVX-512, AMX) than 8, which the rule
-// above was written for, and 1-row int4 products 13% faster on a 2-core AMD EPYC; the engine times
-// both once per machine (specgate.dispatch) and sets it with the set_block_rows op.
+// above was written for; the engine times both once per machine (specgate.dispatch) and sets it with
+// the set_block_rows op. 4-bit weights come in blocks of kQ4Rows by their layout and ignore it.
 inline int& block_cap(int kind) {
   static int caps[kWeightKinds] = {8, 8, 8, 8};
   return caps[kind];
@@ -356,8 +381,8 @@ inline float dot(const float* a, const float* b, int64_t n) {
 // instructions per 64 weights where widening the weights to floats takes ~16 (the int8 draft's
 // products were compute-bound on 2 cores). vpdpbusd takes unsigned bytes times signed ones: the
 // weights, flipped to w + 128 (XOR 0x80), times the codes, and each lane starts from -128 times its
-// codes' sum, so it holds the exact integer dot product of its 4 weights and codes. Rows need a
-// multiple of 64 inputs (else the float path runs).
+// codes' sum, so it holds the exact integer dot product of its 4 weights and codes. int8 rows need
+// a multiple of 64 inputs (else the float path runs); 4-bit ones are padded to it.
 constexpr bool kInt8Activations = true;
 constexpr int kActGroup = 4;  // inputs per activation scale: one vpdpbusd lane
 
@@ -428,69 +453,68 @@ inline void rows_block_int8(const Int8Rows& xq, const int8_t* w, int64_t ldw, co
 
 // 4-bit weights on a CPU with VNNI, with the token rows rounded as for int8 weights: vpdpbusd takes
 // the codes (0..15, unsigned) times the token rows' int8 codes, 64 at a time, and each 32-bit lane
-// holds the integer sum over its 4 inputs. A group's weights are scale * code + offset, so a lane
-// adds step * (scale * sum(code * q) + offset * sum(q)) (step: its 4 inputs' rounding step, q their
-// codes): ~6 instructions per 64 weights and token row, where widening the codes to floats takes ~14
-// per 32 (the int4 draft's products were compute-bound, no faster than int8's). 32 bytes hold 64
-// inputs as the low nibbles of two groups' 16 bytes, then the high ones. They are loaded into both
-// halves of a vector and the upper half shifted by a nibble, which leaves the inputs in the order
-// [0..15, 32..47, 16..31, 48..63] (q4_order): the token rows come in that order too (q4_permuted),
-// so no shuffle per weight row is needed (that shuffle and the insert it replaces ran on the port
-// the compute-bound kernel was short of).
+// holds the integer sum over its 4 inputs, all of one group (the layout above). A lane adds
+// scale * step * sum(code * q) (step: its 4 inputs' rounding step, q their codes), the scale a
+// broadcast (sA, sB) pair widened from float16; the groups' offsets times the rounded inputs' sums
+// (q4_group_sums) are added per chunk for a block's 4 rows at once. ~6 vector instructions per 64
+// weights and token row, none a shuffle.
 
-// The order rows_block_q4 meets the inputs in, per 64: 16 at a time, [0, 2, 1, 3] (its own inverse).
-constexpr int q4_order[4] = {0, 2, 1, 3};
-
-// rows (M, d) with each 64 inputs in q4_order (d a multiple of 64).
-inline std::vector<float> q4_permuted(const float* x, int64_t rows, int64_t d) {
-  std::vector<float> out(rows * d);
-  for (int64_t i = 0; i < rows * d; i += 64)
-    for (int c = 0; c < 4; ++c) std::memcpy(&out[i + 16 * c], x + i + 16 * q4_order[c], 16 * sizeof(float));
+// Per token row and chunk, the rounded inputs' sums over group A and over group B: (M, chunks, 2).
+inline std::vector<float> q4_group_sums(const Int8Rows& xq, int64_t rows) {
+  const int64_t lanes = xq.d / kActGroup;  // per token row
+  std::vector<float> out(rows * xq.d / 32, 0.0f);
+  for (int64_t i = 0; i < rows * lanes; ++i) out[i / 16 * 2 + i % 2] += xq.scales[i] * xq.sums[i];
   return out;
 }
 
+// Rows [r0, r0 + R) of a 4-bit block (chunks chunks at block) times M token rows: y[m * ldy + r] (+ bias[r]).
 template <int M, int R>
-inline void rows_block_q4(const Int8Rows& xq, const q4_t* w, int64_t ldw, const float* params,
-                          int64_t np, const float* bias, float* y, int64_t ldy) {
+inline void q4_rows_vnni(const Int8Rows& xq, const float* group_sums, const uint8_t* block, int64_t chunks, int r0,
+                         const Prefetch& pf, const float* bias, float* y, int64_t ldy) {
   constexpr int N = R * M;
   const int64_t d = xq.d;
   const __m512i low = _mm512_set1_epi8(0x0F);
   const __m512i nibble = _mm512_set_epi16(4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4,  // upper half: high nibbles
                                           0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
-  // in q4_order, lanes 0-3 and 8-11 take group 2g's (scale, offset), lanes 4-7 and 12-15 group
-  // 2g + 1's, from {s0, o0, s1, o1}
-  const __m512i pick_scale = _mm512_set_epi32(2, 2, 2, 2, 0, 0, 0, 0, 2, 2, 2, 2, 0, 0, 0, 0);
-  const __m512i pick_offset = _mm512_set_epi32(3, 3, 3, 3, 1, 1, 1, 1, 3, 3, 3, 3, 1, 1, 1, 1);
-  const Prefetch pf = prefetch_plan(kInt4, M);
   Vec acc[N];
+  __m256 offsets[M];  // lanes (2 r, 2 r + 1): row r's offsets (A, B) times the groups' sums
   for (int i = 0; i < N; ++i) acc[i] = vzero();
-  for (int64_t k = 0; k < d; k += 64) {
+  for (int m = 0; m < M; ++m) offsets[m] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < chunks; ++c) {
+    const uint8_t* chunk = block + c * kQ4Bytes;
+    for (int i = 0; i < kQ4Bytes; i += 64) prefetch_ahead(chunk + i, pf);
+    const __m256 o = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(chunk + 144)));
+    for (int m = 0; m < M; ++m)
+      offsets[m] = _mm256_fmadd_ps(o, _mm256_castpd_ps(_mm256_broadcast_sd(reinterpret_cast<const double*>(group_sums + (m * chunks + c) * 2))), offsets[m]);
     __m512i wv[R];
-    Vec sv[R], ov[R];
+    Vec sv[R];
     for (int r = 0; r < R; ++r) {
-      const uint8_t* bytes = &w[r * ldw + k / 2].bits;
-      prefetch_ahead(bytes, pf);
-      const __m512i b = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes)));
+      const __m512i b = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk + 32 * (r0 + r))));
       wv[r] = _mm512_and_si512(_mm512_srlv_epi16(b, nibble), low);
-      // groups 2g and 2g + 1's pairs: 4 float16 -> {s0, o0, s1, o1}
-      const Vec p = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(params + r * np + k / kGroup))));
-      sv[r] = _mm512_permutexvar_ps(pick_scale, p);
-      ov[r] = _mm512_permutexvar_ps(pick_offset, p);
+      int32_t pair;
+      std::memcpy(&pair, chunk + 128 + 4 * (r0 + r), sizeof pair);
+      sv[r] = _mm512_cvtph_ps(_mm256_set1_epi32(pair));
     }
     for (int m = 0; m < M; ++m) {
-      const __m512i xv = in_register(_mm512_loadu_si512(xq.codes.data() + m * d + k));
-      const Vec step = in_register(_mm512_loadu_ps(xq.scales.data() + (m * d + k) / kActGroup));
-      const Vec qs = in_register(_mm512_loadu_ps(xq.sums.data() + (m * d + k) / kActGroup));
+      const __m512i xv = in_register(_mm512_loadu_si512(xq.codes.data() + m * d + c * 64));
+      const Vec step = in_register(_mm512_loadu_ps(xq.scales.data() + (m * d + c * 64) / kActGroup));
       for (int r = 0; r < R; ++r) {
-        const Vec dots = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[r], xv));
-        acc[r * M + m] = _mm512_fmadd_ps(_mm512_fmadd_ps(dots, sv[r], _mm512_mul_ps(ov[r], qs)), step, acc[r * M + m]);
+        const Vec dots = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[r], xv)), step);
+        acc[r * M + m] = _mm512_fmadd_ps(dots, sv[r], acc[r * M + m]);
       }
     }
   }
   float sums[(N + kLanes - 1) / kLanes * kLanes];
   hsums_all<N>(acc, sums);
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) y[m * ldy + r] = bias ? sums[r * M + m] + bias[r] : sums[r * M + m];
+  for (int m = 0; m < M; ++m) {
+    float o[8];
+    _mm256_storeu_ps(o, offsets[m]);
+    for (int r = 0; r < R; ++r) {
+      const int row = r0 + r;
+      const float v = sums[r * M + m] + (o[2 * row] + o[2 * row + 1]);
+      y[m * ldy + row] = bias ? v + bias[row] : v;
+    }
+  }
 }
 
 #else
@@ -515,49 +539,82 @@ inline float rounding_bound(const float* x, int64_t d) {
   return 0.0f;
 }
 
+// y (rows, n) = x (rows, d) @ w (4-bit blocks, the layout above)^T + bias: the blocks split over
+// torch's threads, each block read once per kMaxRows token rows.
+inline void q4_rows(const float* x, int64_t rows, int64_t d, const uint8_t* w, const float* bias, float* y, int64_t n) {
+  const int64_t chunks = q4_chunks(d), block_bytes = chunks * kQ4Bytes;
+  const int64_t grain = std::max<int64_t>(1, 32768 / (kQ4Rows * 64 * chunks));  // blocks per task (>= ~32K weights)
+  for (int64_t m0 = 0; m0 < rows; m0 += kMaxRows) {
+    const int M = static_cast<int>(std::min<int64_t>(kMaxRows, rows - m0));
+    const std::vector<float> xp = q4_positions(x + m0 * d, M, d);
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    const Int8Rows xq(xp.data(), M, chunks * 64);
+    const std::vector<float> group_sums = q4_group_sums(xq, M);
+#endif
+    at::parallel_for(0, n / kQ4Rows, grain, [&](int64_t b0, int64_t b1) {
+      with_rows(M, [&](auto m) {
+        constexpr int MM = decltype(m)::value;
+        const Prefetch pf = prefetch_plan(kInt4, MM);
+        for (int64_t b = b0; b < b1; ++b) {
+          const uint8_t* block = w + b * block_bytes;
+          const float* bb = bias ? bias + b * kQ4Rows : nullptr;
+          float* yb = y + m0 * n + b * kQ4Rows;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+          if constexpr (MM <= 4) {
+            q4_rows_vnni<MM, 4>(xq, group_sums.data(), block, chunks, 0, pf, bb, yb, n);
+          } else {  // half a block at a time: 2 M accumulators, not 4 M
+            q4_rows_vnni<MM, 2>(xq, group_sums.data(), block, chunks, 0, pf, bb, yb, n);
+            q4_rows_vnni<MM, 2>(xq, group_sums.data(), block, chunks, 2, pf, bb, yb, n);
+          }
+#else
+          for (int r = 0; r < kQ4Rows; ++r) q4_row_floats<MM>(xp.data(), block, chunks, r, pf, bb, yb, n);
+#endif
+        }
+      });
+    });
+  }
+}
+
 // y (rows, n) = x (rows, d) @ w (n rows of stride ldw)^T * scale + bias: the weight rows split over
-// torch's threads, each weight row read once per kMaxRows token rows.
+// torch's threads, each weight row read once per kMaxRows token rows. 4-bit weights: q4_rows (w at a
+// block's start, scale unused).
 template <typename W>
 inline void linear_rows(const float* x, int64_t rows, int64_t d, const W* w, int64_t ldw, const float* scale,
                         const float* bias, float* y, int64_t n) {
-  // Enough weight rows per task (>= ~32K weights) that the threads' start-up cost stays small.
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(d, 1));
-  auto at = [](const float* p, int64_t n) { return p ? p + n : nullptr; };
+  if constexpr (std::is_same_v<W, q4_t>) {
+    return q4_rows(x, rows, d, &w->bits, bias, y, n);
+  } else {
+    // Enough weight rows per task (>= ~32K weights) that the threads' start-up cost stays small.
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(d, 1));
+    auto at = [](const float* p, int64_t n) { return p ? p + n : nullptr; };
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-  if constexpr (std::is_same_v<W, int8_t> || std::is_same_v<W, q4_t>) {
-    if (d % 64 == 0) {
-      const int64_t np = row_params<W>(d);
-      for (int64_t m0 = 0; m0 < rows; m0 += kMaxRows) {
-        const int M = static_cast<int>(std::min<int64_t>(kMaxRows, rows - m0));
-        std::vector<float> xs;  // int4: the token rows in the order its kernel reads the weights
-        if constexpr (std::is_same_v<W, q4_t>) xs = q4_permuted(x + m0 * d, M, d);
-        const Int8Rows xq(xs.empty() ? x + m0 * d : xs.data(), M, d);
-        at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
-          with_rows(M, [&](auto m) {
-            blocks<decltype(m)::value>(kind_of<W>, n0, n1, [&](auto r, int64_t i) {
-              constexpr int MM = decltype(m)::value, RR = decltype(r)::value;
-              if constexpr (std::is_same_v<W, int8_t>)
-                rows_block_int8<MM, RR>(xq, w + i * ldw, ldw, scale + i, at(bias, i), y + m0 * n + i, n);
-              else
-                rows_block_q4<MM, RR>(xq, w + i * ldw, ldw, scale + i * np, np, at(bias, i), y + m0 * n + i, n);
+    if constexpr (std::is_same_v<W, int8_t>) {
+      if (d % 64 == 0) {
+        for (int64_t m0 = 0; m0 < rows; m0 += kMaxRows) {
+          const int M = static_cast<int>(std::min<int64_t>(kMaxRows, rows - m0));
+          const Int8Rows xq(x + m0 * d, M, d);
+          at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
+            with_rows(M, [&](auto m) {
+              blocks<decltype(m)::value>(kInt8, n0, n1, [&](auto r, int64_t i) {
+                rows_block_int8<decltype(m)::value, decltype(r)::value>(xq, w + i * ldw, ldw, scale + i, at(bias, i), y + m0 * n + i, n);
+              });
             });
+          });
+        }
+        return;
+      }
+    }
+#endif
+    at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
+      for (int64_t m0 = 0; m0 < rows; m0 += kMaxRows) {
+        with_rows(static_cast<int>(std::min<int64_t>(kMaxRows, rows - m0)), [&](auto m) {
+          blocks<decltype(m)::value>(kind_of<W>, n0, n1, [&](auto r, int64_t i) {
+            rows_block<decltype(m)::value, decltype(r)::value>(x + m0 * d, d, w + i * ldw, ldw, at(scale, i), at(bias, i), y + m0 * n + i, n);
           });
         });
       }
-      return;
-    }
+    });
   }
-#endif
-  const int64_t np = row_params<W>(d);
-  at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
-    for (int64_t m0 = 0; m0 < rows; m0 += kMaxRows) {
-      with_rows(static_cast<int>(std::min<int64_t>(kMaxRows, rows - m0)), [&](auto m) {
-        blocks<decltype(m)::value>(kind_of<W>, n0, n1, [&](auto r, int64_t i) {
-          rows_block<decltype(m)::value, decltype(r)::value>(x + m0 * d, d, w + i * ldw, ldw, at(scale, i * np), at(bias, i), y + m0 * n + i, n);
-        });
-      });
-    }
-  });
 }
 
 }  // namespace specgate_cpu

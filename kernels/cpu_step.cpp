@@ -139,24 +139,22 @@ void gated_activation(const float* gate, const float* up, float* a, int64_t n, i
   }
 }
 
-// A weight matrix (n, d): float32, bfloat16, int8 with a float32 scale per row, or 4-bit codes
-// (uint8, (n, d / 2)) with a float32 (scale, offset) per group of kGroup inputs (cpu_linear.h).
+// A weight matrix (n, d): float32, bfloat16, int8 with a float32 scale per row, or 4-bit blocks
+// (uint8, cpu_linear.h; row0 of apply then a multiple of kQ4Rows).
 struct Mat {
   at::Tensor w, scale;
-
-  int64_t inputs() const { return w.scalar_type() == at::kByte ? 2 * w.size(1) : w.size(1); }
+  int64_t d;  // inputs
 
   // y (rows, n) = x (rows, d) @ w[row0 : row0 + n]^T (+ bias[0 : n]).
   void apply(const float* x, int64_t rows, int64_t row0, int64_t n, const float* bias, float* y) const {
-    const int64_t d = inputs(), ldw = w.size(1);
+    const int64_t ldw = w.size(1);
     switch (w.scalar_type()) {
       case at::kFloat:
         return linear_rows(x, rows, d, w.data_ptr<float>() + row0 * ldw, ldw, nullptr, bias, y, n);
       case at::kBFloat16:
         return linear_rows(x, rows, d, reinterpret_cast<const uint16_t*>(w.data_ptr()) + row0 * ldw, ldw, nullptr, bias, y, n);
       case at::kByte:
-        return linear_rows(x, rows, d, reinterpret_cast<const q4_t*>(w.data_ptr()) + row0 * ldw, ldw,
-                           reinterpret_cast<const float*>(scale.data_ptr()) + row0 * row_params<q4_t>(d), bias, y, n);
+        return linear_rows(x, rows, d, reinterpret_cast<const q4_t*>(w.data_ptr()) + row0 * ldw, ldw, nullptr, bias, y, n);
       default:
         return linear_rows(x, rows, d, w.data_ptr<int8_t>() + row0 * ldw, ldw, scale.data_ptr<float>() + row0, bias, y, n);
     }
@@ -218,7 +216,7 @@ struct CpuStep : torch::CustomClassHolder {
 
   // tensors, 16 per layer (an empty tensor for an absent one): attn_norm, qkv_w, qkv_b, o_w, o_b,
   // mlp_norm, gate_up_w, down_w, q_norm, k_norm, post_attn_norm, post_mlp_norm, then the int8
-  // matrices' row scales: qkv, o, gate_up, down. Matrices are float32, bfloat16 or int8, the rest
+  // matrices' row scales: qkv, o, gate_up, down. Matrices are float32, bfloat16, int8 or 4-bit blocks, the rest
   // float32. ints: n_heads,
   // n_kv_heads, head_dim, activation (0 SiLU, 1 GELU-tanh), then per layer its sliding window (0:
   // none) and its RoPE table's index; floats: RMSNorm eps, attention scaling.
@@ -234,22 +232,28 @@ struct CpuStep : torch::CustomClassHolder {
                   "CpuStep: norms, biases and scales must be contiguous float32 CPU tensors");
       return t;
     };
-    auto mat = [](const at::Tensor& w, const at::Tensor& scale) {
+    // a matrix of `inputs` inputs (4-bit blocks do not say how many: they round it up to whole chunks)
+    auto mat = [](const at::Tensor& w, const at::Tensor& scale, int64_t inputs) {
       const auto type = w.scalar_type();
       TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.device().is_cpu() &&
                       (type == at::kFloat || type == at::kBFloat16 || type == at::kChar || type == at::kByte),
                   "CpuStep: weight matrices must be contiguous float32, bfloat16, int8 or 4-bit (uint8) CPU tensors");
-      const int64_t params = type == at::kChar ? w.size(0) : type == at::kByte ? w.size(0) * 4 * w.size(1) / kGroup : 0;
-      TORCH_CHECK(type != at::kByte || (2 * w.size(1)) % kGroup == 0, "CpuStep: 4-bit rows need a multiple of ", kGroup, " inputs");
-      TORCH_CHECK(!params || (scale.scalar_type() == (type == at::kByte ? at::kHalf : at::kFloat) && scale.is_contiguous() &&
-                              scale.numel() == params),
-                  "CpuStep: an int8 matrix needs a float32 scale per row, a 4-bit one a float16 (scale, offset) per group");
-      return Mat{w, scale};
+      TORCH_CHECK(type == at::kByte ? inputs % kGroup == 0 && w.size(0) % kQ4Rows == 0 && w.size(1) == q4_chunks(inputs) * 40
+                                    : w.size(1) == inputs,
+                  "CpuStep: a weight matrix of ", w.size(1), " columns for ", inputs, " inputs");
+      TORCH_CHECK(type == at::kChar ? scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == w.size(0)
+                                    : scale.numel() == 0,
+                  "CpuStep: an int8 matrix needs a float32 scale per row, the others none");
+      return Mat{w, scale, inputs};
     };
+    const int64_t hidden = tensors.at(0).numel(), q_dim = n_heads * hd;
     for (int64_t i = 0; i < L; ++i) {
       const auto* t = &tensors[i * kTensorsPerLayer];
       layers.push_back({vec(t[0]), vec(t[2]), vec(t[4]), vec(t[5]), vec(t[8]), vec(t[9]), vec(t[10]), vec(t[11]),
-                        mat(t[1], t[12]), mat(t[3], t[13]), mat(t[6], t[14]), mat(t[7], t[15]), ints[4 + i], ints[4 + L + i]});
+                        mat(t[1], t[12], hidden), mat(t[3], t[13], q_dim), mat(t[6], t[14], hidden),
+                        mat(t[7], t[15], t[6].size(0) / 2), ints[4 + i], ints[4 + L + i]});
+      TORCH_CHECK(t[1].scalar_type() != at::kByte || q_dim % kQ4Rows == 0,
+                  "CpuStep: 4-bit q/k/v need a multiple of ", kQ4Rows, " query rows (K/V alone start there)");
     }
     d = layers.at(0).attn_norm.numel();
   }
@@ -277,7 +281,7 @@ struct CpuStep : torch::CustomClassHolder {
     const bool draft = plan.numel() > 0;
     TORCH_CHECK(!draft || (R == 1 && plan.size(0) == 2 * L && plan.size(1) == d + 2), "CpuStep.run: bad plan");
     const int64_t T = R;  // the loops below run over all rows
-    const int64_t q_dim = n_heads * hd, kv_dim = n_kv * hd, ff = layers[0].down.inputs();
+    const int64_t q_dim = n_heads * hd, kv_dim = n_kv * hd, ff = layers[0].down.d;
     std::vector<float> x(T * d), qkv(T * (q_dim + 2 * kv_dim)), o(T * q_dim), y(T * d), gu(T * 2 * ff), a(T * ff);
     at::Tensor skipped = at::zeros({draft ? 2 * L : 0}, at::kByte);
     float* hp = h.data_ptr<float>();

@@ -14,14 +14,15 @@ everything else runs the engine's PyTorch code.
 
 ``precision="bfloat16"``, ``"int8"`` or ``"int4"`` builds the pass over a low-precision copy of the
 weight matrices and the LM head (int8: symmetric, one scale per output row; int4: the layers' matrices
-in 4 bits with a scale and an offset per group of 32 inputs, GGUF's Q4_1 layout, and the head in int8):
+in 4 bits with a scale and an offset per group of 32 inputs, GGUF's Q4_1 numbers in a layout of our
+own for streaming, :func:`int4`, and the head in int8):
 a draft that reads a half, a quarter or about a sixth of the layers' bytes (the engine's
 ``draft_precision``). It costs that copy's memory; the verifier keeps the float32 weights, so
 speculation stays lossless. Weights that were dequantized from Q4_1 (the SmolLM2 GGUF we test with)
 come back almost exactly in int4 (4-bit codes, with the scale and offset recomputed and stored in float16, as Q4_1 stores them).
 On CPUs with AVX-512 VNNI the int8 and int4 products round the token rows to int8 too (a scale per 4
-inputs) and multiply 64 weights per instruction (:func:`int8_activations`): the int8 and int4 drafts'
-products were compute-bound without it.
+inputs) and multiply 64 weights per instruction (:func:`int8_activations`; int8 rows of a multiple of
+64 inputs, int4 ones always): the int8 and int4 drafts' products were compute-bound without it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from . import cpu_linear
 
@@ -41,6 +43,9 @@ if TYPE_CHECKING:
 
 PRECISIONS = ("float32", "bfloat16", "int8", "int4")
 GROUP = 32  # inputs per (scale, offset) pair of an int4 matrix (cpu_linear.h: kGroup)
+Q4_ROWS = 4  # rows per block of an int4 matrix (cpu_linear.h: kQ4Rows)
+# the input of a 64-input chunk at each position of an int4 matrix's layout (cpu_linear.h: q4_input)
+Q4_INPUT = torch.tensor([32 * (p // 4 % 2) + 16 * (p // 32) + 4 * (p // 8 % 4) + p % 4 for p in range(64)])
 MAX_TOKENS = 16  # token rows (batch x tokens); 8 per pass over the weights (cpu_linear.h), so 9-16 read them twice
 
 
@@ -184,31 +189,51 @@ def low_precision_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Ten
 
 
 def int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w (n, d) as 4-bit codes, (n, d / 2) uint8, and (n, d / GROUP, 2) float16 (scale, offset) per group of
-    GROUP inputs (as GGUF's Q4_1 stores them: 4 bytes per 32 weights, where float32 pairs took a third of the
-    bytes a draft step reads): code = round((w - offset) / scale) in 0..15 with offset the group's
-    minimum and scale its range / 15, both rounded to float16, so w ~ scale * code + offset. Byte j of
-    a group's GROUP / 2 holds the codes of its inputs j (low nibble) and j + GROUP / 2 (high nibble)."""
+    """w (n, d) as 4-bit codes per group of GROUP inputs with a float16 scale and offset per group (GGUF's
+    Q4_1 numbers: code = round((w - offset) / scale) in 0..15 with offset the group's minimum and scale its
+    range / 15, both rounded to float16, so w ~ scale * code + offset), in the kernels' streaming layout
+    (cpu_linear.h, "4-bit weights"): blocks of Q4_ROWS rows, chunks of 64 inputs in the positions of
+    :data:`Q4_INPUT` (a last half chunk padded), one uint8 matrix (n, 40 * ceil(d / 64)), and an empty
+    tensor (no scale beside it). :func:`dequantized` reads it back."""
     n, d = w.shape
-    if d % GROUP:
-        raise ValueError(f"an int4 copy needs a multiple of {GROUP} inputs per row, not {d}: use draft_precision='int8'")
+    if d % GROUP or n % Q4_ROWS:
+        raise ValueError(
+            f"an int4 copy needs a multiple of {GROUP} inputs and of {Q4_ROWS} rows per matrix, not ({n}, {d}): use draft_precision='int8'"
+        )
     g = w.detach().float().reshape(n, d // GROUP, GROUP)
-    offset = g.amin(-1, keepdim=True).half()
-    scale = ((g.amax(-1, keepdim=True) - offset.float()) / 15).half()
-    codes = torch.round((g - offset.float()) / scale.float().clamp_min(1e-30)).clamp(0, 15).to(torch.uint8)
-    half = GROUP // 2
-    packed = codes[..., :half] | (codes[..., half:] << 4)
-    return packed.reshape(n, d // 2).contiguous(), torch.cat([scale, offset], -1).contiguous()
+    offset = g.amin(-1).half()
+    scale = ((g.amax(-1) - offset.float()) / 15).half()
+    codes = torch.round((g - offset[..., None].float()) / scale[..., None].float().clamp_min(1e-30)).clamp(0, 15).to(torch.uint8)
+    chunks = -(-d // 64)
+    pad = 2 * chunks - d // GROUP  # a padding group adds scale 0 * code 0 + offset 0
+    codes, scale, offset = F.pad(codes, (0, 0, 0, pad)), F.pad(scale, (0, pad)), F.pad(offset, (0, pad))
+    positions = codes.reshape(n, chunks, 64)[..., Q4_INPUT]
+    packed = positions[..., :32] | (positions[..., 32:] << 4)  # (n, chunks, 32)
+    pairs = lambda t: t.reshape(n, chunks, 2).view(torch.uint8)  # noqa: E731  (n, chunks, 4): (A, B) float16
+    block = lambda t: t.reshape(n // Q4_ROWS, Q4_ROWS, chunks, -1).transpose(1, 2).reshape(n // Q4_ROWS, chunks, -1)  # noqa: E731
+    blocks = torch.cat([block(packed), block(pairs(scale)), block(pairs(offset))], -1)  # (n / 4, chunks, 160)
+    return blocks.reshape(n, chunks * 40).contiguous(), torch.empty(0)
+
+
+def _int4_float(q: torch.Tensor, d: int) -> torch.Tensor:
+    """The (n, d) float32 matrix an :func:`int4` copy stands for."""
+    n, chunks = q.shape[0], q.shape[1] // 40
+    blocks = q.reshape(n // Q4_ROWS, chunks, 160)
+    rows = lambda t: t.reshape(n // Q4_ROWS, chunks, Q4_ROWS, -1).transpose(1, 2).reshape(n, chunks, -1)  # noqa: E731
+    packed = rows(blocks[..., :128])
+    scale, offset = (rows(blocks[..., a : a + 16]).contiguous().view(torch.float16).float() for a in (128, 144))  # (n, chunks, 2)
+    positions = torch.cat([packed & 15, packed >> 4], -1)
+    codes = torch.empty_like(positions)
+    codes[..., Q4_INPUT] = positions
+    w = codes.reshape(n, 2 * chunks, GROUP).float() * scale.reshape(n, -1, 1) + offset.reshape(n, -1, 1)
+    return w.reshape(n, 64 * chunks)[:, :d]
 
 
 def dequantized(w: torch.Tensor, precision: str) -> torch.Tensor:
     """The float32 matrix that w's ``precision`` copy stands for: what the kernels compute with."""
     q, extra = low_precision(w, precision)
     if precision == "int4":
-        n, groups = extra.shape[:2]
-        g = q.reshape(n, groups, GROUP // 2)
-        scale, offset = extra.float().unbind(-1)
-        return (torch.cat([g & 15, g >> 4], -1).float() * scale[..., None] + offset[..., None]).reshape(n, groups * GROUP)
+        return _int4_float(q, w.shape[1])
     return q.float() * extra[:, None] if extra.numel() else q.float()
 
 

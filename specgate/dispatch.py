@@ -219,11 +219,11 @@ def prefetch(weights: "ModelWeights") -> dict[int, str] | None:
 
 def low_precision_streaming(weights: "ModelWeights", precision: str, products: list[tuple[torch.Tensor, torch.Tensor]]) -> str:
     """Sets how the CPU kernels stream a low-precision copy of the weights in 1-row products (draft
-    steps): the fastest of 8 or 4 weight rows per block and :data:`PREFETCH`, timed over the copy's
-    decoder ``products`` (:func:`~specgate.kernels.cpu_step.low_precision` pairs) interleaved once per
-    machine, thread count and shape and kept on disk with the other choices. On a 2-core AMD EPYC
-    (Zen 4), int4 products took 0.85x the time with 4 rows and the L1 prefetch that they took with
-    float32's 1-row setting there (8 rows, L2 only).
+    steps): the fastest of 8 or 4 weight rows per block (int4: its layout's 4) and :data:`PREFETCH`,
+    timed over the copy's decoder ``products`` (:func:`~specgate.kernels.cpu_step.low_precision` pairs)
+    interleaved once per machine, thread count and shape and kept on disk with the other choices. On a
+    2-core AMD EPYC (Zen 4), int4 products in Q4_1's own layout took 0.85x the time with 4 rows and the
+    L1 prefetch that they took with float32's 1-row setting there (8 rows, L2 only).
     ``SPECGATE_BLOCK_ROWS`` and ``SPECGATE_PREFETCH`` set them without timing. Returns the label."""
     from . import linear
 
@@ -234,7 +234,8 @@ def low_precision_streaming(weights: "ModelWeights", precision: str, products: l
         if forced_prefetch:
             torch.ops.specgate.set_prefetch(1, *forced_prefetch, precision)
         return f"{precision}: forced"
-    options = {f"{precision} block {cap}, {label}": (cap, plan) for cap in (8, 4) for label, plan in PREFETCH.items()}
+    caps = (4,) if precision == "int4" else (8, 4)  # int4 matrices come in blocks of 4 rows (cpu_linear.h)
+    options = {f"{precision} block {cap}, {label}": (cap, plan) for cap in caps for label, plan in PREFETCH.items()}
     name = f"streaming: {precision} copy of {_shapes(weights)}, 1 row"
     choice = linear.remembered(name, tuple(options))
     if choice is None:

@@ -175,19 +175,24 @@ def test_int4_keeps_each_group_within_half_a_step_and_q4_1_weights_exactly():
     """int4: 4-bit codes per group of 32 inputs with the group's own scale and offset, so a group of
     tiny weights beside one of large weights keeps its precision; weights that are already 4-bit
     affine per group (dequantized from GGUF's Q4_1, like the SmolLM2 file) come back to float32 rounding."""
-    w = torch.randn(5, 96) * torch.tensor([1e-3, 1.0, 30.0]).repeat_interleave(32)
-    q, params = low_precision(w, "int4")
-    assert q.dtype == torch.uint8 and q.shape == (5, 48) and params.shape == (5, 3, 2) and params.dtype == torch.float16
-    step, offset = (params[..., i].float().repeat_interleave(32, -1) for i in (0, 1))
+    w = torch.randn(8, 96) * torch.tensor([1e-3, 1.0, 30.0]).repeat_interleave(32)
+    q, none = low_precision(w, "int4")
+    # blocks of 4 rows, chunks of 64 inputs (the last half one padded) of 40 bytes a row; no scale beside
+    assert q.dtype == torch.uint8 and q.shape == (8, 80) and none.numel() == 0
+    g = w.reshape(8, 3, 32)
+    offset = g.amin(-1).half().float()
+    step = ((g.amax(-1) - offset) / 15).half().float()
+    step, offset = step.repeat_interleave(32, -1), offset.repeat_interleave(32, -1)
     # a float16 offset is off the group's minimum by up to half its float16 spacing, 2^-11 of it
     assert ((dequantized(w, "int4") - w).abs() <= step / 2 * 1.0001 + offset.abs() * 2**-11 + 1e-7).all()
-    scale, offset = torch.rand(5, 3, 1).half().float(), torch.randn(5, 3, 1).half().float()
-    codes = torch.randint(0, 16, (5, 3, 32)).float()
+    scale, offset = torch.rand(8, 3, 1).half().float(), torch.randn(8, 3, 1).half().float()
+    codes = torch.randint(0, 16, (8, 3, 32)).float()
     codes[..., 0], codes[..., 1] = 0, 15  # each group spans its range, as Q4_1 quantizing makes it
-    q4_1 = (codes * scale + offset).reshape(5, 96)
+    q4_1 = (codes * scale + offset).reshape(8, 96)
     torch.testing.assert_close(dequantized(q4_1, "int4"), q4_1, rtol=0, atol=1e-6)
-    with pytest.raises(ValueError, match="multiple of 32 inputs.*draft_precision='int8'"):
-        low_precision(torch.randn(4, 40), "int4")
+    for bad in ((4, 40), (6, 64)):  # inputs not in groups of 32, rows not in blocks of 4
+        with pytest.raises(ValueError, match="multiple of 32 inputs and of 4 rows.*draft_precision='int8'"):
+            low_precision(torch.randn(*bad), "int4")
 
 
 @pytest.mark.parametrize("precision", ["bfloat16", "int8", "int4"])
@@ -204,8 +209,8 @@ def test_low_precision_passes_equal_the_rounded_model(family, precision, monkeyp
     if precision in ("int8", "int4") and int8_activations():  # the reference rounds activations as the kernels do
         product = specgate.layers.linear
 
-        def seen(x, w):
-            return rounded_activations(x) if x.shape[-1] % 64 == 0 else x
+        def seen(x, w):  # int8 rows of a multiple of 64 inputs, int4 ones always (padded to whole chunks)
+            return rounded_activations(x) if x.shape[-1] % 64 == 0 or precision == "int4" else x
 
         monkeypatch.setattr(specgate.layers, "linear", lambda x, w, b=None: product(seen(x, w), w, b))
         # float32 rounding differences between the paths move an activation across a rounding boundary

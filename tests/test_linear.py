@@ -193,25 +193,31 @@ def test_probe_threads_restores_thread_count():
 
 @pytest.mark.parametrize("precision", ["bfloat16", "int8", "int4"])
 @pytest.mark.parametrize("rows", [1, 5, 11])
-@pytest.mark.parametrize("d", [100, 600, 640])  # int4: 96 (its float path where VNNI is), 576, 640
+@pytest.mark.parametrize("d", [100, 600, 640])  # int4: 96 (a padded half chunk), 576, 640
 def test_kernel_reads_low_precision_weights(kernel, precision, rows, d):
-    """bfloat16, int8 (with row scales) and int4 (with a scale and offset per 32 inputs) weights give
-    F.linear of the weights they stand for; int8 and int4 ones of activations rounded to int8 too where
-    the kernel does that (VNNI, rows of a multiple of 64 inputs)."""
+    """bfloat16, int8 (with row scales) and int4 (with a scale and offset per 32 inputs, in blocks of 4
+    rows) weights give F.linear of the weights they stand for; int8 and int4 ones of activations rounded
+    to int8 too where the kernel does that (VNNI; int8 rows of a multiple of 64 inputs)."""
     from specgate.kernels.cpu_step import dequantized, int8_activations, low_precision, rounded_activations
 
-    d = d // 32 * 32 if precision == "int4" else d  # int4 rows come in groups of 32 inputs
+    d, n = (d // 32 * 32, 132) if precision == "int4" else (d, 131)  # int4: groups of 32 inputs, blocks of 4 rows
     torch.manual_seed(rows)
-    x, w, b = torch.randn(rows, d), torch.randn(131, d), torch.randn(131)
+    x, w, b = torch.randn(rows, d), torch.randn(n, d), torch.randn(n)
     x[:, 7] *= 30  # an outlier feature, as hidden states have: it costs only its own group precision
     q, extra = low_precision(w, precision)
     got = kernel(x, q, b, extra if extra.numel() else None)
-    seen = rounded_activations(x) if precision in ("int8", "int4") and int8_activations() and d % 64 == 0 else x
+    rounds = int8_activations() and (precision == "int4" or (precision == "int8" and d % 64 == 0))
+    seen = rounded_activations(x) if rounds else x
     torch.testing.assert_close(got, F.linear(seen, dequantized(w, precision), b), rtol=1e-5, atol=1e-4)
     if seen is not x:  # and the rounding is what it claims: within half a step of each group's scale
         assert not torch.allclose(got, F.linear(x, dequantized(w, precision), b), rtol=1e-5, atol=1e-4)
     with pytest.raises(RuntimeError, match="need a scale per row"):
-        kernel(x, q, b, None if extra.numel() else torch.ones(131))
+        kernel(x, q, b, None if extra.numel() else torch.ones(n))
+    if precision == "int4":  # a 4-bit matrix for other inputs, or cut across a block
+        with pytest.raises(RuntimeError, match="4-bit weights"):
+            kernel(torch.randn(rows, d + 64), q, b)
+        with pytest.raises(RuntimeError, match="4-bit weights"):
+            kernel(x, q[:130])
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
@@ -226,7 +232,7 @@ def test_int8_rounding_of_zero_and_extreme_groups(kernel, precision):
     x[1] = 0.0
     x[2, :4] = torch.tensor([1e-30, -1e30, 3.0, -0.5])
     q, extra = low_precision(w, precision)
-    got = kernel(x, q, None, extra)
+    got = kernel(x, q, None, extra if extra.numel() else None)
     seen = rounded_activations(x) if int8_activations() else x
     want = F.linear(seen.double(), dequantized(w, precision).double()).float()
     assert torch.isfinite(got).all() and (got[1] == 0).all()
@@ -264,14 +270,14 @@ def test_prefetch_distances_change_the_speed_not_the_result(kernel, rows):
     torch.manual_seed(rows)
     x, w = torch.randn(rows, 192), torch.randn(133, 192)
     q8, s8 = low_precision(w, "int8")
-    q4, s4 = low_precision(w, "int4")
+    q4, _ = low_precision(w[:132], "int4")  # blocks of 4 rows
     previous = {k: torch.ops.specgate.set_prefetch(rows, 24576, 1024, k) for k in KINDS}
     out = []
     try:
         for plan in ((24576, 1024), (24576, 0), (64, 0), (4096, 256)):
             for k in KINDS:
                 torch.ops.specgate.set_prefetch(rows, *plan, k)
-            out.append([kernel(x, w), kernel(x, w.bfloat16()), kernel(x, q8, None, s8), kernel(x, q4, None, s4)])
+            out.append([kernel(x, w), kernel(x, w.bfloat16()), kernel(x, q8, None, s8), kernel(x, q4)])
     finally:
         for k, plan in previous.items():
             torch.ops.specgate.set_prefetch(rows, *plan, k)
