@@ -414,28 +414,31 @@ def load_tuned(m: SpecGateModel) -> tuple[SpecConfig, Path] | None:
         return None
 
 
-UNTUNED = SpecConfig(draft_budget=0.0, max_draft=6, draft_precision="int8")
+UNTUNED = SpecConfig(draft_budget=0.0, max_draft=6, draft_precision="int4")
+UNTUNED_PRECISIONS = ("int4", "int8")  # the untuned draft's copy: the first that fits the model and runs here
 
 
 def resolve(m: SpecGateModel, spec_config: SpecConfig | None, overrides: dict[str, float | int | None]) -> tuple[SpecConfig, str]:
     """The speculation settings of one ``generate`` call and where they came from: ``spec_config``,
     else the tuned ones when no override is given either, else :data:`UNTUNED` when no override is
-    given and the engine can draft from an int8 copy (the fused CPU pass), else the ``SpecConfig``
-    defaults; then the overrides. Each distinct origin is logged once per process.
+    given and the engine can draft from an int4 copy, or else an int8 one (:data:`UNTUNED_PRECISIONS`;
+    the fused CPU pass), else the ``SpecConfig`` defaults; then the overrides. Each distinct origin is
+    logged once per process.
 
-    :data:`UNTUNED` (an int8 draft that skips nothing, up to 6 tokens per round, +25% memory for
-    the copy) is what ``specgate tune`` chose among float32 and int8 drafts on both CPUs it was
-    measured on (1.8-2.1x plain decoding; with int4 tried too it took int4 for SmolLM2, whose weights
-    were 4-bit to begin with); the ``SpecConfig`` defaults (a float32 draft skipping 10%) do not beat
-    plain decoding there."""
+    :data:`UNTUNED` (a draft over the int4 copy that skips nothing, up to 6 tokens per round, +18%
+    memory for the copy) ran SmolLM2 at 1.86-1.87x plain decoding on a 2-core AMD EPYC against
+    1.62-1.64x with the int8 copy (eval/sweep_spec.py, two runs, once greedy drafts screened their
+    float32 head), Gemma 3 270M at 1.42x against 1.41x. int8 was the default before (what ``specgate
+    tune`` chose among float32 and int8 drafts on both CPUs measured, 1.8-2.1x plain); the
+    ``SpecConfig`` defaults (a float32 draft skipping 10%) do not beat plain decoding there."""
     given = {k: v for k, v in overrides.items() if v is not None}
     tuned = load_tuned(m) if spec_config is None and not given else None
     if spec_config is not None:
         spec, label = spec_config, "spec_config"
     elif tuned is not None:
         spec, label = tuned[0], f"tuned ({_home(tuned[1])})"
-    elif not given and _low_drafts(m, UNTUNED.draft_precision):
-        spec, label = UNTUNED, "defaults (int8 draft)"
+    elif not given and (low := next((p for p in UNTUNED_PRECISIONS if _low_drafts(m, p)), None)):
+        spec, label = dataclasses.replace(UNTUNED, draft_precision=low), f"defaults ({low} draft)"
     else:
         spec, label = SpecConfig(), "defaults"
     if given:

@@ -196,16 +196,21 @@ def test_tune_refuses_an_unknown_kv_fill():
         tune.TuneConfig(kv_fills=("nearest",))
 
 
-def test_untuned_speculation_drafts_from_an_int8_copy(cache):
-    """Nothing tuned and nothing given: the int8 draft that skips nothing (tune's choice on both CPUs
-    measured), gates or not, lossless and labelled; a given budget keeps the SpecConfig defaults."""
+def test_untuned_speculation_drafts_from_an_int4_copy_else_an_int8_one(cache, monkeypatch):
+    """Nothing tuned and nothing given: the int4 draft that skips nothing, or the int8 one where no
+    int4 copy runs, gates or not, lossless and labelled; a given budget keeps the SpecConfig defaults."""
     if not linear.available()["smallm"]:
-        pytest.skip("no C++ toolchain: no fused pass, so no int8 copy to draft from")
+        pytest.skip("no C++ toolchain: no fused pass, so no low-precision copy to draft from")
     m = tiny("llama")
     ids = _prompts()[0]
-    out = m.generate(ids, max_new_tokens=20, eos_token_id=None, pad_token_id=0, speculative=True, return_dict_in_generate=True)
-    assert out.spec_stats.settings == "defaults (int8 draft)" and out.spec_stats.drafted > 0
-    assert torch.equal(out.sequences, m.generate(ids, max_new_tokens=20, eos_token_id=None, pad_token_id=0))
+    plain = m.generate(ids, max_new_tokens=20, eos_token_id=None, pad_token_id=0)
+    runs = tune._low_drafts
+    for precision in ("int4", "int8"):
+        out = m.generate(ids, max_new_tokens=20, eos_token_id=None, pad_token_id=0, speculative=True, return_dict_in_generate=True)
+        assert out.spec_stats.settings == f"defaults ({precision} draft)" and out.spec_stats.drafted > 0
+        assert torch.equal(out.sequences, plain)
+        monkeypatch.setattr(tune, "_low_drafts", lambda m, p: p != "int4" and runs(m, p))  # as where no int4 copy fits
+    monkeypatch.setattr(tune, "_low_drafts", runs)
     m.gates = _model().gates
     given = m.generate(ids, max_new_tokens=5, speculative=True, draft_budget=0.5, return_dict_in_generate=True)
     assert given.spec_stats.settings == "defaults + draft_budget=0.5" and given.spec_stats.skip_fraction > 0
