@@ -1,7 +1,8 @@
 """The low-precision draft's streaming settings in the loop: rounds of a 7-token verify pass and 6
 int4 draft steps (16,384-token head), each round under one setting of the int4 products' block rows
 and prefetch (``specgate.dispatch.low_precision_streaming``): the one timed when the copy was made,
-and fixed ones; settings interleaved over 30 rounds, medians of the draft steps.
+and fixed ones; settings interleaved over 30 rounds, medians of the draft steps. (int4 matrices
+now come in blocks of 4 rows by their layout: for them the block settings differ in prefetch only.)
 
     python eval/draft_settings.py [--precision int4] [--rounds 30]
 """
