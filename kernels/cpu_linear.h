@@ -482,7 +482,8 @@ inline void q4_rows_vnni(const Int8Rows& xq, const float* group_sums, const uint
   for (int m = 0; m < M; ++m) offsets[m] = _mm256_setzero_ps();
   for (int64_t c = 0; c < chunks; ++c) {
     const uint8_t* chunk = block + c * kQ4Bytes;
-    for (int i = 0; i < kQ4Bytes; i += 64) prefetch_ahead(chunk + i, pf);
+    if (r0 == 0)  // the block's first rows stream it; the second half of a block finds it in the caches
+      for (int i = 0; i < kQ4Bytes; i += 64) prefetch_ahead(chunk + i, pf);
     const __m256 o = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(chunk + 144)));
     for (int m = 0; m < M; ++m)
       offsets[m] = _mm256_fmadd_ps(o, _mm256_castpd_ps(_mm256_broadcast_sd(reinterpret_cast<const double*>(group_sums + (m * chunks + c) * 2))), offsets[m]);
