@@ -71,14 +71,17 @@ def _add_stats(extra: dict, s) -> None:
     extra["compute_skipped"] = round(extra["compute_x_rounds"] / max(1, extra["drafted"]), 3)
 
 
-def run(encoded: list[torch.Tensor], methods: dict, warmup: bool = True) -> dict[str, MethodResult]:
-    """Time each ``methods[name](ids) -> LongTensor`` on every prompt (1, T) of ``encoded``."""
+def run(encoded: list[torch.Tensor], methods: dict, warmup: bool = True, seed: int | None = None) -> dict[str, MethodResult]:
+    """Time each ``methods[name](ids) -> LongTensor`` on every prompt (1, T) of ``encoded``; with
+    ``seed``, torch's global generator is seeded with seed + the prompt's index before each call."""
     results = {name: MethodResult(name) for name in methods}
     if warmup:
         for fn in methods.values():
             fn(encoded[0][:, :8])
-    for ids in encoded:
+    for i, ids in enumerate(encoded):
         for name, fn in methods.items():
+            if seed is not None:
+                torch.manual_seed(seed + i)
             new, seconds, stats = _timed(fn, ids)
             r = results[name]
             r.tokens += len(new)
@@ -97,8 +100,12 @@ def bench_decode(
     speculative: list | None = None,
     dtype: torch.dtype = torch.float32,
     gates="default",
+    sampling: dict | None = None,
+    seed: int = 0,
 ) -> dict[str, MethodResult]:
-    """transformers ``generate()`` vs the engine's plain decode (vs speculative settings), greedy."""
+    """transformers ``generate()`` vs the engine's plain decode (vs speculative settings), greedy,
+    or sampled with ``sampling`` (``temperature``, ``top_k``, ``top_p``: what ``generate`` takes;
+    every method's call on prompt i starts from seed + i)."""
     import specgate
     from specgate.loading import load_hf
 
@@ -106,30 +113,33 @@ def bench_decode(
     m = specgate.load(model, gates=gates, dtype=dtype)
     encoded = [m.encode_chat(p) for p in mtbench_prompts(n_prompts)]
     eos = m.hf_model.generation_config.eos_token_id
+    flags = {"do_sample": True, **sampling} if sampling else {"do_sample": False}
     methods = {
-        "transformers": lambda ids: stock.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos),
-        "plain": lambda ids: m.generate(ids, max_new_tokens=max_new_tokens),
+        "transformers": lambda ids: stock.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=eos, **flags),
+        "plain": lambda ids: m.generate(ids, max_new_tokens=max_new_tokens, **flags),
     }
     for spec in speculative or []:  # a SpecConfig, or None: the settings generate() chooses (tuned, else defaults)
         name = "speculative" if spec is None else f"speculative b={spec.draft_budget}"
         if spec is not None and spec.draft_precision != "float32":
             name += f" {spec.draft_precision}"
         methods[name] = lambda ids, spec=spec: m.generate(
-            ids, max_new_tokens=max_new_tokens, speculative=True, spec_config=spec, return_dict_in_generate=True
+            ids, max_new_tokens=max_new_tokens, speculative=True, spec_config=spec, return_dict_in_generate=True, **flags
         )
-    return run(encoded, methods)
+    return run(encoded, methods, seed=seed if sampling else None)
 
 
 def exact_match(a: MethodResult, b: MethodResult) -> float:
     return sum(x == y for x, y in zip(a.outputs, b.outputs)) / max(1, len(a.outputs))
 
 
-def report(results: dict[str, MethodResult], reference: str = "transformers") -> str:
+def report(results: dict[str, MethodResult], reference: str = "transformers", sampled: bool = False) -> str:
+    """The table; ``sampled``: outputs are samples, whose tokens differ between methods by design
+    (lossless means the same distribution), so no exact-match column."""
     lines = [f"{'method':<24}{'tokens':>8}{'seconds':>10}{'tokens/s':>10}{'vs ' + reference:>18}{'exact match':>13}"]
     ref = results.get(reference)
     for r in results.values():
         ratio = f"{r.tokens_per_s / ref.tokens_per_s:.2f}x" if ref and ref.tokens_per_s else "-"
-        match = f"{exact_match(r, ref):.0%}" if ref else "-"
+        match = f"{exact_match(r, ref):.0%}" if ref and not sampled else "-"
         lines.append(f"{r.name:<24}{r.tokens:>8}{r.seconds:>10.2f}{r.tokens_per_s:>10.1f}{ratio:>18}{match:>13}")
         if r.extra:
             e = r.extra

@@ -33,6 +33,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (greedy) or more, got {value}")
+    return value
+
+
 def _budget(text: str) -> float:
     try:
         value = float(text)
@@ -85,6 +95,19 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
+def _sampling_args(p: argparse.ArgumentParser, seed: int | None) -> None:
+    p.add_argument("--temperature", type=_temperature, default=0.0, help="sample at this temperature (default 0: greedy)")
+    p.add_argument("--top-k", type=int, default=None, help="when sampling (default: the model's generation config, 50 in transformers)")
+    p.add_argument("--top-p", type=float, default=1.0, help="when sampling (default 1: off)")
+    p.add_argument("--seed", type=int, default=seed, help=f"when sampling (default {seed})")
+
+
+def _sampling(args) -> dict:
+    """generate()'s sampling flags from _sampling_args' (a bad value is refused by generate)."""
+    flags = {"temperature": args.temperature, "top_p": args.top_p}
+    return flags if args.top_k is None else {**flags, "top_k": args.top_k}
+
+
 def _spec_args(p: argparse.ArgumentParser) -> None:
     """The speculation flags; each left out keeps what ``generate()`` would choose (the settings
     `specgate tune` stored for this machine, else the SpecConfig defaults shown here)."""
@@ -135,7 +158,7 @@ def cmd_generate(args) -> int:
 
     m = _load(args)
     ids = m.encode_chat(args.prompt) if not args.raw else m.tokenizer(args.prompt, return_tensors="pt").input_ids
-    sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 else {}
+    sampling = {"do_sample": True, **_sampling(args)} if args.temperature > 0 else {}
     speculative = {"speculative": True, "spec_config": _spec_config(args), "return_dict_in_generate": True}
     speculative = speculative if args.speculative else {}
 
@@ -181,10 +204,13 @@ def cmd_bench(args) -> int:
     else:
         speculative = [base]  # None: what generate() chooses (tuned settings, else the defaults)
     gates = None if args.gates == "none" else args.gates
-    results = bench.bench_decode(args.model, args.prompts, args.max_new_tokens, speculative, getattr(torch, args.dtype), gates)
-    print(bench.report(results))
+    sampling = _sampling(args) if args.temperature > 0 else None
+    results = bench.bench_decode(args.model, args.prompts, args.max_new_tokens, speculative, getattr(torch, args.dtype), gates,
+                                 sampling, args.seed)  # fmt: skip
+    print(bench.report(results, sampled=sampling is not None))
     if args.out:
-        bench.save(results, args.out, model=args.model, prompts=args.prompts, max_new_tokens=args.max_new_tokens)
+        bench.save(results, args.out, model=args.model, prompts=args.prompts, max_new_tokens=args.max_new_tokens,
+                   sampling=sampling, seed=args.seed if sampling else None)  # fmt: skip
         print(f"saved {args.out}")
     return 0
 
@@ -370,9 +396,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     _model_args(p)
     p.add_argument("--max-new-tokens", type=_positive_int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    _sampling_args(p, seed=None)
     p.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
     p.add_argument("--speculative", action="store_true", help="self-speculative decoding")
     p.add_argument("--compare", action="store_true", help="decode plainly first and print both speeds (after a warm-up)")
@@ -387,6 +411,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=None,
                    help="draft weight precisions to compare, each at every budget (default: --draft-precision)")  # fmt: skip
     _spec_args(p)
+    _sampling_args(p, seed=0)
     p.add_argument("--no-speculative", action="store_true", help="time transformers and plain decode only")
     p.add_argument("--out", type=_output_file, default=None, help="write the results as JSON to this file")
     p.set_defaults(func=cmd_bench)

@@ -188,7 +188,7 @@ def speculative_generate(
         cache.reserve(max(start) + k + 1, max_len)  # k drafts, then k + 1 verified
         # 1. Draft up to k tokens with the skipping model.
         t0 = time.perf_counter()
-        drafts, draft_logits = draft(cache, last, k)
+        drafts, draft_logits, q = draft(cache, last, k)
         # 2. Verify the last token and the drafts in one full-compute pass.
         t1 = time.perf_counter()
         cache.rewind(start)
@@ -197,9 +197,8 @@ def speculative_generate(
         # 3. Accept the agreed prefix and one more token from the verifier.
         kern = engine.kernels  # the Triton kernels, or None: the PyTorch functions above
         if sampling.do_sample:
-            q, p = probabilities(draft_logits, sampling), probabilities(target_logits, sampling)
             accept = rejection_sample if kern is None else kern.rejection_sample
-            n_acc, last = accept(drafts, q, p, generator)
+            n_acc, last = accept(drafts, q, probabilities(target_logits, sampling), generator)
         else:
             n_acc, last = greedy_accept(drafts, target_logits) if kern is None else kern.greedy_accept(drafts, target_logits)
         # 4. Keep the accepted tokens: the cache already holds their exact K/V; rewind past them.
@@ -252,14 +251,15 @@ class _Drafter:
     generator: torch.Generator | None
     counter: SkipCounter
 
-    def __call__(self, cache, last: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Up to k single-token passes after token ``last`` (B,): tokens (B, n) and logits (B, n, V),
-        None where the Triton path picks greedy tokens with its fused draft head (no logits).
+    def __call__(self, cache, last: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Up to k single-token passes after token ``last`` (B,): tokens (B, n), logits (B, n, V),
+        None where the Triton path picks greedy tokens with its fused draft head (no logits), and
+        when sampling the distributions they were drawn from (B, n, V), else None.
 
         The drafts never wait on the device, except with ``min_draft_prob`` (one read per step)."""
         kern = self.engine.kernels
         fused = kern is not None and self.head is not None and not self.sampling.do_sample
-        tokens, logits = [], []
+        tokens, logits, dists = [], [], []
         token = last
         for _ in range(k):
             args = (token[:, None], cache, self.gates, self.policy)
@@ -274,10 +274,13 @@ class _Drafter:
                 token = sample(probs, self.generator) if self.sampling.do_sample else step.argmax(-1)
                 top = None if probs is None else probs.max(-1).values
                 logits.append(step)
+                if self.sampling.do_sample:
+                    dists.append(probs)
             tokens.append(token)
             if self.config.min_draft_prob and bool((top < self.config.min_draft_prob).all()):
                 break
-        return torch.stack(tokens, 1), torch.stack(logits, 1) if logits else None
+        stack = lambda xs: torch.stack(xs, 1) if xs else None  # noqa: E731
+        return torch.stack(tokens, 1), stack(logits), stack(dists)
 
 
 def _emit_round(out: Emitter, tot: _Totals, active, drafts, n_acc, last, draft_logits, target_logits) -> list[int]:

@@ -36,6 +36,8 @@ def test_every_subcommand_builds_its_parser(capsys):
         (["bench", "--threads", "-1"], "must be 1 or more"),
         (["bench", "--prompts", "0"], "must be 1 or more"),
         (["bench", "--draft-budget", "1.5"], "share in [0, 1]"),
+        (["bench", "--temperature", "-0.5"], "must be 0 (greedy) or more"),
+        (["generate", "hi", "--temperature", "warm"], "expected a number"),
         (["generate", "hi", "--max-new-tokens", "2.5"], "whole number"),
         (["train", "--context-budget", "0.5,x"], "expected a number in [0, 1]"),
         (["train", "--context-budget", ","], "such as 0.5,0.7"),

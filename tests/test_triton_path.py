@@ -309,8 +309,8 @@ def test_a_draft_round_reads_nothing_on_the_host(family, kv_fill):
             draft = _Drafter(e, m.gates, policy, head, Sampling(), config, None, counter)
             draft(cache, last, 1)
             with _no_host_reads():
-                tokens, draft_logits = draft(cache, last, 3)
-            assert tokens.shape == (2, 3) and (draft_logits is None) == (head is not None)
+                tokens, draft_logits, dists = draft(cache, last, 3)
+            assert tokens.shape == (2, 3) and (draft_logits is None) == (head is not None) and dists is None
         _use(m, "torch")
         with _no_host_reads():
             e(last[:, None], cache)
