@@ -9,7 +9,9 @@
 // width below is the widest the build machine has.
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
+#include <functional>
 #include <optional>
 #include <string>
 #include <utility>
@@ -67,14 +69,15 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const std
   return y.view(out_shape);
 }
 
-// Logits x (rows, d) @ weight (V, d)^T that are exact wherever they could be a row's maximum, from
-// about a quarter of the bytes: the int8 copy (q, scale) gives every logit y_r to within
-// b_r = err[r] |x| + norm[r] |x - x~| (err: |w_r - w~_r| plus float rounding, norm: |w~_r|, with w~
-// the dequantized row and x~ the rounded token row, kernels/screened_head.py), so only the rows with
-// y_r + b_r >= max_s (y_s - b_s) can hold the maximum; those are recomputed from the float32 weights.
-// A token row with more than max_exact such rows takes every logit from float32.
+// Logits x (rows, d) @ weight (V, d)^T that are exact wherever they could be among a row's `rank`
+// largest (1: its maximum), from about a quarter of the bytes: the int8 copy (q, scale) gives every
+// logit y_r to within b_r = err[r] |x| + norm[r] |x - x~| (err: |w_r - w~_r| plus float rounding,
+// norm: |w~_r|, with w~ the dequantized row and x~ the rounded token row, kernels/screened_head.py),
+// so only the rows with y_r + b_r >= L, L the rank-th largest y_s - b_s, can be among them; those
+// are recomputed from the float32 weights. A token row with more than max_exact such rows takes
+// every logit from float32.
 at::Tensor screened_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& q, const at::Tensor& scale,
-                           const at::Tensor& err, const at::Tensor& norm, int64_t max_exact) {
+                           const at::Tensor& err, const at::Tensor& norm, int64_t max_exact, int64_t rank) {
   const int64_t V = weight.size(0), d = weight.size(1);
   auto vec = [V](const at::Tensor& t) {
     return t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == V && t.device().is_cpu();
@@ -85,6 +88,7 @@ at::Tensor screened_linear(const at::Tensor& x, const at::Tensor& weight, const 
                   q.scalar_type() == at::kChar && q.is_contiguous() && q.sizes() == weight.sizes(),
               "screened_linear: a contiguous float32 weight (V, d) and its int8 copy of the same shape");
   TORCH_CHECK(vec(scale) && vec(err) && vec(norm), "screened_linear: scale, err and norm must be V contiguous float32");
+  TORCH_CHECK(rank >= 1, "screened_linear: rank must be 1 or more");
   const at::Tensor x2 = x.reshape({-1, d}).contiguous();
   const int64_t rows = x2.size(0);
   at::Tensor y = at::empty({rows, V}, x.options());
@@ -92,14 +96,14 @@ at::Tensor screened_linear(const at::Tensor& x, const at::Tensor& weight, const 
   float* yp = y.data_ptr<float>();
   linear_rows(xp, rows, d, q.data_ptr<int8_t>(), d, scale.data_ptr<float>(), nullptr, yp, V);
   // Two passes over the logits for all token rows at once (a pass per row cost a verify pass's 5 rows
-  // ~0.3 ms): each row's level max_s (y_s - b_s), then its candidates, per chunk of the vocabulary.
+  // ~0.3 ms): each row's level L, then its candidates, per chunk of the vocabulary.
   std::vector<float> nx(rows), nd(rows), low(rows, -INFINITY);
   for (int64_t m = 0; m < rows; ++m) {
     nx[m] = std::sqrt(dot(xp + m * d, xp + m * d, d));
     nd[m] = rounding_bound(xp + m * d, d);
   }
   const int64_t chunk = 8192, chunks = (V + chunk - 1) / chunk;
-  std::vector<float> levels(chunks * rows);  // [c * rows + m]: row m's level over chunk c
+  std::vector<std::vector<float>> tops(chunks * rows);  // [c * rows + m]: row m's `rank` largest y_s - b_s in chunk c
   std::vector<std::vector<int64_t>> found(chunks * rows);  // [c * rows + m]: row m's candidates in chunk c
   // f(c, m, r0, r1, bounds) for chunk c = vocabulary rows [r0, r1) and token row m, both threads
   // taking whole chunks; bounds(r): b_r .. b_{r + kLanes} for row m.
@@ -115,17 +119,44 @@ at::Tensor screened_linear(const at::Tensor& x, const at::Tensor& weight, const 
   auto bound = [&](int64_t m, int64_t r) { return e[r] * nx[m] + nq[r] * nd[m]; };  // the leftover rows'
   over_chunks([&](int64_t c, int64_t m, int64_t r0, int64_t r1, auto bounds) {
     const float* ym = yp + m * V;
-    Vec best = vset(-INFINITY);
+    std::vector<float>& top = tops[c * rows + m];  // a min-heap of at most rank values
+    float least = -INFINITY;  // what a value must reach to enter it
+    auto offer = [&](float v) {
+      if (static_cast<int64_t>(top.size()) < rank) {
+        top.push_back(v);
+        std::push_heap(top.begin(), top.end(), std::greater<float>());
+      } else if (v > top.front()) {
+        std::pop_heap(top.begin(), top.end(), std::greater<float>());
+        top.back() = v;
+        std::push_heap(top.begin(), top.end(), std::greater<float>());
+      }
+      if (static_cast<int64_t>(top.size()) == rank) least = top.front();
+    };
     int64_t r = r0;
-    for (; r + kLanes <= r1; r += kLanes) best = vmax(best, vfma(bounds(r), vset(-1.0f), vload(ym + r)));
-    float lanes[kLanes], top = -INFINITY;
-    vstore(lanes, best);
-    for (float v : lanes) top = std::max(top, v);
-    for (; r < r1; ++r) top = std::max(top, ym[r] - bound(m, r));
-    levels[c * rows + m] = top;
+    float lanes[kLanes];
+    if (rank == 1) {  // the maximum (greedy): no branch per vector
+      Vec best = vset(-INFINITY);
+      for (; r + kLanes <= r1; r += kLanes) best = vmax(best, vfma(bounds(r), vset(-1.0f), vload(ym + r)));
+      vstore(lanes, best);
+      for (float v : lanes) offer(v);
+    }
+    for (; r + kLanes <= r1; r += kLanes) {
+      const Vec lo = vfma(bounds(r), vset(-1.0f), vload(ym + r));
+      uint32_t hits = vat_least(lo, vset(least));
+      if (!hits) continue;
+      vstore(lanes, lo);
+      for (; hits; hits &= hits - 1) offer(lanes[__builtin_ctz(hits)]);
+    }
+    for (; r < r1; ++r) offer(ym[r] - bound(m, r));
   });
-  for (int64_t c = 0; c < chunks; ++c)
-    for (int64_t m = 0; m < rows; ++m) low[m] = std::max(low[m], levels[c * rows + m]);
+  for (int64_t m = 0; m < rows; ++m) {  // the rank-th largest over all chunks (-inf: fewer than rank rows)
+    std::vector<float> all;
+    for (int64_t c = 0; c < chunks; ++c) all.insert(all.end(), tops[c * rows + m].begin(), tops[c * rows + m].end());
+    if (static_cast<int64_t>(all.size()) >= rank) {
+      std::nth_element(all.begin(), all.begin() + (rank - 1), all.end(), std::greater<float>());
+      low[m] = all[rank - 1];
+    }
+  }
   over_chunks([&](int64_t c, int64_t m, int64_t r0, int64_t r1, auto bounds) {
     const float* ym = yp + m * V;
     std::vector<int64_t>& out = found[c * rows + m];
@@ -218,7 +249,7 @@ TORCH_LIBRARY_FRAGMENT(specgate, m) {
   m.def("int8_activations() -> bool", &int8_activations);  // whether int8 products round the token rows to int8 (VNNI)
   m.def("set_block_rows(int cap, str weights=\"float32\") -> int", &set_block_rows);  // 8 or 4 weight rows per block at most; returns the previous
   m.def("set_prefetch(int rows, int far, int near, str weights=\"float32\") -> int[]", &set_prefetch);  // per token-row count; returns the previous
-  m.def("screened_linear(Tensor x, Tensor weight, Tensor q, Tensor scale, Tensor err, Tensor norm, int max_exact) -> Tensor");
+  m.def("screened_linear(Tensor x, Tensor weight, Tensor q, Tensor scale, Tensor err, Tensor norm, int max_exact, int rank=1) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(specgate, CPU, m) {

@@ -12,9 +12,11 @@ AVX-512 VNNI, a scale per 4 inputs; elsewhere x itself). Only a row r with y_r +
 can be the maximum; those few (a median of 7 of 49,152 for SmolLM2, 13 of 262,144 for Gemma 3, on
 MT-Bench answers: eval/screened_head.py) are recomputed from the float32 weights. The argmax of the
 result is the float32 head's, ties within float rounding aside (as between any two float32 kernels).
-The other entries are only within their bound of the float32 logits: callers that need the whole
-distribution (sampling, ``output_scores`` / ``output_logits``) use the float32 head
-(``Engine.forward(exact_logits=True)``).
+Sampling with top-k reads only each row's k largest logits: with ``rank=k`` the level is the k-th
+largest y_s - b_s, and the k largest of the result are exactly the float32 head's (so are their
+values). The other entries are only within their bound of the float32 logits: callers that need the
+whole distribution (sampling without top-k, ``output_scores`` / ``output_logits``) use the float32
+head (``Engine.forward(exact_logits=True)``).
 
 :class:`ScreenedHead` holds the copy and the per-row terms of the bound; the C++ op is
 ``torch.ops.specgate.screened_linear`` (``cpu_linear.cpp``); :meth:`ScreenedHead.reference` is the
@@ -53,10 +55,10 @@ class ScreenedHead:
         self.err, self.norm = err, norm
         self.max_exact = max(64, V // 32) if max_exact is None else max_exact
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., d) -> logits (..., V): exact where they could be the maximum of their row."""
+    def __call__(self, x: torch.Tensor, rank: int = 1) -> torch.Tensor:
+        """x (..., d) -> logits (..., V): exact where they could be among the ``rank`` largest of their row."""
         q, scale = self.int8
-        return torch.ops.specgate.screened_linear(x, self.weight, q, scale, self.err, self.norm, self.max_exact)
+        return torch.ops.specgate.screened_linear(x, self.weight, q, scale, self.err, self.norm, self.max_exact, rank)
 
     def bounds(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The int8 product's logits of x (..., d) and their bounds (..., V), as the op computes them."""
@@ -69,10 +71,10 @@ class ScreenedHead:
             x = rounded_activations(x)
         return x @ (q.float() * scale[:, None]).T, bound
 
-    def reference(self, x: torch.Tensor) -> torch.Tensor:
+    def reference(self, x: torch.Tensor, rank: int = 1) -> torch.Tensor:
         """:meth:`__call__` in PyTorch: the int8 logits, with the candidate rows' exact."""
         approx, bound = self.bounds(x)
-        low = (approx - bound).amax(-1, keepdim=True)
+        low = (approx - bound).topk(min(rank, approx.shape[-1]), dim=-1).values[..., -1:]
         candidate = approx + bound >= low
         exact = x.float() @ self.weight.T
         many = candidate.sum(-1, keepdim=True) > self.max_exact

@@ -8,6 +8,7 @@ gates)`` the gated model at full compute, ``forward(ids, cache, gates, policy)``
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -218,6 +219,7 @@ class Engine:
         head: DraftHead | None = None,
         precision: str = "float32",
         exact_logits: bool = True,
+        exact_top: int = 1,
     ) -> torch.Tensor:
         """Run T new tokens (B, T) against the cache; returns logits (B, T, V), or of the last
         ``logits_to_keep`` positions. Writes their K/V and advances the cache by T. ``kv_fill``:
@@ -228,7 +230,8 @@ class Engine:
         the screened head may compute them where the engine has one (:attr:`screened`): exact where
         they could be the maximum, within a bound elsewhere (:mod:`specgate.kernels.screened_head`);
         so a greedy draft over a low-precision copy, or with a draft vocabulary, takes the float32
-        head's token too."""
+        head's token too. ``exact_top``: with ``exact_logits=False``, the full head's ``exact_top``
+        largest logits of each row are exact (top-k sampling), not only its argmax."""
         h = self.hidden(input_ids, cache, gates, policy, kv_fill=kv_fill, counter=counter, precision=precision)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
@@ -237,6 +240,8 @@ class Engine:
             return head.logits(h, head_precision(precision), screened=screened is not None)
         if precision != "float32" and screened is None:
             return self.low_precision_step(precision).logits(h)
+        if screened is not None and exact_top > 1:
+            screened = functools.partial(screened, rank=exact_top)
         return layers.head(self.weights, h, screened)
 
     __call__ = forward

@@ -116,10 +116,14 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
     return sample(probabilities(logits, sampling), generator)
 
 
-def needs_exact_logits(sampling: Sampling, out: Emitter) -> bool:
-    """Whether decoding needs the verifier's whole distribution (sampling, or scores kept for the
-    caller), else only each step's argmax: the engine's screened head may give it."""
-    return sampling.do_sample or out.scores is not None
+def logit_flags(sampling: Sampling, out: Emitter) -> dict:
+    """:meth:`Engine.forward`'s flags for what decoding reads of the verifier's logits: each row's
+    argmax when greedy, its top_k largest when sampling with top-k (:func:`warp` reads nothing else),
+    which the engine's screened head may give; every logit when sampling without top-k, or when
+    scores are kept for the caller."""
+    if out.scores is not None or (sampling.do_sample and not sampling.top_k):
+        return {"exact_logits": True}
+    return {"exact_logits": False, "exact_top": sampling.top_k if sampling.do_sample else 1}
 
 
 def left_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -147,13 +151,14 @@ def prefill(
     gates: GateSet | None = None,
     policy: SkipPolicy | None = None,
     exact_logits: bool = True,
+    exact_top: int = 1,
 ):
-    """A fresh cache holding the prompt, and the logits (B, V) of its last position (``exact_logits``:
-    see :meth:`Engine.forward`). The cache has room for GROWTH more tokens; callers
+    """A fresh cache holding the prompt, and the logits (B, V) of its last position (``exact_logits``,
+    ``exact_top``: see :meth:`Engine.forward`). The cache has room for GROWTH more tokens; callers
     :meth:`~StaticKVCache.reserve` more, up to ``max_len``."""
     cache = engine.new_cache(input_ids.shape[0], min(max_len, input_ids.shape[1] + GROWTH))
     cache.reset(left_padding(input_ids, attention_mask))
-    logits = engine(input_ids, cache, gates, policy, logits_to_keep=1, exact_logits=exact_logits)[:, -1]
+    logits = engine(input_ids, cache, gates, policy, logits_to_keep=1, exact_logits=exact_logits, exact_top=exact_top)[:, -1]
     return cache, logits
 
 
@@ -171,8 +176,8 @@ def plain_generate(
 ) -> None:
     """Token-by-token decoding into ``out``."""
     max_len = input_ids.shape[1] + out.max_new
-    exact = needs_exact_logits(sampling, out)
-    cache, logits = prefill(engine, input_ids, attention_mask, max_len, gates, policy, exact)
+    flags = logit_flags(sampling, out)
+    cache, logits = prefill(engine, input_ids, attention_mask, max_len, gates, policy, **flags)
     while not out.done:
         token = next_token(logits, sampling, generator)  # (B,)
         for b, t in enumerate(token.tolist()):
@@ -180,4 +185,4 @@ def plain_generate(
         if out.done:
             break
         cache.reserve(max(cache.host_lengths) + 1, max_len)
-        logits = engine(token[:, None], cache, gates, policy, counter=counter, exact_logits=exact)[:, -1]
+        logits = engine(token[:, None], cache, gates, policy, counter=counter, **flags)[:, -1]

@@ -23,7 +23,7 @@ import torch
 
 from .engine import Engine, KVFill, SkipCounter
 from .gates import GateSet
-from .generation import Sampling, needs_exact_logits, next_token, prefill, probabilities, sample
+from .generation import Sampling, logit_flags, next_token, prefill, probabilities, sample
 from .kernels.cpu_step import PRECISIONS
 from .output import Emitter
 from .policy import SkipPolicy
@@ -173,8 +173,8 @@ def speculative_generate(
     draft = _Drafter(engine, run, draft_policy(run, config), head, sampling, config, generator, counter)
     verifier = gates if config.verifier == "gated" else None
     max_len = input_ids.shape[1] + out.max_new + config.max_draft + 2
-    exact = needs_exact_logits(sampling, out)
-    cache, logits = prefill(engine, input_ids, attention_mask, max_len, verifier, exact_logits=exact)
+    flags = logit_flags(sampling, out)
+    cache, logits = prefill(engine, input_ids, attention_mask, max_len, verifier, **flags)
     last = next_token(logits, sampling, generator)  # (B,) the first new token comes from the verifier
     grow = head.add if head is not None and config.draft_vocab_context else lambda tokens: None
     grow(last)
@@ -192,7 +192,7 @@ def speculative_generate(
         # 2. Verify the last token and the drafts in one full-compute pass.
         t1 = time.perf_counter()
         cache.rewind(start)
-        target_logits = engine(torch.cat([last[:, None], drafts], 1), cache, verifier, exact_logits=exact)  # (B, n+1, V)
+        target_logits = engine(torch.cat([last[:, None], drafts], 1), cache, verifier, **flags)  # (B, n+1, V)
         t2 = time.perf_counter()
         # 3. Accept the agreed prefix and one more token from the verifier.
         kern = engine.kernels  # the Triton kernels, or None: the PyTorch functions above

@@ -55,6 +55,34 @@ def test_every_int8_logit_is_within_its_bound(V, d):
     assert float(bound.mean()) < float(exact.std())  # and the bound is far tighter than the logits' spread
 
 
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("rank", [2, 50, 400])
+def test_rank_k_gives_the_float32_heads_k_largest(rank, rows):
+    """rank=k (top-k sampling): the k largest logits of each row are the float32 head's tokens and
+    values, also where two rows nearly tie at the k-th; rank past the vocabulary recomputes it all."""
+    V, d = 5000, 640
+    w, x = head_and_rows(V, d, rows, seed=2)
+    exact = (x.double() @ w.double().T).float()
+    kth = exact[0].topk(rank).indices[-1]
+    w[kth + 1 if kth + 1 < V else kth - 1] = w[kth] + 1e-6 * torch.randn(d, generator=torch.Generator().manual_seed(5))  # a near tie at the k-th
+    exact = (x.double() @ w.double().T).float()
+    head = ScreenedHead(w, max_exact=V // 2)
+    out = head(x, rank)
+    torch.testing.assert_close(out, head.reference(x, rank), atol=1e-4, rtol=1e-4)
+    top = exact.topk(rank, -1)
+    torch.testing.assert_close(out.gather(-1, top.indices), top.values, atol=1e-4, rtol=1e-5)  # recomputed in float32
+    near = (exact - top.values[:, -1:]).abs() < 1e-3  # which of a near tie at the k-th is in is float rounding's choice
+    ours = torch.zeros_like(near).scatter(-1, out.topk(rank, -1).indices, True)
+    theirs = torch.zeros_like(near).scatter(-1, top.indices, True)
+    assert torch.equal(ours & ~near, theirs & ~near)
+    approx, bound = head.bounds(x)
+    candidate = approx + bound >= (approx - bound).topk(rank, -1).values[:, -1:]
+    assert candidate.sum(-1).max() < V // 2  # screening, not a whole float32 head
+    torch.testing.assert_close(out[~candidate], approx[~candidate], atol=1e-3, rtol=1e-4)  # the rest from int8
+    everything = head(x, V + 1)
+    torch.testing.assert_close(everything, exact, atol=1e-4, rtol=1e-5)
+
+
 def test_too_many_candidates_take_the_float32_head():
     w, x = head_and_rows(777, 83, 3)
     out = ScreenedHead(w, max_exact=0)(x)
@@ -83,6 +111,31 @@ def test_greedy_decoding_with_the_screened_head_is_unchanged(family):
     assert torch.equal(m.generate(ids[:1], max_new_tokens=20, speculative=True, spec_config=spec), plain[:1])
     again = m.generate(ids, max_new_tokens=8, output_scores=True, return_dict_in_generate=True).scores
     assert all(torch.equal(a, b) for a, b in zip(scores, again))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.inference_mode()
+def test_top_k_sampling_with_the_screened_head_draws_the_same_tokens(family):
+    """Sampling with top-k reads only each row's k largest logits: with the screened head at rank k
+    they are the float32 head's, so a seeded run draws the same tokens, plain and speculative
+    (to float rounding, which no seed here meets); without top-k the float32 head is used."""
+    m = tiny(family)
+    ids = torch.randint(3, 101, (2, 6), generator=torch.Generator().manual_seed(3))
+    spec = specgate.SpecConfig(draft_budget=0.0, draft_precision="int8")
+    runs = {}
+    for head in ("float32", "screened"):
+        m.engine.screened = None if head == "float32" else ScreenedHead(m.engine.weights.lm_head)
+        draw = lambda **kw: m.generate(ids[:1] if kw else ids, max_new_tokens=20, do_sample=True, top_k=10, temperature=1.5,  # noqa: E731
+                                       generator=torch.Generator().manual_seed(0), **kw)  # fmt: skip
+        runs[head] = draw(), draw(speculative=True, spec_config=spec)
+    assert torch.equal(runs["float32"][0], runs["screened"][0]) and torch.equal(runs["float32"][1], runs["screened"][1])
+    calls = []
+    m.engine.screened = lambda x, rank=1: calls.append(rank) or ScreenedHead(m.engine.weights.lm_head)(x, rank)
+    m.generate(ids, max_new_tokens=3, do_sample=True, top_k=10)
+    assert calls and set(calls) == {10}
+    calls.clear()
+    m.generate(ids, max_new_tokens=3, do_sample=True, top_k=0, top_p=0.9)
+    assert not calls
 
 
 @torch.inference_mode()
