@@ -118,24 +118,32 @@ def test_greedy_decoding_with_the_screened_head_is_unchanged(family):
 def test_top_k_sampling_with_the_screened_head_draws_the_same_tokens(family):
     """Sampling with top-k reads only each row's k largest logits: with the screened head at rank k
     they are the float32 head's, so a seeded run draws the same tokens, plain and speculative
-    (to float rounding, which no seed here meets); without top-k the float32 head is used."""
+    (to float rounding, which no seed here meets); without top-k, or with a k past max_exact / 16
+    (here 64 / 16), the float32 head is used."""
     m = tiny(family)
     ids = torch.randint(3, 101, (2, 6), generator=torch.Generator().manual_seed(3))
     spec = specgate.SpecConfig(draft_budget=0.0, draft_precision="int8")
     runs = {}
     for head in ("float32", "screened"):
         m.engine.screened = None if head == "float32" else ScreenedHead(m.engine.weights.lm_head)
-        draw = lambda **kw: m.generate(ids[:1] if kw else ids, max_new_tokens=20, do_sample=True, top_k=10, temperature=1.5,  # noqa: E731
+        draw = lambda **kw: m.generate(ids[:1] if kw else ids, max_new_tokens=20, do_sample=True, top_k=4, temperature=1.5,  # noqa: E731
                                        generator=torch.Generator().manual_seed(0), **kw)  # fmt: skip
         runs[head] = draw(), draw(speculative=True, spec_config=spec)
     assert torch.equal(runs["float32"][0], runs["screened"][0]) and torch.equal(runs["float32"][1], runs["screened"][1])
     calls = []
-    m.engine.screened = lambda x, rank=1: calls.append(rank) or ScreenedHead(m.engine.weights.lm_head)(x, rank)
-    m.generate(ids, max_new_tokens=3, do_sample=True, top_k=10)
-    assert calls and set(calls) == {10}
-    calls.clear()
-    m.generate(ids, max_new_tokens=3, do_sample=True, top_k=0, top_p=0.9)
-    assert not calls
+
+    class Spy(ScreenedHead):
+        def __call__(self, x, rank=1):
+            calls.append(rank)
+            return super().__call__(x, rank)
+
+    m.engine.screened = Spy(m.engine.weights.lm_head)
+    m.generate(ids, max_new_tokens=3, do_sample=True, top_k=4)
+    assert calls and set(calls) == {4}
+    for flags in (dict(top_k=5), dict(top_k=0, top_p=0.9)):
+        calls.clear()
+        m.generate(ids, max_new_tokens=3, do_sample=True, **flags)
+        assert not calls
 
 
 @torch.inference_mode()
