@@ -37,7 +37,7 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    m = specgate.load(args.model, gates=args.gates)
+    m = specgate.load(args.model, gates=None if args.gates == "none" else args.gates)
     encoded = [m.encode_chat(q) for q in bench.mtbench_prompts(args.prompts)]
     n = args.max_new_tokens
     methods = {"plain": lambda ids: m.generate(ids, max_new_tokens=n)}

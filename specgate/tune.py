@@ -416,6 +416,7 @@ def load_tuned(m: SpecGateModel) -> tuple[SpecConfig, Path] | None:
 
 UNTUNED = SpecConfig(draft_budget=0.0, max_draft=6, draft_precision="int4")
 UNTUNED_PRECISIONS = ("int4", "int8")  # the untuned draft's copy: the first that fits the model and runs here
+UNTUNED_VOCAB = 16384  # the untuned draft's vocabulary where the model's holds over 4x as many tokens, and it has a ranking
 
 
 def resolve(m: SpecGateModel, spec_config: SpecConfig | None, overrides: dict[str, float | int | None]) -> tuple[SpecConfig, str]:
@@ -428,7 +429,11 @@ def resolve(m: SpecGateModel, spec_config: SpecConfig | None, overrides: dict[st
     :data:`UNTUNED` (a draft over the int4 copy that skips nothing, up to 6 tokens per round, +18%
     memory for the copy) ran SmolLM2 at 1.86-1.87x plain decoding on a 2-core AMD EPYC against
     1.62-1.64x with the int8 copy (eval/sweep_spec.py, two runs, once greedy drafts screened their
-    float32 head), Gemma 3 270M at 1.42x against 1.41x. int8 was the default before (what ``specgate
+    float32 head), Gemma 3 270M at 1.42x against 1.41x. A model with a token ranking and a
+    vocabulary over 4x :data:`UNTUNED_VOCAB` drafts over that many tokens: Gemma 3 (262,144 tokens,
+    its head two thirds of its weights) ran 1.70x plain with int4 and 1.66x with int8 over 16,384
+    tokens, 1.30x / 1.34x over its full head (one eval/sweep_spec.py run); SmolLM2 (49,152) keeps
+    its full head, where 16,384 tokens lost a little (1.82x against 1.86x). int8 was the default before (what ``specgate
     tune`` chose among float32 and int8 drafts on both CPUs measured, 1.8-2.1x plain); the
     ``SpecConfig`` defaults (a float32 draft skipping 10%) do not beat plain decoding there."""
     given = {k: v for k, v in overrides.items() if v is not None}
@@ -438,7 +443,9 @@ def resolve(m: SpecGateModel, spec_config: SpecConfig | None, overrides: dict[st
     elif tuned is not None:
         spec, label = tuned[0], f"tuned ({_home(tuned[1])})"
     elif not given and (low := next((p for p in UNTUNED_PRECISIONS if _low_drafts(m, p)), None)):
-        spec, label = dataclasses.replace(UNTUNED, draft_precision=low), f"defaults ({low} draft)"
+        vocab = _untuned_vocab(m)
+        spec = dataclasses.replace(UNTUNED, draft_precision=low, draft_vocab=vocab)
+        label = f"defaults ({low} draft{f', {vocab}-token vocabulary' if vocab else ''})"
     else:
         spec, label = SpecConfig(), "defaults"
     if given:
@@ -463,6 +470,11 @@ def _low_drafts(m: SpecGateModel, precision: str) -> bool:
     except (RuntimeError, ValueError):
         return False
     return True
+
+
+def _untuned_vocab(m: SpecGateModel) -> int | None:
+    """:data:`UNTUNED_VOCAB` where the model has a token ranking and more than 4x as many tokens, else None (the full head)."""
+    return UNTUNED_VOCAB if m.token_ranking is not None and m.config.vocab_size > 4 * UNTUNED_VOCAB else None
 
 
 def _home(path: Path) -> str:

@@ -211,6 +211,15 @@ def test_untuned_speculation_drafts_from_an_int4_copy_else_an_int8_one(cache, mo
         assert torch.equal(out.sequences, plain)
         monkeypatch.setattr(tune, "_low_drafts", lambda m, p: p != "int4" and runs(m, p))  # as where no int4 copy fits
     monkeypatch.setattr(tune, "_low_drafts", runs)
+    monkeypatch.setattr(tune, "UNTUNED_VOCAB", 20)  # a vocabulary over 4x it (101 tokens): with a ranking, a draft vocabulary
+    out = m.generate(ids, max_new_tokens=20, eos_token_id=None, pad_token_id=0, speculative=True, return_dict_in_generate=True)
+    assert out.spec_stats.settings == "defaults (int4 draft)"  # no ranking: the full head
+    m.default_ranking = torch.randperm(m.config.vocab_size, generator=torch.Generator().manual_seed(0))
+    out = m.generate(ids, max_new_tokens=20, eos_token_id=None, pad_token_id=0, speculative=True, return_dict_in_generate=True)
+    assert out.spec_stats.settings == "defaults (int4 draft, 20-token vocabulary)" and torch.equal(out.sequences, plain)
+    monkeypatch.setattr(tune, "UNTUNED_VOCAB", 30)  # under 4x: the full head
+    assert tune.resolve(m, None, {})[0].draft_vocab is None
+    m.default_ranking = None
     m.gates = _model().gates
     given = m.generate(ids, max_new_tokens=5, speculative=True, draft_budget=0.5, return_dict_in_generate=True)
     assert given.spec_stats.settings == "defaults + draft_budget=0.5" and given.spec_stats.skip_fraction > 0
