@@ -240,11 +240,8 @@ class Engine:
             return head.logits(h, head_precision(precision), screened=screened is not None)
         if precision != "float32" and screened is None:
             return self.low_precision_step(precision).logits(h)
-        if screened is not None and exact_top > 1:
-            # A row with more than max_exact candidates takes the float32 head after the int8 pass. At rank
-            # k about 12 k rows are candidates on SmolLM2 (9% of its sampled rows past max_exact at k = 50,
-            # 29% at 100, 90% at 200): past max_exact / 16 the float32 head alone costs less.
-            screened = functools.partial(screened, rank=exact_top) if exact_top <= screened.max_exact // 16 else None
+        if screened is not None and exact_top > 1:  # top-k: the float32 head past the screened head's max_rank
+            screened = functools.partial(screened, rank=exact_top) if exact_top <= screened.max_rank else None
         return layers.head(self.weights, h, screened)
 
     __call__ = forward

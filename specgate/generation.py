@@ -54,15 +54,13 @@ def warp(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     if not sampling.do_sample:
         return logits
     logits = logits / sampling.temperature
-    top_k = sampling.top_k if sampling.top_k < logits.shape[-1] else 0
-    if top_k and logits.device.type == "cpu":
-        values, idx = logits.topk(top_k, dim=-1)  # largest first
-        if not bool(((logits >= values[..., -1:]).sum(-1) > top_k).any()):  # no tie at the k-th
+    if sampling.top_k and sampling.top_k < logits.shape[-1]:
+        values, idx = logits.topk(sampling.top_k, dim=-1)  # largest first
+        kth = values[..., -1:]
+        if logits.device.type == "cpu" and not bool(((logits >= kth).sum(-1) > sampling.top_k).any()):  # no tie at the k-th
             if sampling.top_p < 1.0:
                 values = _nucleus(values, values.logsumexp(-1, keepdim=True), sampling.top_p)
             return torch.full_like(logits, float("-inf")).scatter(-1, idx, values)
-    if top_k:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if sampling.top_p < 1.0:
         logits = _top_p(logits, sampling.top_p)
