@@ -246,6 +246,7 @@ _HELP = {
     "gate_lr": "standins with --train-gates: the gates' learning rate",
     "top1_weight": "standins: add this times the cross-entropy of the draft against the original model's top-1 "
     "token to the KL (greedy acceptance asks only that the top-1 tokens agree)",
+    "lr_schedule": "constant, or cosine: the learning rate decays to 0 over --steps",
     "time_limit_s": "stop with a checkpoint after this many seconds",
     "resume": "continue from the checkpoints in OUTPUT_DIR (refused if they were made from another model, data or settings)",
 }

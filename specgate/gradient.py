@@ -16,6 +16,7 @@ gate's gradient follows :func:`specgate.layers.branch_factor`. Budgets are sprea
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -225,6 +226,8 @@ def train_gradient(model, config, gates: GateSet, pieces: Callable[[], list[list
         gates.thresholds.update(saved.get("thresholds", {}))  # steered while the gates trained
         optimizer.load_state_dict(saved["optimizer"])
         state = {"step": saved["step"], "prev_imp": saved["prev_imp"]}
+    for group in optimizer.param_groups:  # what lr_factor scales (checkpoints before schedules: their constant lr)
+        group.setdefault("initial_lr", group["lr"])
     world = accelerator.num_processes
 
     def step(i: int, ids: torch.Tensor, valid: torch.Tensor) -> dict:
@@ -247,6 +250,8 @@ def train_gradient(model, config, gates: GateSet, pieces: Callable[[], list[list
                 p.grad = accelerator.reduce(p.grad, reduction="mean")
             if optimizer_settings(config)[0] == "sgd":
                 torch.nn.utils.clip_grad_norm_(p, config.clip)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lr_factor(config, i)
         optimizer.step()
         state["prev_imp"] = imp.cpu()
         if config.train_gates:
@@ -339,6 +344,14 @@ def make_optimizer(gates: GateSet, config) -> torch.optim.Optimizer:
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9)
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+
+def lr_factor(config, step: int) -> float:
+    """The learning rate of ``step`` as a share of the configured one: 1 (``constant``), or a cosine
+    from 1 at step 0 to 0 at ``config.steps`` (a resumed run with more steps stretches the rest of it)."""
+    if config.lr_schedule == "constant":
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * min(step, config.steps) / max(1, config.steps)))
 
 
 def optimizer_settings(config) -> tuple[str, float]:

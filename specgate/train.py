@@ -64,6 +64,7 @@ class TrainConfig:
     seq_len: int = 256
     optimizer: Literal["sgd", "adamw"] | None = None  # None: sgd for gates, adamw for stand-ins (make_optimizer)
     lr: float | None = None  # None: 0.5 with sgd, 1e-3 with adamw
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: lr decays to 0 at step `steps` (lr_factor)
     clip: float = 1.0  # sgd: each parameter tensor's gradient norm is clipped to this
     sparsity: float = 0.1  # lambda of the L2 term mean(g^2)
     ridge: float = 1.0  # damage: L2 penalty on the (standardized) weights of the Poisson fit
@@ -113,6 +114,8 @@ class TrainConfig:
             raise ValueError(f"budgets must be in [0, 1], got {self.budget_min}, {self.budget_max}")
         if self.objective == "distill" and self.budget_min > self.budget_max:
             raise ValueError(f"budget_min {self.budget_min} is above budget_max {self.budget_max}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.optimizer not in (None, "sgd", "adamw"):
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         if self.steps < 0 or self.batch_size < 1 or self.seq_len < 2:

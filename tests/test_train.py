@@ -120,6 +120,27 @@ def test_resume_and_interrupt_give_the_uninterrupted_result(trainee, tmp_path, m
         assert torch.equal(a, b), k
 
 
+def test_a_cosine_schedule_decays_the_lr_and_resumes_where_it_was(trainee, tmp_path, monkeypatch):
+    """--lr-schedule cosine: the lr of step s is lr * (1 + cos(pi s / steps)) / 2, the run differs
+    from a constant one, and an interrupted run resumed to the end gives the uninterrupted result."""
+    docs = pattern_docs()
+    cosine = lambda d: train_config(tmp_path / d, steps=6, objective="distill", lr_schedule="cosine")  # noqa: E731
+    assert [G.lr_factor(cosine("x"), s) for s in (0, 3, 6)] == pytest.approx([1.0, 0.5, 0.0])
+    whole = T.train(trainee, cosine("a"), documents=docs)
+    state = torch.load(tmp_path / "a" / "run" / G.CHECKPOINT_NAME, weights_only=False)
+    (group,) = state["optimizer"]["param_groups"]
+    assert group["lr"] == pytest.approx(0.5 * G.lr_factor(cosine("a"), 5)) and group["initial_lr"] == 0.5
+    constant = T.train(trainee, train_config(tmp_path / "c", steps=6, objective="distill"), documents=docs)
+    assert any(not torch.equal(a, b) for a, b in zip(whole.state_dict().values(), constant.state_dict().values()))
+    with monkeypatch.context() as patch:
+        patch.setattr(G, "train_step", interrupting(G.train_step, at_call=4))
+        with pytest.raises(KeyboardInterrupt):
+            T.train(trainee, cosine("b"), documents=docs)
+    resumed = T.train(trainee, cosine("b"), documents=docs)
+    for (k, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
 @pytest.mark.parametrize("allocation", ["global", "branch"])
 def test_calibrated_decode_skips_the_budget(trainee, allocation):
     gates = random_gates(trainee, std=0.3)
