@@ -119,7 +119,8 @@ class SpecGateModel:
 
         input_ids (B, T), left-padded with ``attention_mask`` when B > 1. Returns (B, T + new)
         token ids, or with ``return_dict_in_generate=True`` a ``GenerateDecoderOnlyOutput``
-        whose ``spec_stats`` holds :class:`SpecStats` for speculative calls.
+        whose ``spec_stats`` holds :class:`SpecStats` for speculative calls (None where the call decoded
+        plainly: a batch past ``tune.SPEC_MAX_BATCH`` with tuned or default settings).
         speculative: draft with the gates at ``draft_budget``, verify with the full model.
         ``spec_config`` holds every speculation setting; ``draft_budget`` and ``max_draft``
         override it for this call. generator: a seeded ``torch.Generator`` for reproducible sampling.
@@ -147,7 +148,10 @@ class SpecGateModel:
         stats = None
         if speculative:
             # spec_config, else what `specgate tune` stored for this machine, else the defaults
-            spec, settings = resolve_settings(self, spec_config, {"draft_budget": draft_budget, "max_draft": max_draft})
+            overrides = {"draft_budget": draft_budget, "max_draft": max_draft}
+            spec, settings = resolve_settings(self, spec_config, overrides, batch=input_ids.shape[0])
+            speculative = spec is not None  # None: plain decoding pays more at this batch size
+        if speculative:
             if self.gates is None and not (spec.draft_budget == 0 and spec.draft_precision != "float32" and spec.verifier == "original"):
                 raise ValueError(
                     "speculative decoding needs gates (load trained gates with gates=PATH, or `specgate train`), or a "

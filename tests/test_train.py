@@ -190,6 +190,8 @@ def test_cli_defaults_are_the_train_config():
     args = parser().parse_args(["train", "--never-skip", "0:1,1:0", "--no-scale-output", "--steps", "5"])
     assert (args.never_skip, args.scale_output, args.steps) == (((0, 1), (1, 0)), False, 5)
     assert parser().parse_args(["calibrate", "--budgets", "0.3,0.5"]).budgets == [0.3, 0.5]
+    with pytest.raises(ValueError, match="lr_schedule must be"):
+        TrainConfig(lr_schedule="linear")
 
 
 def test_init_from_order_skips_branches_in_that_order(trainee):

@@ -111,6 +111,27 @@ def test_changed_gates_or_threads_do_not_reuse_the_stored_choice(cache):
     assert out.spec_stats.settings == "defaults"
 
 
+def test_batches_past_spec_max_batch_decode_plainly_unless_speculation_is_asked_for(cache, caplog):
+    """Tuned or default settings speculate on batches up to tune.SPEC_MAX_BATCH and decode larger
+    ones plainly (no spec_stats, a logged reason); an explicit spec_config or override speculates."""
+    m = _model()
+    m.gates.thresholds[0.1] = torch.full((2, 4), 0.2)  # the SpecConfig defaults' budget
+    ids = torch.randint(3, VOCAB, (tune.SPEC_MAX_BATCH + 1, 12), generator=torch.Generator().manual_seed(5))
+    plain = m.generate(ids, max_new_tokens=12, eos_token_id=None, pad_token_id=0)
+    kw = dict(max_new_tokens=12, eos_token_id=None, pad_token_id=0, speculative=True, return_dict_in_generate=True)
+    for stored in (False, True):
+        if stored:
+            tune.save(tune.tune(m, SMALL, prompts=_prompts()), tune.tune_file(m))
+        with caplog.at_level(logging.INFO, logger="specgate"):
+            out = m.generate(ids, **kw)
+        assert out.spec_stats is None and torch.equal(out.sequences, plain)
+        assert f"a batch of {tune.SPEC_MAX_BATCH + 1} > {tune.SPEC_MAX_BATCH}" in caplog.text
+        assert m.generate(ids[: tune.SPEC_MAX_BATCH], **kw).spec_stats.rounds > 0
+    for asked in (dict(spec_config=SpecConfig(0.5)), dict(draft_budget=0.5), dict(max_draft=2)):
+        out = m.generate(ids, **kw, **asked)
+        assert out.spec_stats.rounds > 0 and torch.equal(out.sequences, plain), asked
+
+
 def test_an_unreadable_stored_choice_warns_and_falls_back_to_the_defaults(cache):
     m = _model()
     tune.tune_file(m).write_text("{not json")
