@@ -46,8 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         "plain": lambda ids, mask: m.generate(ids, mask, max_new_tokens=args.max_new_tokens),
         "speculative": lambda ids, mask: m.generate(ids, mask, max_new_tokens=args.max_new_tokens, speculative=True),
     }  # fmt: skip
+    base, label = tune.resolve(m, None, {})  # the batch-1 settings: tuned, else the defaults
+    print(f"speculation at batch 1: {label}: {base}", flush=True)
     for k in args.max_draft:
-        forced = dataclasses.replace(tune.resolve(m, None, {})[0], max_draft=k)
+        forced = dataclasses.replace(base, max_draft=k, init_draft=min(base.init_draft, k) if base.init_draft else None)
         methods[f"k={k}"] = lambda ids, mask, c=forced: m.generate(ids, mask, max_new_tokens=args.max_new_tokens, speculative=True, spec_config=c)
     for B in args.batch_sizes:
         batches = [texts[i : i + B] for i in range(0, len(texts), B)]

@@ -418,9 +418,10 @@ UNTUNED = SpecConfig(draft_budget=0.0, max_draft=6, draft_precision="int4")
 UNTUNED_PRECISIONS = ("int4", "int8")  # the untuned draft's copy: the first that fits the model and runs here
 UNTUNED_VOCAB = 16384  # the untuned draft's vocabulary where the model's holds over 4x as many tokens, and it has a ranking
 # Settings chosen for the caller (tuned or untuned) speculate on batches up to this size and decode larger ones
-# plainly. eval/batch_decode.py (AMD EPYC, 2 threads, SmolLM2, the int4 draft): 1.84x plain at batch 1, 1.51x at
-# 2, 0.59x at 4 and 0.57x at 8, and no draft length paid at 4 or 8 (0.93x at best): a batched plain step reads
-# the weights once for every row, so verifying k + 1 tokens per row costs more than the rounds save.
+# plainly. eval/batch_decode.py (AMD EPYC, 2 threads, SmolLM2, the tuned int4 draft, 5 drafts a round): 1.84x
+# plain at batch 1, 1.51x at 2, 0.59x at 4 and 0.57x at 8; forced to at most k = 1-3 drafts, 1.02-1.09x at 4 and
+# 0.63-0.95x at 8: a batched plain step reads the weights once for every row, so verifying k + 1 tokens per row
+# costs about what the rounds save.
 SPEC_MAX_BATCH = 2
 
 
