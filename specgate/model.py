@@ -145,13 +145,13 @@ class SpecGateModel:
             streamer=streamer,
             keep_scores=bool(config.output_scores or config.output_logits),
         )
-        stats = None
+        stats = spec = None
         if speculative:
-            # spec_config, else what `specgate tune` stored for this machine, else the defaults
+            # spec_config, else what `specgate tune` stored for this machine, else the defaults;
+            # None: plain decoding, which pays more at this batch size
             overrides = {"draft_budget": draft_budget, "max_draft": max_draft}
             spec, settings = resolve_settings(self, spec_config, overrides, batch=input_ids.shape[0])
-            speculative = spec is not None  # None: plain decoding pays more at this batch size
-        if speculative:
+        if spec is not None:
             if self.gates is None and not (spec.draft_budget == 0 and spec.draft_precision != "float32" and spec.verifier == "original"):
                 raise ValueError(
                     "speculative decoding needs gates (load trained gates with gates=PATH, or `specgate train`), or a "

@@ -447,14 +447,14 @@ def resolve(
     tune`` chose among float32 and int8 drafts on both CPUs measured, 1.8-2.1x plain); the
     ``SpecConfig`` defaults (a float32 draft skipping 10%) do not beat plain decoding there."""
     given = {k: v for k, v in overrides.items() if v is not None}
-    tuned = load_tuned(m) if spec_config is None and not given else None
-    if spec_config is not None:
-        spec, label = spec_config, "spec_config"
-    elif not given and batch > SPEC_MAX_BATCH and m.engine.device.type == "cpu":
+    chosen = spec_config is None and not given  # nothing asked for: the settings are ours to choose
+    if chosen and batch > SPEC_MAX_BATCH and m.engine.device.type == "cpu":
         spec, label = None, f"plain decoding: a batch of {batch} > {SPEC_MAX_BATCH} (tune.SPEC_MAX_BATCH; pass spec_config= to speculate)"
-    elif tuned is not None:
+    elif spec_config is not None:
+        spec, label = spec_config, "spec_config"
+    elif chosen and (tuned := load_tuned(m)) is not None:
         spec, label = tuned[0], f"tuned ({_home(tuned[1])})"
-    elif not given and (low := next((p for p in UNTUNED_PRECISIONS if _low_drafts(m, p)), None)):
+    elif chosen and (low := next((p for p in UNTUNED_PRECISIONS if _low_drafts(m, p)), None)):
         vocab = _untuned_vocab(m)
         spec = dataclasses.replace(UNTUNED, draft_precision=low, draft_vocab=vocab)
         label = f"defaults ({low} draft{f', {vocab}-token vocabulary' if vocab else ''})"
@@ -465,7 +465,7 @@ def resolve(
         label += " + " + ", ".join(f"{k}={v}" for k, v in given.items())
     if label not in _logged:
         _logged.add(label)
-        log.info("speculation settings: %s: %s", label, spec)
+        log.info("speculation settings: %s%s", label, f": {spec}" if spec is not None else "")
     return spec, label
 
 
