@@ -3,7 +3,8 @@ speculation (the settings ``generate`` chooses), at batch sizes B, on the first 
 left-padded into batches of B. Per batch the methods run in turn (the order reversed on odd batches);
 tokens/s counts the new tokens of every row, and each row's tokens are compared with
 ``transformers``' (up to its first end of sequence). ``--max-draft K ...`` adds speculation forced
-at every batch size with the batch-1 settings and at most K drafts a round.
+at every batch size with the batch-1 settings and K drafts a round (``generate(max_draft=K)``; where
+the settings adapt the length, at most K).
 
     python eval/batch_decode.py [--batch-sizes 1 2 4 8] [--max-draft 1 2 3 6] [--prompts 8] [--max-new-tokens 128] [--threads 2]
 """
@@ -11,7 +12,6 @@ at every batch size with the batch-1 settings and at most K drafts a round.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
 import torch
@@ -48,9 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     base, label = tune.resolve(m, None, {})  # the batch-1 settings: tuned, else the defaults
     print(f"speculation at batch 1: {label}: {base}", flush=True)
-    for k in args.max_draft:
-        forced = dataclasses.replace(base, max_draft=k, init_draft=min(base.init_draft, k) if base.init_draft else None)
-        methods[f"k={k}"] = lambda ids, mask, c=forced: m.generate(ids, mask, max_new_tokens=args.max_new_tokens, speculative=True, spec_config=c)
+    for k in args.max_draft:  # an override speculates at any batch size
+        methods[f"k={k}"] = lambda ids, mask, k=k: m.generate(ids, mask, max_new_tokens=args.max_new_tokens, speculative=True, max_draft=k)
     for B in args.batch_sizes:
         batches = [texts[i : i + B] for i in range(0, len(texts), B)]
         seconds, tokens, outs = {k: 0.0 for k in methods}, {k: 0 for k in methods}, {k: [] for k in methods}

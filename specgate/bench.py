@@ -103,8 +103,9 @@ def bench_decode(
     sampling: dict | None = None,
     seed: int = 0,
 ) -> dict[str, MethodResult]:
-    """transformers ``generate()`` vs the engine's plain decode (vs speculative settings), greedy,
-    or sampled with ``sampling`` (``temperature``, ``top_k``, ``top_p``: what ``generate`` takes;
+    """transformers ``generate()`` vs the engine's plain decode (vs speculative settings: each a
+    ``SpecConfig``, or a dict of ``generate``'s ``draft_budget`` / ``max_draft`` over the settings it
+    chooses, or None: those settings), greedy, or sampled with ``sampling`` (``temperature``, ``top_k``, ``top_p``: what ``generate`` takes;
     every method's call on prompt i starts from seed + i)."""
     import specgate
     from specgate.loading import load_hf
@@ -118,12 +119,15 @@ def bench_decode(
         "transformers": lambda ids: stock.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=eos, **flags),
         "plain": lambda ids: m.generate(ids, max_new_tokens=max_new_tokens, **flags),
     }
-    for spec in speculative or []:  # a SpecConfig, or None: the settings generate() chooses (tuned, else defaults)
-        name = "speculative" if spec is None else f"speculative b={spec.draft_budget}"
-        if spec is not None and spec.draft_precision != "float32":
-            name += f" {spec.draft_precision}"
-        methods[name] = lambda ids, spec=spec: m.generate(
-            ids, max_new_tokens=max_new_tokens, speculative=True, spec_config=spec, return_dict_in_generate=True, **flags
+    for spec in speculative or []:  # a SpecConfig, or generate()'s overrides of the settings it chooses (None: none)
+        if isinstance(spec, specgate.SpecConfig):
+            name, call = f"speculative b={spec.draft_budget}", {"spec_config": spec}
+            name += f" {spec.draft_precision}" if spec.draft_precision != "float32" else ""
+        else:
+            call = spec or {}
+            name = " ".join(["speculative", *(f"{k}={v}" for k, v in call.items())])
+        methods[name] = lambda ids, call=call: m.generate(
+            ids, max_new_tokens=max_new_tokens, speculative=True, return_dict_in_generate=True, **call, **flags
         )
     return run(encoded, methods, seed=seed if sampling else None)
 

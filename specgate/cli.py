@@ -109,11 +109,11 @@ def _sampling(args) -> dict:
 
 
 def _spec_args(p: argparse.ArgumentParser) -> None:
-    """The speculation flags; each left out keeps what ``generate()`` would choose (the settings
-    `specgate tune` stored for this machine, else the SpecConfig defaults shown here)."""
+    """The speculation flags (see :func:`_spec_call`)."""
     d = SpecConfig()
-    p.add_argument("--draft-budget", type=_budget, default=None, help=f"share of the draft's layer compute to skip (default {d.draft_budget})")
-    p.add_argument("--max-draft", type=_positive_int, default=None, help=f"most tokens drafted per round (default {d.max_draft})")
+    p.add_argument("--draft-budget", type=_budget, default=None,
+                   help="share of the draft's layer compute to skip (default: what generate() chooses: the tuned or untuned settings)")  # fmt: skip
+    p.add_argument("--max-draft", type=_positive_int, default=None, help="most tokens drafted per round (default: as --draft-budget)")
     p.add_argument("--draft-vocab", type=_positive_int, default=None, help="draft LM head over the N tokens the model writes most (default: full head)")
     p.add_argument("--draft-vocab-context", action=argparse.BooleanOptionalAction, default=None,
                    help="the draft vocabulary also covers the prompt's tokens and those generated so far (default: yes)")  # fmt: skip
@@ -126,10 +126,12 @@ def _spec_args(p: argparse.ArgumentParser) -> None:
 SPEC_FLAGS = ("draft_budget", "max_draft", "draft_vocab", "draft_vocab_context", "verifier", "kv_fill", "draft_precision")
 
 
-def _spec_config(args) -> SpecConfig | None:
-    """The flags given, over the SpecConfig defaults; None when none was given."""
+def _spec_call(args) -> dict:
+    """generate()'s speculation arguments from the flags: --draft-budget and --max-draft alone change
+    the settings generate() chooses (tuned, else untuned), as its draft_budget= and max_draft= do;
+    with any other flag, the flags given make a SpecConfig over its defaults."""
     given = {k: getattr(args, k) for k in SPEC_FLAGS if getattr(args, k) is not None}
-    return SpecConfig(**given) if given else None
+    return given if given.keys() <= {"draft_budget", "max_draft"} else {"spec_config": SpecConfig(**given)}
 
 
 def _load(args, gates: str | None = None, remeasure: bool = False):
@@ -159,7 +161,7 @@ def cmd_generate(args) -> int:
     m = _load(args)
     ids = m.encode_chat(args.prompt) if not args.raw else m.tokenizer(args.prompt, return_tensors="pt").input_ids
     sampling = {"do_sample": True, **_sampling(args)} if args.temperature > 0 else {}
-    speculative = {"speculative": True, "spec_config": _spec_config(args), "return_dict_in_generate": True}
+    speculative = {"speculative": True, **_spec_call(args), "return_dict_in_generate": True}
     speculative = speculative if args.speculative else {}
 
     def run(streamer=None, **flags):
@@ -194,15 +196,15 @@ def cmd_bench(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     bench.mtbench_prompts(args.prompts)  # a bad count fails now, not after loading two models
-    base = _spec_config(args)
+    call = _spec_call(args)
     if args.no_speculative:
         speculative = []
     elif args.budgets or args.precisions:
-        base = base or SpecConfig()
+        base = call.get("spec_config") or SpecConfig(**call)
         speculative = [dataclasses.replace(base, draft_budget=b, draft_precision=q)
                        for b in args.budgets or [base.draft_budget] for q in args.precisions or [base.draft_precision]]  # fmt: skip
     else:
-        speculative = [base]  # None: what generate() chooses (tuned settings, else the defaults)
+        speculative = [call.get("spec_config", call)]  # or generate()'s overrides ({}: the settings it chooses)
     gates = None if args.gates == "none" else args.gates
     sampling = _sampling(args) if args.temperature > 0 else None
     results = bench.bench_decode(args.model, args.prompts, args.max_new_tokens, speculative, getattr(torch, args.dtype), gates,

@@ -122,8 +122,9 @@ class SpecGateModel:
         whose ``spec_stats`` holds :class:`SpecStats` for speculative calls (None where the call decoded
         plainly: a batch past ``tune.SPEC_MAX_BATCH`` with tuned or default settings).
         speculative: draft with the gates at ``draft_budget``, verify with the full model.
-        ``spec_config`` holds every speculation setting; ``draft_budget`` and ``max_draft``
-        override it for this call. generator: a seeded ``torch.Generator`` for reproducible sampling.
+        ``spec_config`` holds every speculation setting (without it: the tuned ones, else the
+        untuned ones, see :func:`specgate.tune.resolve`); ``draft_budget`` and ``max_draft``
+        override them for this call. generator: a seeded ``torch.Generator`` for reproducible sampling.
         """
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}: for one prompt pass ids[None]")

@@ -41,7 +41,7 @@ import torch
 from .kernels.cpu_linear import cache_dir
 from .linear import machine_key, probe_threads
 from .engine import KV_FILLS
-from .kernels.cpu_step import PRECISIONS
+from .kernels.cpu_step import MAX_TOKENS, PRECISIONS
 from .bench import mtbench_prompts
 from .prompts import split
 from .speculative import SpecConfig, draft_gates, draft_policy
@@ -429,10 +429,12 @@ def resolve(
     m: SpecGateModel, spec_config: SpecConfig | None, overrides: dict[str, float | int | None], batch: int = 1
 ) -> tuple[SpecConfig | None, str]:
     """The speculation settings of one ``generate`` call and where they came from: ``spec_config``,
-    else the tuned ones when no override is given either, else :data:`UNTUNED` when no override is
-    given and the engine can draft from an int4 copy, or else an int8 one (:data:`UNTUNED_PRECISIONS`;
-    the fused CPU pass), else the ``SpecConfig`` defaults; then the overrides. Tuned or untuned
-    settings meeting a batch of more than :data:`SPEC_MAX_BATCH` sequences on the CPU give ``None``:
+    else the tuned ones, else :data:`UNTUNED` when the engine can draft from an int4 copy, or else an
+    int8 one (:data:`UNTUNED_PRECISIONS`; the fused CPU pass), else the ``SpecConfig`` defaults; then
+    the overrides (``draft_budget``, ``max_draft``: see :func:`_override`). Where the overrides ask a
+    tuned or untuned low-precision draft to skip where the fused pass cannot run it (a batch, gates
+    it does not take), that draft reads the float32 weights. Tuned or untuned settings without
+    overrides meeting a batch of more than :data:`SPEC_MAX_BATCH` sequences on the CPU give ``None``:
     decode plainly (an explicit ``spec_config`` or override speculates at any batch; the rule was
     measured on the CPU only). Each distinct origin is logged once per process.
 
@@ -447,26 +449,47 @@ def resolve(
     tune`` chose among float32 and int8 drafts on both CPUs measured, 1.8-2.1x plain); the
     ``SpecConfig`` defaults (a float32 draft skipping 10%) do not beat plain decoding there."""
     given = {k: v for k, v in overrides.items() if v is not None}
-    chosen = spec_config is None and not given  # nothing asked for: the settings are ours to choose
-    if chosen and batch > SPEC_MAX_BATCH and m.engine.device.type == "cpu":
+    if spec_config is None and not given and batch > SPEC_MAX_BATCH and m.engine.device.type == "cpu":
         spec, label = None, f"plain decoding: a batch of {batch} > {SPEC_MAX_BATCH} (tune.SPEC_MAX_BATCH; pass spec_config= to speculate)"
     elif spec_config is not None:
         spec, label = spec_config, "spec_config"
-    elif chosen and (tuned := load_tuned(m)) is not None:
+    elif (tuned := load_tuned(m)) is not None:
         spec, label = tuned[0], f"tuned ({_home(tuned[1])})"
-    elif chosen and (low := next((p for p in UNTUNED_PRECISIONS if _low_drafts(m, p)), None)):
+    elif low := next((p for p in UNTUNED_PRECISIONS if _low_drafts(m, p)), None):
         vocab = _untuned_vocab(m)
         spec = dataclasses.replace(UNTUNED, draft_precision=low, draft_vocab=vocab)
         label = f"defaults ({low} draft{f', {vocab}-token vocabulary' if vocab else ''})"
     else:
         spec, label = SpecConfig(), "defaults"
     if given:
-        spec = dataclasses.replace(spec, **given)
+        spec = _override(spec, given)
         label += " + " + ", ".join(f"{k}={v}" for k, v in given.items())
+        if spec_config is None and spec.draft_precision != "float32" and not _fused_draft(m, spec, batch):
+            spec = dataclasses.replace(spec, draft_precision="float32")  # the copy was our choice: give it up
+            label += " (float32 draft: the fused pass drafts a low-precision copy that skips for one sequence only)"
     if label not in _logged:
         _logged.add(label)
         log.info("speculation settings: %s%s", label, f": {spec}" if spec is not None else "")
     return spec, label
+
+
+def _override(spec: SpecConfig, given: dict) -> SpecConfig:
+    """``spec`` with a call's overrides. A new ``max_draft`` sets the first round's length too where
+    the length is fixed (``adaptive=False``, as tuned settings are), and bounds it where it adapts."""
+    if "max_draft" in given and spec.init_draft is not None:
+        k = given["max_draft"]
+        given = {**given, "init_draft": k if not spec.adaptive else min(spec.init_draft, k)}
+    return dataclasses.replace(spec, **given)
+
+
+def _fused_draft(m: SpecGateModel, spec: SpecConfig, batch: int) -> bool:
+    """Whether the fused CPU pass runs this draft's steps (a low-precision draft runs nowhere else):
+    drafts that skip nothing for up to ``MAX_TOKENS`` sequences, and one sequence's drafts with
+    scalar gates that only pick skips."""
+    gates = draft_gates(m.gates, spec)
+    if gates is None:
+        return batch <= MAX_TOKENS
+    return batch == 1 and gates.config.kind == "scalar" and not gates.config.scale_output
 
 
 DEFAULT_LOW = ("int8", "int4")  # the copies tune tries by default, as drafts that skip nothing

@@ -1,5 +1,7 @@
 """Tiny random-weight models of each supported family, and the real default model (loaded once)."""
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import (
@@ -18,6 +20,7 @@ import specgate.linear as L
 from specgate import gradient as G
 from specgate.layers import dense_forward
 from specgate.policy import budget_quantile
+from specgate.standin import StandIns
 from specgate.train import TrainConfig
 
 VOCAB = 101
@@ -58,6 +61,21 @@ def tiny(family: str = "llama", seed: int = 0, gates: bool = False) -> specgate.
         for p in m.gates.parameters():  # spread importances so skipping picks distinct tokens
             torch.nn.init.normal_(p, std=0.5)
     return m
+
+
+def scalar_gates(m: specgate.SpecGateModel, rank: int, seed: int = 0):
+    """Scalar gates that only pick skips, stand-ins and adapters of the given rank, and thresholds
+    that skip about half of the branches."""
+    torch.manual_seed(seed)
+    gates = m.new_gates(kind="scalar")
+    gates.config = dataclasses.replace(gates.config, scale_output=False)
+    for p in gates.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    L, d = gates.config.num_layers, gates.config.hidden_size
+    gates.standins, gates.adapters = StandIns(L, d, rank), StandIns(L, d, rank)
+    for p in [*gates.standins.parameters(), *gates.adapters.parameters()]:
+        p.data.normal_(0, 0.1)
+    return gates, torch.rand(2, L, generator=torch.Generator().manual_seed(seed)) * 0.6 + 0.2
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -80,3 +80,15 @@ def test_ctrl_c_says_whether_a_checkpoint_was_saved(capsys, monkeypatch, tmp_pat
     monkeypatch.setattr(specgate.train, "train", interrupted)
     assert main(["train", "--output-dir", str(tmp_path)]) == 130
     assert message in capsys.readouterr().err
+
+
+def test_budget_and_length_flags_change_the_chosen_settings_other_flags_make_a_spec_config():
+    from argparse import Namespace
+
+    from specgate import SpecConfig
+    from specgate.cli import SPEC_FLAGS, _spec_call
+
+    flags = lambda **given: Namespace(**{**dict.fromkeys(SPEC_FLAGS), **given})  # noqa: E731
+    assert _spec_call(flags()) == {}
+    assert _spec_call(flags(max_draft=3, draft_budget=0.5)) == {"max_draft": 3, "draft_budget": 0.5}
+    assert _spec_call(flags(max_draft=3, kv_fill="copy_below")) == {"spec_config": SpecConfig(max_draft=3, kv_fill="copy_below")}

@@ -3,7 +3,6 @@ same K/V in the cache and the same skips, on every supported family."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
@@ -20,9 +19,8 @@ from specgate.engine import Engine
 from specgate.kernels import cpu_linear
 from specgate.kernels.cpu_step import CpuStep, dequantized, head_precision, int8_activations, low_precision, rounded_activations
 from specgate.policy import BudgetPolicy
-from specgate.standin import StandIns
 
-from conftest import FAMILIES, tiny, tiny_hf
+from conftest import FAMILIES, scalar_gates, tiny, tiny_hf
 
 pytestmark = pytest.mark.skipif(cpu_linear.load() is None, reason="the CPU kernels cannot be built here")
 
@@ -45,21 +43,6 @@ def assert_caches_close(a, b, upto: int) -> None:
     for ka, kb, va, vb in zip(a.k, b.k, a.v, b.v):
         torch.testing.assert_close(ka[:, :, :upto], kb[:, :, :upto], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(va[:, :, :upto], vb[:, :, :upto], atol=1e-5, rtol=1e-4)
-
-
-def scalar_gates(m: specgate.SpecGateModel, rank: int, seed: int = 0):
-    """Scalar gates that only pick skips, stand-ins and adapters of the given rank, and thresholds
-    that skip about half of the branches."""
-    torch.manual_seed(seed)
-    gates = m.new_gates(kind="scalar")
-    gates.config = dataclasses.replace(gates.config, scale_output=False)
-    for p in gates.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    L, d = gates.config.num_layers, gates.config.hidden_size
-    gates.standins, gates.adapters = StandIns(L, d, rank), StandIns(L, d, rank)
-    for p in [*gates.standins.parameters(), *gates.adapters.parameters()]:
-        p.data.normal_(0, 0.1)
-    return gates, torch.rand(2, L, generator=torch.Generator().manual_seed(seed)) * 0.6 + 0.2
 
 
 @pytest.mark.parametrize("family", FAMILIES)

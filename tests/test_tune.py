@@ -6,7 +6,7 @@ import logging
 
 import pytest
 import torch
-from conftest import VOCAB, tiny
+from conftest import VOCAB, scalar_gates, tiny
 
 from specgate import SpecConfig, linear, tune
 from specgate.cli import main
@@ -81,7 +81,7 @@ def test_tune_stores_a_choice_that_generate_uses_losslessly(cache, caplog):
     assert out.spec_stats.settings.startswith("tuned (") and path.name in out.spec_stats.settings
     assert path.name in caplog.text
     given = m.generate(ids, max_new_tokens=5, speculative=True, draft_budget=0.5, return_dict_in_generate=True)
-    assert given.spec_stats.settings == "defaults + draft_budget=0.5"
+    assert given.spec_stats.settings == f"{out.spec_stats.settings} + draft_budget=0.5"  # on top of the tuned ones
 
 
 def test_a_chosen_confidence_stop_is_stored_and_decodes_losslessly(cache, monkeypatch):
@@ -244,3 +244,39 @@ def test_untuned_speculation_drafts_from_an_int4_copy_else_an_int8_one(cache, mo
     m.gates = _model().gates
     given = m.generate(ids, max_new_tokens=5, speculative=True, draft_budget=0.5, return_dict_in_generate=True)
     assert given.spec_stats.settings == "defaults + draft_budget=0.5" and given.spec_stats.skip_fraction > 0
+
+
+def test_overrides_change_the_settings_generate_chooses(cache, monkeypatch):
+    """draft_budget= and max_draft= apply to the tuned settings, else the untuned ones: a fixed draft
+    length follows max_draft; an int4 draft asked to skip does so for one sequence and reads the
+    float32 weights in a batch (the fused pass drafts a copy that skips for one sequence only);
+    lossless every way."""
+    if not linear.available()["smallm"]:
+        pytest.skip("no C++ toolchain: no fused pass, so no low-precision copy to draft from")
+    m = tiny("llama")
+    m.gates, m.gates.thresholds[0.5] = scalar_gates(m, rank=0)
+    ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(7))
+    kw = dict(max_new_tokens=16, eos_token_id=None, pad_token_id=0)
+    plain = m.generate(ids, **kw)
+    spec = lambda ids, **given: m.generate(ids, **kw, speculative=True, return_dict_in_generate=True, **given)  # noqa: E731
+    one = spec(ids[:1], draft_budget=0.5)
+    assert one.spec_stats.settings == "defaults (int4 draft) + draft_budget=0.5" and one.spec_stats.compute_skipped > 0
+    two = spec(ids, draft_budget=0.5)
+    assert two.spec_stats.settings.startswith("defaults (int4 draft) + draft_budget=0.5 (float32 draft")
+    assert two.spec_stats.compute_skipped > 0
+    assert torch.equal(one.sequences, plain[:1]) and torch.equal(two.sequences, plain)
+    assert tune.resolve(m, None, {"draft_budget": 0.5}, batch=2)[0].draft_precision == "float32"
+    assert tune.resolve(m, None, {"max_draft": 2}, batch=2)[0].draft_precision == "int4"  # skips nothing: fused
+
+    monkeypatch.setattr(tune, "confident_speedup", lambda *args: 0.0)  # a fixed draft length, never a stop
+    tune.save(tune.tune(m, dataclasses.replace(SMALL, budgets=(0.5,)), prompts=_prompts()), tune.tune_file(m))
+    tuned, label = tune.resolve(m, None, {})
+    assert label.startswith("tuned (") and not tuned.adaptive
+    for k in (1, tuned.max_draft + 2):
+        given, given_label = tune.resolve(m, None, {"max_draft": k})
+        assert given == dataclasses.replace(tuned, max_draft=k, init_draft=k) and given_label == f"{label} + max_draft={k}"
+        out = spec(ids[:1], max_draft=k)
+        assert torch.equal(out.sequences, plain[:1]) and out.spec_stats.drafted == k * out.spec_stats.rounds
+    adaptive = SpecConfig(max_draft=6, init_draft=5)
+    assert tune._override(adaptive, {"max_draft": 3}) == SpecConfig(max_draft=3, init_draft=3)  # adapting: bounded
+    assert tune._override(adaptive, {"max_draft": 8}).init_draft == 5
