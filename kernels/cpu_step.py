@@ -46,7 +46,8 @@ GROUP = 32  # inputs per (scale, offset) pair of an int4 matrix (cpu_linear.h: k
 Q4_ROWS = 4  # rows per block of an int4 matrix (cpu_linear.h: kQ4Rows)
 # the input of a 64-input chunk at each position of an int4 matrix's layout (cpu_linear.h: q4_input)
 Q4_INPUT = torch.tensor([32 * (p // 4 % 2) + 16 * (p // 32) + 4 * (p // 8 % 4) + p % 4 for p in range(64)])
-MAX_TOKENS = 16  # token rows (batch x tokens); 8 per pass over the weights (cpu_linear.h), so 9-16 read them twice
+ROWS_PER_PASS = 8  # token rows per pass over the weights (cpu_linear.h: kMaxRows)
+MAX_TOKENS = 2 * ROWS_PER_PASS  # token rows (batch x tokens) of a fused pass: 9-16 read the weights twice
 
 
 class CpuStep:

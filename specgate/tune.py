@@ -41,7 +41,7 @@ import torch
 from .kernels.cpu_linear import cache_dir
 from .linear import machine_key, probe_threads
 from .engine import KV_FILLS
-from .kernels.cpu_step import MAX_TOKENS, PRECISIONS
+from .kernels.cpu_step import MAX_TOKENS, PRECISIONS, ROWS_PER_PASS
 from .bench import mtbench_prompts
 from .prompts import split
 from .speculative import SpecConfig, draft_gates, draft_policy
@@ -423,6 +423,11 @@ UNTUNED_VOCAB = 16384  # the untuned draft's vocabulary where the model's holds 
 # 0.63-0.95x at 8: a batched plain step reads the weights once for every row, so verifying k + 1 tokens per row
 # costs about what the rounds save.
 SPEC_MAX_BATCH = 2
+# A verify pass of B sequences runs B (k + 1) token rows, and the fused pass reads the weights once per
+# ROWS_PER_PASS of them, so tuned or untuned settings at a batch B > 1 draft at most ROWS_PER_PASS // B - 1
+# tokens a round (3 at batch 2). eval/batch_decode.py --batch-sizes 2 (AMD EPYC, 16 questions, four runs;
+# results/batch_k_amd_s29.txt): 3 drafts 1.30-1.54x plain, the tune's 5 (12 rows, two passes) 1.20-1.48x, 4-9%
+# less in each run.
 
 
 def resolve(
@@ -436,7 +441,9 @@ def resolve(
     it does not take), that draft reads the float32 weights. Tuned or untuned settings without
     overrides meeting a batch of more than :data:`SPEC_MAX_BATCH` sequences on the CPU give ``None``:
     decode plainly (an explicit ``spec_config`` or override speculates at any batch; the rule was
-    measured on the CPU only). Each distinct origin is logged once per process.
+    measured on the CPU only); on smaller batches they draft at most ``ROWS_PER_PASS // batch - 1``
+    tokens a round (see :data:`SPEC_MAX_BATCH`) unless ``max_draft`` is given. Each distinct origin
+    is logged once per process.
 
     :data:`UNTUNED` (a draft over the int4 copy that skips nothing, up to 6 tokens per round, +18%
     memory for the copy) ran SmolLM2 at 1.86-1.87x plain decoding on a 2-core AMD EPYC against
@@ -449,7 +456,8 @@ def resolve(
     tune`` chose among float32 and int8 drafts on both CPUs measured, 1.8-2.1x plain); the
     ``SpecConfig`` defaults (a float32 draft skipping 10%) do not beat plain decoding there."""
     given = {k: v for k, v in overrides.items() if v is not None}
-    if spec_config is None and not given and batch > SPEC_MAX_BATCH and m.engine.device.type == "cpu":
+    cpu = m.engine.device.type == "cpu"
+    if spec_config is None and not given and batch > SPEC_MAX_BATCH and cpu:
         spec, label = None, f"plain decoding: a batch of {batch} > {SPEC_MAX_BATCH} (tune.SPEC_MAX_BATCH; pass spec_config= to speculate)"
     elif spec_config is not None:
         spec, label = spec_config, "spec_config"
@@ -461,6 +469,10 @@ def resolve(
         label = f"defaults ({low} draft{f', {vocab}-token vocabulary' if vocab else ''})"
     else:
         spec, label = SpecConfig(), "defaults"
+    most = max(1, ROWS_PER_PASS // batch - 1)  # drafts whose verify rows take one pass over the weights
+    if spec_config is None and "max_draft" not in given and batch > 1 and cpu and spec is not None and spec.max_draft > most:
+        spec = _override(spec, {"max_draft": most})
+        label += f" (at most {most} drafts a round: a batch of {batch})"
     if given:
         spec = _override(spec, given)
         label += " + " + ", ".join(f"{k}={v}" for k, v in given.items())

@@ -10,6 +10,7 @@ from conftest import VOCAB, scalar_gates, tiny
 
 from specgate import SpecConfig, linear, tune
 from specgate.cli import main
+from specgate.kernels.cpu_step import ROWS_PER_PASS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -127,6 +128,8 @@ def test_batches_past_spec_max_batch_decode_plainly_unless_speculation_is_asked_
         assert out.spec_stats is None and torch.equal(out.sequences, plain)
         assert f"a batch of {tune.SPEC_MAX_BATCH + 1} > {tune.SPEC_MAX_BATCH}" in caplog.text
         assert m.generate(ids[: tune.SPEC_MAX_BATCH], **kw).spec_stats.rounds > 0
+        one, two = (tune.resolve(m, None, {}, batch=b)[0] for b in (1, 2))  # a batch of 2: its verify rows in one pass
+        assert two == tune._override(one, {"max_draft": min(one.max_draft, ROWS_PER_PASS // 2 - 1)})
     for asked in (dict(spec_config=SpecConfig(0.5)), dict(draft_budget=0.5), dict(max_draft=2)):
         out = m.generate(ids, **kw, **asked)
         assert out.spec_stats.rounds > 0 and torch.equal(out.sequences, plain), asked
@@ -262,7 +265,7 @@ def test_overrides_change_the_settings_generate_chooses(cache, monkeypatch):
     one = spec(ids[:1], draft_budget=0.5)
     assert one.spec_stats.settings == "defaults (int4 draft) + draft_budget=0.5" and one.spec_stats.compute_skipped > 0
     two = spec(ids, draft_budget=0.5)
-    assert two.spec_stats.settings.startswith("defaults (int4 draft) + draft_budget=0.5 (float32 draft")
+    assert two.spec_stats.settings.startswith("defaults (int4 draft) (at most 3 drafts a round: a batch of 2) + draft_budget=0.5 (float32 draft")
     assert two.spec_stats.compute_skipped > 0
     assert torch.equal(one.sequences, plain[:1]) and torch.equal(two.sequences, plain)
     assert tune.resolve(m, None, {"draft_budget": 0.5}, batch=2)[0].draft_precision == "float32"
