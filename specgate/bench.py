@@ -105,8 +105,8 @@ def bench_decode(
 ) -> dict[str, MethodResult]:
     """transformers ``generate()`` vs the engine's plain decode (vs speculative settings: each a
     ``SpecConfig``, or a dict of ``generate``'s ``draft_budget`` / ``max_draft`` over the settings it
-    chooses, or None: those settings), greedy, or sampled with ``sampling`` (``temperature``, ``top_k``, ``top_p``: what ``generate`` takes;
-    every method's call on prompt i starts from seed + i)."""
+    chooses, or None: those settings), greedy, or sampled with ``sampling`` (``temperature``,
+    ``top_k``, ``top_p``: what ``generate`` takes; every method's call on prompt i starts from seed + i)."""
     import specgate
     from specgate.loading import load_hf
 
