@@ -456,10 +456,10 @@ def resolve(
     tune`` chose among float32 and int8 drafts on both CPUs measured, 1.8-2.1x plain); the
     ``SpecConfig`` defaults (a float32 draft skipping 10%) do not beat plain decoding there."""
     given = {k: v for k, v in overrides.items() if v is not None}
-    cpu = m.engine.device.type == "cpu"
-    if spec_config is None and not given and batch > SPEC_MAX_BATCH and cpu:
-        spec, label = None, f"plain decoding: a batch of {batch} > {SPEC_MAX_BATCH} (tune.SPEC_MAX_BATCH; pass spec_config= to speculate)"
-    elif spec_config is not None:
+    ours, cpu = spec_config is None, m.engine.device.type == "cpu"  # ours: the settings are ours to choose
+    if ours and not given and batch > SPEC_MAX_BATCH and cpu:
+        return _logged_once(None, f"plain decoding: a batch of {batch} > {SPEC_MAX_BATCH} (tune.SPEC_MAX_BATCH; pass spec_config= to speculate)")
+    if not ours:
         spec, label = spec_config, "spec_config"
     elif (tuned := load_tuned(m)) is not None:
         spec, label = tuned[0], f"tuned ({_home(tuned[1])})"
@@ -470,15 +470,20 @@ def resolve(
     else:
         spec, label = SpecConfig(), "defaults"
     most = max(1, ROWS_PER_PASS // batch - 1)  # drafts whose verify rows take one pass over the weights
-    if spec_config is None and "max_draft" not in given and batch > 1 and cpu and spec is not None and spec.max_draft > most:
+    if ours and "max_draft" not in given and batch > 1 and cpu and spec.max_draft > most:
         spec = _override(spec, {"max_draft": most})
         label += f" (at most {most} drafts a round: a batch of {batch})"
     if given:
         spec = _override(spec, given)
         label += " + " + ", ".join(f"{k}={v}" for k, v in given.items())
-        if spec_config is None and spec.draft_precision != "float32" and not _fused_draft(m, spec, batch):
+        if ours and spec.draft_precision != "float32" and not _fused_draft(m, spec, batch):
             spec = dataclasses.replace(spec, draft_precision="float32")  # the copy was our choice: give it up
             label += " (float32 draft: the fused pass drafts a low-precision copy that skips for one sequence only)"
+    return _logged_once(spec, label)
+
+
+def _logged_once(spec: SpecConfig | None, label: str) -> tuple[SpecConfig | None, str]:
+    """(spec, label), logging each distinct label once per process."""
     if label not in _logged:
         _logged.add(label)
         log.info("speculation settings: %s%s", label, f": {spec}" if spec is not None else "")
