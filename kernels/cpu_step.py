@@ -21,7 +21,7 @@ a draft that reads a half, a quarter or about a sixth of the layers' bytes (the 
 speculation stays lossless. Weights that were dequantized from Q4_1 (the SmolLM2 GGUF we test with)
 come back almost exactly in int4 (4-bit codes, with the scale and offset recomputed and stored in float16, as Q4_1 stores them).
 On CPUs with AVX-512 VNNI the int8 and int4 products round the token rows to int8 too (a scale per 4
-inputs) and multiply 64 weights per instruction (:func:`int8_activations`; int8 rows of a multiple of
+inputs for int8 weights, per 8 for int4 ones) and multiply 64 weights per instruction (:func:`int8_activations`; int8 rows of a multiple of
 64 inputs, int4 ones always): the int8 and int4 drafts' products were compute-bound without it.
 """
 
@@ -250,9 +250,25 @@ def int8_activations() -> bool:
     return cpu_linear.load() is not None and torch.ops.specgate.int8_activations()
 
 
-def rounded_activations(x: torch.Tensor) -> torch.Tensor:
-    """x (..., d) as an int8 product sees it where :func:`int8_activations`: rounded to int8 per group of 4
-    inputs with scale max |x| / 127 (the tests' reference)."""
-    g = x.reshape(*x.shape[:-1], -1, 4)
+def rounded_activations(x: torch.Tensor, precision: str = "int8") -> torch.Tensor:
+    """x (..., d) as an int8 or int4 product sees it where :func:`int8_activations` (the tests'
+    reference): rounded to int8 with step max |x| / 127 over each group of inputs: 4 consecutive ones
+    for int8 weights; for int4 ones, per chunk of 64 inputs in the layout's positions (:data:`Q4_INPUT`),
+    the 8 at positions 4 l + j and 32 + 4 l + j (j < 4) for each l < 8 (one 32-bit lane of the kernel's
+    two code vectors)."""
+    if precision == "int8":
+        return _rounded(x.reshape(*x.shape[:-1], -1, 4)).reshape(x.shape)
+    d = x.shape[-1]
+    chunks = -(-d // 64)
+    xp = F.pad(x, (0, 64 * chunks - d)).reshape(*x.shape[:-1], chunks, 64)[..., Q4_INPUT]  # positions
+    lanes = xp.reshape(*xp.shape[:-1], 2, 8, 4).transpose(-3, -2).reshape(*xp.shape[:-1], 8, 8)  # (..., chunks, l, 8)
+    rounded = _rounded(lanes).reshape(*xp.shape[:-1], 8, 2, 4).transpose(-3, -2).reshape(xp.shape)
+    out = torch.empty_like(rounded)
+    out[..., Q4_INPUT] = rounded
+    return out.reshape(*x.shape[:-1], 64 * chunks)[..., :d]
+
+
+def _rounded(g: torch.Tensor) -> torch.Tensor:
+    """g (..., n) rounded to int8 with step max |g| / 127 over its last dim."""
     top = g.abs().amax(-1, keepdim=True)
-    return (torch.round(g * torch.where(top > 0, 127 / top, 0)) * (top / 127)).reshape(x.shape)
+    return torch.round(g * torch.where(top > 0, 127 / top, 0)) * (top / 127)

@@ -193,7 +193,7 @@ def test_low_precision_passes_equal_the_rounded_model(family, precision, monkeyp
         product = specgate.layers.linear
 
         def seen(x, w):  # int8 rows of a multiple of 64 inputs, int4 ones always (padded to whole chunks)
-            return rounded_activations(x) if x.shape[-1] % 64 == 0 or precision == "int4" else x
+            return rounded_activations(x, precision) if x.shape[-1] % 64 == 0 or precision == "int4" else x
 
         monkeypatch.setattr(specgate.layers, "linear", lambda x, w, b=None: product(seen(x, w), w, b))
         # float32 rounding differences between the paths move an activation across a rounding boundary

@@ -207,7 +207,7 @@ def test_kernel_reads_low_precision_weights(kernel, precision, rows, d):
     q, extra = low_precision(w, precision)
     got = kernel(x, q, b, extra if extra.numel() else None)
     rounds = int8_activations() and (precision == "int4" or (precision == "int8" and d % 64 == 0))
-    seen = rounded_activations(x) if rounds else x
+    seen = rounded_activations(x, precision) if rounds else x
     torch.testing.assert_close(got, F.linear(seen, dequantized(w, precision), b), rtol=1e-5, atol=1e-4)
     if seen is not x:  # and the rounding is what it claims: within half a step of each group's scale
         assert not torch.allclose(got, F.linear(x, dequantized(w, precision), b), rtol=1e-5, atol=1e-4)
@@ -222,7 +222,7 @@ def test_kernel_reads_low_precision_weights(kernel, precision, rows, d):
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_int8_rounding_of_zero_and_extreme_groups(kernel, precision):
-    """The token rows' rounding (vectorised, 16 inputs at a time) on groups of 4 that are all zero,
+    """The token rows' rounding (vectorised, 16 inputs at a time) on groups (of 4, or 8 for int4) that are all zero,
     a row that is all zero, and groups spanning 1e-30 to 1e30: the reference's codes, no NaN."""
     from specgate.kernels.cpu_step import dequantized, int8_activations, low_precision, rounded_activations
 
@@ -233,7 +233,7 @@ def test_int8_rounding_of_zero_and_extreme_groups(kernel, precision):
     x[2, :4] = torch.tensor([1e-30, -1e30, 3.0, -0.5])
     q, extra = low_precision(w, precision)
     got = kernel(x, q, None, extra if extra.numel() else None)
-    seen = rounded_activations(x) if int8_activations() else x
+    seen = rounded_activations(x, precision) if int8_activations() else x
     want = F.linear(seen.double(), dequantized(w, precision).double()).float()
     assert torch.isfinite(got).all() and (got[1] == 0).all()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4 * want.abs().max().item())
