@@ -80,7 +80,8 @@ class SpecStats:
     compute_skipped: share of the draft's layer compute skipped (weights not read).
     verifier_logprob / draft_logprob: mean log-likelihood per emitted token under the verifier, and
     under the draft where it proposed a distribution (not for bonus tokens after a full accept; nan
-    where the draft wrote no logits: the Triton path's fused draft head). draft_s / verify_s: host
+    where the draft wrote no logits: the Triton path's fused draft head; -inf once the verifier
+    emitted a token outside a draft vocabulary, to which the draft gives probability 0). draft_s / verify_s: host
     time of the drafts and verify passes; on a GPU, where the drafts do not wait on the device, the
     time the device takes past their launches falls in other_s (the round waits at acceptance).
     settings: where the speculation settings came from ("defaults", "spec_config", "tuned (FILE)",
