@@ -199,8 +199,8 @@ inline Vec load_w(const int8_t* p) { return to_float(*p); }
 // rows' 32 code bytes, their (sA, sB) pairs, their (oA, oB) pairs. Byte j of a row's codes holds
 // position j in its low nibble and position j + 32 in its high one, position p being input
 // q4_input(p) of the chunk: each 4 positions (a 32-bit lane of the VNNI kernel's unpacked codes)
-// belong to one group, A and B alternating, so a lane's scale is one of the pair broadcast, with no
-// shuffle, and a product reads one stream per block. (In Q4_1's own layout, codes and pairs in two
+// belong to one group, A and B alternating, and positions p and p + 32 to the same one, so a lane's
+// scale is one of the pair, broadcast, and a product reads one stream per block. (In Q4_1's own layout, codes and pairs in two
 // arrays and a group's halves in a byte, an int4 draft's 1-row products took 1.18x this one's time,
 // median of five alternated runs on a 2-core AMD EPYC: README, Measured.) A row of d inputs takes
 // q4_chunks(d) * 40 bytes (ldw).
