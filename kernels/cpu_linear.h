@@ -458,10 +458,10 @@ inline void rows_block_int8(const Int8Rows& xq, const int8_t* w, int64_t ldw, co
 // integer sum over 8 inputs of one group: one conversion and one FMA per 64 weights and row pair. For
 // that, the token rows are rounded with one step per lane's 8 inputs (max |x| / 127 over them; int8
 // products take 4), and a lane's scale is its group's times its step. The offsets times the groups'
-// rounded sums are added per chunk for a block's 4 rows at once. ~6 vector instructions per 128
-// weights and token row where widening each 64 to their own lanes' steps took ~12: the int4 draft's
-// products were compute-bound, 18 GB/s against 33 for float32 ones on a 2-core AMD EPYC; the draft's
-// acceptance is unchanged (README, Measured). (One step per 32 inputs, the weights' groups, as
+// rounded sums are added per chunk for a block's 4 rows at once. ~9 vector instructions per 128
+// weights and token row where a product per 64 weights and row took ~22 (cut because the int4 draft's
+// products ran 18 GB/s against 33 for float32 ones on a 2-core AMD EPYC); the draft's acceptance is
+// unchanged (results/README.md, "The int4 draft's products"). (One step per 32 inputs, the weights' groups, as
 // llama.cpp's Q8_1, needs no step vector but lowered it: alpha 0.911 -> 0.887 on 8 MT-Bench questions.)
 struct Q4Rows {
   int64_t chunks;
