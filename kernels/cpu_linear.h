@@ -395,7 +395,7 @@ struct Int8Rows {
 
   // Rows of a multiple of 64 inputs (the kernels' own). 16 inputs (4 groups) per vector: each
   // group's largest |x| reaches its 4 lanes in two in-lane swaps; the rounding is nearbyint's. It
-  // runs before the threads split a product's rows: the scalar loop it replaces cost ~7% of an int4 draft step.
+  // runs before the threads split a product's rows (a scalar loop here once cost ~7% of a low-precision draft step).
   Int8Rows(const float* x, int64_t rows, int64_t d)
       : d(d), codes(rows * d), scales(rows * d / kActGroup), start(rows * d / kActGroup), sums(rows * d / kActGroup) {
     const __m512 scale_step = _mm512_set1_ps(127.0f);

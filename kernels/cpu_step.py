@@ -87,11 +87,18 @@ class CpuStep:
     @staticmethod
     def applies(input_ids: torch.Tensor, cache: "StaticKVCache", gates: "GateSet | None", policy: "SkipPolicy | None") -> bool:
         """Whether the fused pass computes this forward (else the engine's PyTorch code does)."""
+        if torch.is_grad_enabled() or input_ids.device.type != "cpu":
+            return False
+        return CpuStep.covers(*input_ids.shape, gates, policy)
+
+    @staticmethod
+    def covers(B: int, T: int, gates: "GateSet | None", policy: "SkipPolicy | None") -> bool:
+        """Whether the fused pass runs passes of B sequences x T tokens with these gates and policy
+        (on the CPU, without autograd: :meth:`applies`)."""
         from specgate.engine import draft_adapters
         from specgate.policy import BudgetPolicy
 
-        B, T = input_ids.shape
-        if B * T > MAX_TOKENS or torch.is_grad_enabled() or input_ids.device.type != "cpu":
+        if B * T > MAX_TOKENS:
             return False
         if gates is None or policy is None:  # gates without a policy skip nothing
             return gates is None or not gates.config.scale_output

@@ -41,7 +41,7 @@ import torch
 from .kernels.cpu_linear import cache_dir
 from .linear import machine_key, probe_threads
 from .engine import KV_FILLS
-from .kernels.cpu_step import MAX_TOKENS, PRECISIONS, ROWS_PER_PASS
+from .kernels.cpu_step import PRECISIONS, ROWS_PER_PASS, CpuStep
 from .bench import mtbench_prompts
 from .prompts import split
 from .speculative import SpecConfig, draft_gates, draft_policy
@@ -500,13 +500,10 @@ def _override(spec: SpecConfig, given: dict) -> SpecConfig:
 
 
 def _fused_draft(m: SpecGateModel, spec: SpecConfig, batch: int) -> bool:
-    """Whether the fused CPU pass runs this draft's steps (a low-precision draft runs nowhere else):
-    drafts that skip nothing for up to ``MAX_TOKENS`` sequences, and one sequence's drafts with
-    scalar gates that only pick skips."""
+    """Whether the fused CPU pass runs this draft's steps for ``batch`` sequences (a low-precision
+    draft runs nowhere else)."""
     gates = draft_gates(m.gates, spec)
-    if gates is None:
-        return batch <= MAX_TOKENS
-    return batch == 1 and gates.config.kind == "scalar" and not gates.config.scale_output
+    return CpuStep.covers(batch, 1, gates, None if gates is None else gates.policy(spec.draft_budget))
 
 
 DEFAULT_LOW = ("int8", "int4")  # the copies tune tries by default, as drafts that skip nothing
