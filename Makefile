@@ -36,27 +36,46 @@ bench: $(STAMP)
 # 4, then of 2 draft tokens), calibrated, trained at budgets 0.5 and 0.7 in turn, then every budget calibrated
 G := runs/gates
 SG := $(VENV)/bin/specgate
+comma := ,
 CAL := --budgets 0.1,0.2,0.3,0.4,0.5,0.6,0.7 --iterations 6 --samples 12 --tokens 96
-gates: $(STAMP)
-	$(SG) train --threads 2 --objective damage --seq-len 128 --batch-size 8 --steps 45 --output-dir $(G)/damage
-	$(SG) calibrate --threads 2 --gates $(G)/damage/gates --out $(G)/damage-cal --budgets 0.5 --iterations 6 --samples 12 --tokens 96
-	mkdir -p $(G)/standins && cp $(G)/damage/corpus.jsonl $(G)/standins/
-	$(SG) train --threads 2 --objective standins --context-gates $(G)/damage-cal --context-budget 0.5 --standin-rank 0 \
-		--seq-len 128 --batch-size 8 --steps 80 --output-dir $(G)/standins
-	mkdir -p $(G)/adapters && cp $(G)/damage/corpus.jsonl $(G)/adapters/
-	$(SG) train --threads 2 --objective standins --context-gates $(G)/standins/gates --context-budget 0.5 --adapter-rank 16 \
-		--seq-len 128 --batch-size 8 --steps 320 --output-dir $(G)/adapters
-	mkdir -p $(G)/rounds4 $(G)/rounds2 && cp $(G)/damage/corpus.jsonl $(G)/rounds4/ && cp $(G)/damage/corpus.jsonl $(G)/rounds2/
-	$(SG) train --threads 2 --objective standins --context-gates $(G)/adapters/gates --context-budget 0.5 --draft-round 4 \
-		--seq-len 128 --batch-size 8 --steps 160 --output-dir $(G)/rounds4
-	$(SG) train --threads 2 --objective standins --context-gates $(G)/rounds4/gates --context-budget 0.5 --draft-round 2 \
-		--seq-len 128 --batch-size 8 --steps 160 --output-dir $(G)/rounds2
-	$(SG) calibrate --threads 2 --gates $(G)/rounds2/gates --out $(G)/rounds-cal $(CAL)
-	mkdir -p $(G)/budgets && cp $(G)/damage/corpus.jsonl $(G)/budgets/
-	$(SG) train --threads 2 --objective standins --context-gates $(G)/rounds-cal --context-budget 0.5,0.7 --draft-round 2 \
-		--seq-len 128 --batch-size 8 --steps 160 --seed 9 --output-dir $(G)/budgets
-	$(SG) calibrate --threads 2 --gates $(G)/budgets/gates --out $(G)/ship $(CAL)
+# each stage is a file target: `make gates` again skips the finished stages and resumes the unfinished
+# one from its checkpoints
+GATES = gates/gate_config.json
+gates: $(G)/ship/gate_config.json
 	@echo "gates in $(G)/ship: load them with specgate.load(..., gates='$(G)/ship')"
+
+$(G)/damage/$(GATES): | $(STAMP)
+	$(SG) train --threads 2 --objective damage --seq-len 128 --batch-size 8 --steps 45 --output-dir $(G)/damage
+
+$(G)/damage-cal/gate_config.json: $(G)/damage/$(GATES)
+	$(SG) calibrate --threads 2 --gates $(G)/damage/gates --out $(G)/damage-cal --budgets 0.5 --iterations 6 --samples 12 --tokens 96
+
+# the distillation stages: $(call distil,DIR,CONTEXT GATES,FLAGS)
+define distil
+	mkdir -p $(1) && cp $(G)/damage/corpus.jsonl $(1)/
+	$(SG) train --threads 2 --objective standins --context-gates $(2) $(3) --seq-len 128 --batch-size 8 --output-dir $(1)
+endef
+
+$(G)/standins/$(GATES): $(G)/damage-cal/gate_config.json
+	$(call distil,$(G)/standins,$(G)/damage-cal,--context-budget 0.5 --standin-rank 0 --steps 80)
+
+$(G)/adapters/$(GATES): $(G)/standins/$(GATES)
+	$(call distil,$(G)/adapters,$(G)/standins/gates,--context-budget 0.5 --adapter-rank 16 --steps 320)
+
+$(G)/rounds4/$(GATES): $(G)/adapters/$(GATES)
+	$(call distil,$(G)/rounds4,$(G)/adapters/gates,--context-budget 0.5 --draft-round 4 --steps 160)
+
+$(G)/rounds2/$(GATES): $(G)/rounds4/$(GATES)
+	$(call distil,$(G)/rounds2,$(G)/rounds4/gates,--context-budget 0.5 --draft-round 2 --steps 160)
+
+$(G)/rounds-cal/gate_config.json: $(G)/rounds2/$(GATES)
+	$(SG) calibrate --threads 2 --gates $(G)/rounds2/gates --out $(G)/rounds-cal $(CAL)
+
+$(G)/budgets/$(GATES): $(G)/rounds-cal/gate_config.json
+	$(call distil,$(G)/budgets,$(G)/rounds-cal,--context-budget 0.5$(comma)0.7 --draft-round 2 --steps 160 --seed 9)
+
+$(G)/ship/gate_config.json: $(G)/budgets/$(GATES)
+	$(SG) calibrate --threads 2 --gates $(G)/budgets/gates --out $(G)/ship $(CAL) --sparse-inputs 0.2,0.3,0.4,0.5,0.6,0.7
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,4 +1,4 @@
-"""Drafts side by side: the ``gateskip`` rows of several ``eval/gate_quality.py`` results.
+"""Drafts side by side: the ``gateskip`` rows (else the one method's) of several ``eval/gate_quality.py`` results.
 
     python eval/compare_drafts.py shipped=results/gate_quality_cost.json standins=results/gate_quality_standin_r32.json \\
         [--out results/drafts]
@@ -18,11 +18,14 @@ from pathlib import Path
 def rows(path: Path) -> list[dict]:
     r = json.loads(path.read_text())
     accept = r.get("acceptance") or {}
+    if r.get("sparse_inputs") and "0.0" in accept:  # a sparse-inputs draft alone: its share is its budget
+        accept = {str(float(r["sparse_inputs"])): accept["0.0"]}
+    methods = r["methods"]
     out = []
-    for budget, q in r["methods"]["gateskip"].items():
+    for budget, q in methods.get("gateskip", next(iter(methods.values()), {})).items():
         if float(budget) == 0:
             continue
-        a = accept.get(budget, {})
+        a = accept.get(str(float(budget)), {})
         out.append({"budget": float(budget), **q, "alpha": a.get("alpha"), "tau": a.get("tau"), "loop_compute": a.get("compute_skipped")})
     return out
 

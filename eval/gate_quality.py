@@ -1,13 +1,15 @@
 """How good are the shipped gates as a draft? SmolLM2-135M-Instruct, held-out prompts.
 
-For each budget (share of the draft's layer compute skipped, ``Engine.branch_costs``) and three
+For each budget (share of the draft's layer compute skipped, ``Engine.branch_costs``) and four
 ways of choosing what to skip at that budget:
 
 - ``gateskip``: the gates with their calibrated single-token thresholds;
 - ``random``: every (token, branch) skipped with probability ``budget``;
 - ``static``: whole branches skipped for every token (Draft & Verify style): the branches whose
   removal alone costs least top-1 agreement on calibration text (the train-split answers, not the
-  held-out ones), in that order until they make up ``budget`` of the layer compute.
+  held-out ones), in that order until they make up ``budget`` of the layer compute;
+- ``sparse``: no skips, sparse inputs (:mod:`specgate.sparse_inputs`) with the thresholds the gates
+  store for ``budget`` (``specgate calibrate --sparse-inputs``).
 
 we measure, teacher-forced over the full model's own greedy answers to the held-out prompts of
 :mod:`specgate.prompts` (never in the training corpus): the mean per-token log-likelihood of the
@@ -16,7 +18,8 @@ position runs as one single-token skipping step against a cache holding the full
 everything before it, as in the acceptance loop after a verify pass. The skip share each method
 really reached is counted too (evaluations and compute). At the end, the acceptance loop's alpha
 and tau at the ``--accept-budgets`` (with the ``--draft-vocab`` head if given; the loop's draft
-lengths: ``--max-draft``, ``--min-draft-prob``, ``--fixed-draft``).
+lengths: ``--max-draft``, ``--min-draft-prob``, ``--fixed-draft``; ``--sparse-inputs S``: the draft
+cuts its inputs at share S too, alone where the budget is 0).
 
     .venv/bin/python eval/gate_quality.py [--gates DIR] [--prompts 34] [--answer-tokens 128] [--draft-vocab 8192]
 
@@ -36,9 +39,11 @@ import torch
 
 import specgate
 from specgate.data import chat_ids, self_answers
+from specgate.engine import SkipCounter
 from specgate.gradient import gated_forward
 from specgate.policy import SkipPolicy
 from specgate.prompts import split
+from specgate.sparse_inputs import InputCuts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,7 +135,8 @@ def left_pad(batch: list[tuple[list[int], int]]) -> tuple[torch.Tensor, torch.Te
 
 @torch.inference_mode()
 def first_draft_scores(m, batch, gates, policy) -> dict:
-    """Teacher-forced first-draft-token scores of one policy (None: the full model) over a batch."""
+    """Teacher-forced first-draft-token scores of one policy (None: the full model; an
+    :class:`InputCuts`: the sparse-inputs draft, without gates) over a batch."""
     eng = m.engine
     ids, pad, target = left_pad(batch)
     B, N = ids.shape
@@ -143,15 +149,20 @@ def first_draft_scores(m, batch, gates, policy) -> dict:
     if policy is None:
         return {"ll": full_ll[target].tolist(), "agree": [1.0] * int(target.sum()), "skipped": 0.0, "compute": 0.0}
     k, v = [t.clone() for t in cache.k], [t.clone() for t in cache.v]  # the full model's K/V, per layer
-    counted, ll, agree = RowCounter(policy, eng.branch_costs()), [], []
+    cuts = policy if isinstance(policy, InputCuts) else None
+    counted = SkipCounter() if cuts is not None else RowCounter(policy, eng.branch_costs())
+    ll, agree = [], []
     first = int(target.float().argmax(1).min())
     for t in range(first, N - 1):
         rows = target[:, t]
         if not rows.any():
             continue
         cache.rewind(torch.full((B,), t))
-        counted.step(rows)
-        logp = eng(ids[:, t : t + 1], cache, gates, counted)[:, 0].float().log_softmax(-1)
+        if cuts is not None:  # every row of the step is counted, prompt positions of other rows too
+            logp = eng(ids[:, t : t + 1], cache, cuts=cuts, counter=counted)[:, 0].float().log_softmax(-1)
+        else:
+            counted.step(rows)
+            logp = eng(ids[:, t : t + 1], cache, gates, counted)[:, 0].float().log_softmax(-1)
         for i in range(len(k)):  # restore the full model's K/V at t
             cache.k[i][:, :, t], cache.v[i][:, :, t] = k[i][:, :, t], v[i][:, :, t]
         ll += logp.gather(-1, nxt[:, t, None])[rows, 0].tolist()
@@ -247,13 +258,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-draft", type=int, default=specgate.SpecConfig.max_draft, help="the acceptance loop's most drafts per round")
     ap.add_argument("--min-draft-prob", type=float, default=0.0, help="... stopping a round's drafts below this top-1 probability")
     ap.add_argument("--fixed-draft", action="store_true", help="... drafting up to --max-draft every round (not adapting k)")
-    ap.add_argument("--methods", default="gateskip,random,static", help="which of gateskip, random, static to measure")
+    ap.add_argument("--methods", default="gateskip,random,static",
+                    help="which of gateskip, random, static, sparse (sparse inputs, calibrated in the gates) to measure")
+    ap.add_argument("--sparse-inputs", type=float, default=0.0,
+                    help="the acceptance loop's sparse-inputs share (with the gates' skips at each --accept-budgets; 0 there: alone)")
     ap.add_argument("--out", default=str(ROOT / "results" / "gate_quality"))
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    budgets = [float(b) for b in args.budgets.split(",")]
+    budgets = [float(b) for b in args.budgets.split(",") if b]
 
     m = specgate.load("smollm2-135m-instruct", gates=args.gates)
     if m.gates is None:
@@ -282,8 +296,8 @@ def main(argv: list[str] | None = None) -> int:
                 "compute": share("compute"), "tokens": len(ll)}  # fmt: skip
 
     full = run(None)
-    methods = args.methods.split(",")
-    results = {"full_model": full, "gates": args.gates, "methods": {k: {} for k in methods}, "static_order": order}
+    methods = [x for x in args.methods.split(",") if x]
+    results = {"full_model": full, "gates": args.gates, "sparse_inputs": args.sparse_inputs, "methods": {k: {} for k in methods}, "static_order": order}
     header = f"{'budget':>6} | {'method':>8} | {'skipped':>7} | {'compute':>7} | {'log-lik':>8} | {'d vs full':>9} | {'top-1 agree':>11}"
     print(f"full model: mean log-lik {full['ll']:.3f} over {full['tokens']} held-out answer tokens\n{header}")
     for budget in budgets:
@@ -291,9 +305,12 @@ def main(argv: list[str] | None = None) -> int:
             "gateskip": m.gates.policy(budget) if budget > 0 else None,
             "random": RandomPolicy(budget, seed=0) if budget > 0 else None,
             "static": StaticPolicy(static_branches(order, budget, saved)) if budget > 0 else None,
+            "sparse": m.gates.cuts(budget) if budget > 0 and "sparse" in methods else None,
         }
         for name in methods:
-            policy = policies[name]
+            policy = policies.get(name, KeyError)
+            if policy is KeyError:
+                raise SystemExit(f"unknown method {name!r}: pick from {', '.join(policies)}")
             r = full if policy is None else run(policy)
             results["methods"][name][budget] = {k: r[k] for k in ("ll", "agree", "skipped", "compute")}
             print(f"{budget:6.2f} | {name:>8} | {r['skipped']:7.3f} | {r['compute']:7.3f} | {r['ll']:8.3f} | "
@@ -304,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     results["acceptance"] = acceptance(
         m, heldout[: args.accept_prompts], accept_budgets, 64, draft_vocab=args.draft_vocab, draft_vocab_context=args.draft_vocab_context,
         max_draft=args.max_draft, min_draft_prob=args.min_draft_prob, adaptive=not args.fixed_draft,
-        init_draft=args.max_draft if args.fixed_draft else None,
+        init_draft=args.max_draft if args.fixed_draft else None, sparse_inputs=args.sparse_inputs,
     )  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ import torch
 from .data import chat_ids, chunk, load_documents, self_answers
 from .engine import Engine, SkipCounter
 from .gates import GateSet
+from .sparse_inputs import calibrate_cuts
 from .policy import ALLOCATIONS, Allocation, BudgetPolicy, SkipPolicy, budget_quantile
 
 
@@ -38,6 +39,7 @@ class CalibrateConfig:
     prefix: int = 24  # tokens prefilled by the original model before the draft steps start
     iterations: int = 3
     draft_len: int = 4
+    sparse_inputs: tuple[float, ...] = ()  # compute shares of sparse-inputs drafts (specgate.sparse_inputs)
     data: str | None = None
 
 
@@ -158,7 +160,33 @@ def _stack(samples, prefix: int) -> torch.Tensor:
 
 def calibrate_default(model, gates: GateSet, config: CalibrateConfig = CalibrateConfig()) -> dict[float, float]:
     """Calibrate on ``config.data`` or the model's own answers to train-split prompts, then check
-    on its answers to held-out prompts; returns budget -> decode skip share on held-out text."""
+    on its answers to held-out prompts; returns budget -> decode skip share on held-out text, and
+    share -> compute share the sparse-inputs draft skips there."""
+    calib, check = calibration_samples(model, config)
+    if config.budgets:
+        calibrate(model, gates, calib, config.budgets, config.allocation, config.prefix, config.iterations, config.draft_len)
+    reached = {b: measure(model, gates, check, b, config.prefix, config.draft_len) for b in config.budgets}
+    engine: Engine = model.engine
+    for share in config.sparse_inputs:
+        gates.input_cuts[share], split, agree = calibrate_cuts(engine.weights, _stack(calib, 0), share, config.prefix)
+        reached[share] = cut_share(engine, gates.cuts(share), _stack(check, 0))
+        print(f"sparse inputs {share:.2f}: shares zeroed (q/k/v, output, gate/up, down) {', '.join(f'{x:.2f}' for x in split)}; "
+              f"top-1 agreement on calibration text {agree:.3f}; compute skipped on held-out text {reached[share]:.3f}")  # fmt: skip
+    return reached
+
+
+@torch.inference_mode()
+def cut_share(engine: Engine, cuts, ids: torch.Tensor) -> float:
+    """Compute share a sparse-inputs pass over ``ids`` skips."""
+    counter, cache = SkipCounter(), engine.new_cache(*ids.shape)
+    cache.reset()
+    engine(ids, cache, cuts=cuts, counter=counter)
+    return counter.compute_fraction
+
+
+def calibration_samples(model, config: CalibrateConfig) -> tuple[list[list[int]], list[list[int]]]:
+    """(calibration, check) token sequences: of ``config.data``, or the model's own answers to
+    train-split and held-out prompts."""
     from .prompts import split
 
     train_prompts, heldout = split()
@@ -176,5 +204,4 @@ def calibrate_default(model, gates: GateSet, config: CalibrateConfig = Calibrate
         # the draft steps start inside the answer: prefix = the chat-template prompt of each sample
         calib = [c[-n_tok:] for c in calib if len(c) >= n_tok] or calib
         check = [c[-n_tok:] for c in check if len(c) >= n_tok] or check
-    calibrate(model, gates, calib, config.budgets, config.allocation, config.prefix, config.iterations, config.draft_len)
-    return {b: measure(model, gates, check, b, config.prefix, config.draft_len) for b in config.budgets}
+    return calib, check

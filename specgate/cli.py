@@ -54,7 +54,7 @@ def _budget(text: str) -> float:
 
 
 def _budgets(text: str) -> list[float]:
-    return [_budget(b) for b in text.split(",") if b]
+    return [] if text == "none" else [_budget(b) for b in text.split(",") if b]
 
 
 def _context_budget(text: str) -> float | tuple[float, ...]:
@@ -121,9 +121,12 @@ def _spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-fill", choices=["project", "copy_below"], default=None, help=f"K/V of tokens that skip attention in the draft (default {d.kv_fill})")
     p.add_argument("--draft-precision", choices=PRECISIONS, default=None,
                    help=f"the draft's weight matrices; bfloat16 / int8 / int4 read a copy (extra memory, CPU only) (default {d.draft_precision})")  # fmt: skip
+    p.add_argument("--sparse-inputs", type=_budget, default=None,
+                   help="share of the compute the draft skips by zeroing each projection's small inputs (thresholds calibrated "
+                        "with the gates; alone with --draft-budget 0; the PyTorch path) (default 0: off)")  # fmt: skip
 
 
-SPEC_FLAGS = ("draft_budget", "max_draft", "draft_vocab", "draft_vocab_context", "verifier", "kv_fill", "draft_precision")
+SPEC_FLAGS = ("draft_budget", "max_draft", "draft_vocab", "draft_vocab_context", "verifier", "kv_fill", "draft_precision", "sparse_inputs")
 
 
 def _spec_call(args) -> dict:
@@ -323,20 +326,20 @@ def cmd_calibrate(args) -> int:
         raise ValueError(f"no gates found for {args.model}: pass --gates DIR")
     config = CalibrateConfig(
         budgets=tuple(args.budgets), allocation=args.allocation, samples=args.samples, tokens=args.tokens,
-        iterations=args.iterations, data=args.data,
+        iterations=args.iterations, data=args.data, sparse_inputs=tuple(args.sparse_inputs),
     )  # fmt: skip
     if args.half:  # calibrate what will be stored
         for p in m.gates.parameters():
             p.data = p.data.half().to(p.dtype)
     start = time.perf_counter()
     report = calibrate_default(m, m.gates, config)
-    for budget, fraction in report.items():
-        print(f"budget {budget:.2f}: decode skips {fraction:.3f} on held-out text")
+    for budget in config.budgets:
+        print(f"budget {budget:.2f}: decode skips {report[budget]:.3f} on held-out text")
     print(f"calibrated in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     gates = m.gates
     if args.half:
         gates = copy.deepcopy(m.gates).half()
-        gates.thresholds = dict(m.gates.thresholds)
+        gates.thresholds, gates.input_cuts = dict(m.gates.thresholds), dict(m.gates.input_cuts)
     out = args.out or args.gates
     save_gates(gates, out)
     print(f"saved to {out}", file=sys.stderr)
@@ -428,7 +431,10 @@ def parser() -> argparse.ArgumentParser:
     d = CalibrateConfig()
     p = sub.add_parser("calibrate", help="per-branch single-token skip thresholds for a list of budgets")
     _model_args(p)
-    p.add_argument("--budgets", type=_budgets, default=list(d.budgets), help=f"comma-separated (default {d.budgets})")
+    p.add_argument("--budgets", type=_budgets, default=list(d.budgets),
+                   help=f"comma-separated, or 'none' to keep the gates' thresholds (default {d.budgets})")  # fmt: skip
+    p.add_argument("--sparse-inputs", type=_budgets, default=[], metavar="S1,S2",
+                   help="also calibrate sparse-inputs drafts that skip these compute shares (specgate.sparse_inputs)")
     p.add_argument("--allocation", choices=["global", "branch"], default=d.allocation,
                    help="global: one threshold over all branches; branch: each branch skips the budget")  # fmt: skip
     p.add_argument("--data", default=None, help="calibration text (.txt/.jsonl); default: the model's answers to held-in prompts")

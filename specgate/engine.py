@@ -21,6 +21,7 @@ from .gates import GateSet
 from .kernels.cpu_step import CpuStep, head_precision
 from .ops import gather_tokens, scatter_add_tokens
 from .policy import BudgetPolicy, SkipPolicy
+from .sparse_inputs import InputCuts
 from .standin import StandIns
 from .vocab import DraftHead
 
@@ -48,6 +49,7 @@ class _Pass:
     kv_fill: KVFill = "project"
     counter: "SkipCounter | None" = None
     adapters: StandIns | None = None  # the draft's adapters, in a pass that may skip
+    cuts: InputCuts | None = None  # a sparse-inputs draft's thresholds
     masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)  # built on first use
     kernels: "dispatch.TritonKernels | None" = None  # the Triton path of this pass (None: PyTorch)
     skips: list = field(default_factory=list)  # the Triton routes' skip counts, on the device
@@ -197,7 +199,7 @@ class Engine:
         attn = [lw.qkv_w.shape[0] * lw.qkv_w.shape[1] + lw.o_w.numel() for lw in w.layers]
         mlp = [lw.gate_up_w.numel() + lw.down_w.numel() for lw in w.layers]
         attn_saved = attn if kv_fill == "copy_below" else [q_dim * lw.qkv_w.shape[1] + lw.o_w.numel() for lw in w.layers]
-        total = sum(attn) + sum(mlp)
+        total = self.total_weights
         share = lambda xs: [x / total for x in xs]  # noqa: E731
         cost = [share([a + adapter for a in attn]), share([m + adapter for m in mlp])]
         return cost, [share([a + adapter - standin for a in attn_saved]), share([m + adapter - standin for m in mlp])]
@@ -220,6 +222,7 @@ class Engine:
         precision: str = "float32",
         exact_logits: bool = True,
         exact_top: int = 1,
+        cuts: InputCuts | None = None,
     ) -> torch.Tensor:
         """Run T new tokens (B, T) against the cache; returns logits (B, T, V), or of the last
         ``logits_to_keep`` positions. Writes their K/V and advances the cache by T. ``kv_fill``:
@@ -231,8 +234,9 @@ class Engine:
         they could be the maximum, within a bound elsewhere (:mod:`specgate.kernels.screened_head`);
         so a greedy draft over a low-precision copy, or with a draft vocabulary, takes the float32
         head's token too. ``exact_top``: with ``exact_logits=False``, the full head's ``exact_top``
-        largest logits of each row are exact (top-k sampling), not only its argmax."""
-        h = self.hidden(input_ids, cache, gates, policy, kv_fill=kv_fill, counter=counter, precision=precision)
+        largest logits of each row are exact (top-k sampling), not only its argmax. ``cuts``: a
+        sparse-inputs draft's thresholds (:mod:`specgate.sparse_inputs`; the PyTorch path)."""
+        h = self.hidden(input_ids, cache, gates, policy, kv_fill=kv_fill, counter=counter, precision=precision, cuts=cuts)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         screened = None if exact_logits else self.screened  # greedy: the float32 head's argmax, at about int8's cost
@@ -256,6 +260,7 @@ class Engine:
         kv_fill: KVFill = "project",
         counter: SkipCounter | None = None,
         precision: str = "float32",
+        cuts: InputCuts | None = None,
     ) -> torch.Tensor:
         """:meth:`forward` without the LM head: the last layer's hidden states (B, T, d), for a
         head the engine does not run (the Triton path's fused draft head). Reads nothing from the
@@ -266,19 +271,21 @@ class Engine:
             raise ValueError(f"cache of {cache.max_len} slots cannot take {T} more tokens")
         if kv_fill not in KV_FILLS:
             raise ValueError(f"kv_fill must be one of {KV_FILLS}, got {kv_fill!r}")
-        fusable = CpuStep.applies(input_ids, cache, gates, policy)
+        fusable = cuts is None and CpuStep.applies(input_ids, cache, gates, policy)
         if fusable and (self.cpu_step is not None or precision != "float32"):
             return self._fused(input_ids, cache, gates, policy, kv_fill, counter, precision)
         if precision != "float32":
             raise ValueError(
                 f"precision={precision!r} runs on the fused CPU pass (kernels='auto' or 'cpu', float32 weights on the "
                 "CPU), which covers passes of up to 16 token rows (batch x tokens) that skip nothing and one "
-                "sequence's single-token drafts with scalar gates that only pick skips: use precision='float32' here"
+                "sequence's single-token drafts with scalar gates that only pick skips"
+                + (", without sparse inputs (they run on the PyTorch path)" if cuts is not None else "")
+                + ": use precision='float32' here"
             )
         p = self._prepare(input_ids, cache)
         p.gates, p.policy, p.kv_fill, p.counter = gates, policy, kv_fill, counter
-        p.adapters = draft_adapters(gates, policy)
-        if self.kernels is not None and self.kernels.applies(gates, policy):
+        p.adapters, p.cuts = draft_adapters(gates, policy), cuts
+        if self.kernels is not None and cuts is None and self.kernels.applies(gates, policy):
             p.kernels = self.kernels
         h = layers.embed(self.weights, input_ids)
         for i, lw in enumerate(self.weights.layers):
@@ -385,19 +392,21 @@ class Engine:
             return p.kernels.attention(self, h, x, i, lw, p)
         g, sel = self._select(x, i, 0, p)
         cos, sin = p.rope[lw.rope]
+        cut = self._cut(i, 0, p)
+        xp = x if cut is None else cut(x, 0, lw.qkv_w.shape[0] if sel is None else lw.qkv_w.shape[0] - lw.o_w.shape[1])
 
         # 1. K/V of the new tokens into the cache (run on all tokens, or fill the skipped ones).
         if sel is None:
-            q, k, v = layers.qkv(w, lw, x, cos, sin)
+            q, k, v = layers.qkv(w, lw, xp, cos, sin)
             p.cache.write(i, p.slots, k, v, p.uniform)
         elif p.kv_fill == "copy_below" and i > 0:
             gcos, gsin = gather_tokens(cos, sel.order), gather_tokens(sin, sel.order)
-            k, v = layers.keys_values(w, lw, gather_tokens(x, sel.order), gcos, gsin)
+            k, v = layers.keys_values(w, lw, gather_tokens(xp, sel.order), gcos, gsin)
             p.cache.write(i, gather_tokens(p.slots, sel.order), k, v, None)
             rows, cols = (~sel.active).nonzero(as_tuple=True)
             p.cache.copy_from_below(i, p.slots[rows, cols], rows)
         else:
-            p.cache.write(i, p.slots, *layers.keys_values(w, lw, x, cos, sin), p.uniform)
+            p.cache.write(i, p.slots, *layers.keys_values(w, lw, xp, cos, sin), p.uniform)
         if sel is not None and sel.order.shape[1] == 0:
             return self._draft_terms(h, x, i, 0, sel, p)  # every token skips attention
 
@@ -405,11 +414,13 @@ class Engine:
         causal = p.causal and sel is None and (lw.window is None or p.S <= lw.window)
         mask = None if causal else p.mask(lw.window)
         if sel is not None:
-            q = layers.queries(w, lw, gather_tokens(x, sel.order), gather_tokens(cos, sel.order), gather_tokens(sin, sel.order))
+            xq = gather_tokens(x, sel.order)  # cut again, to count the query columns of these tokens only
+            xq = xq if cut is None else cut(xq, 0, lw.o_w.shape[1])
+            q = layers.queries(w, lw, xq, gather_tokens(cos, sel.order), gather_tokens(sin, sel.order))
             if mask is not None:
                 mask = mask.gather(2, sel.order[:, None, :, None].expand(-1, 1, -1, p.S))
         k, v = p.cache.k[i][:, :, : p.S], p.cache.v[i][:, :, : p.S]  # (B, n_kv, S, hd)
-        o = layers.attention_output(w, lw, layers.attend(w, q, k, v, mask, causal))  # (B, n, d)
+        o = layers.attention_output(w, lw, layers.attend(w, q, k, v, mask, causal), cut)  # (B, n, d)
         return self._residual(self._draft_terms(h, x, i, 0, sel, p), o, g, sel)
 
     def _mlp(self, h: torch.Tensor, i: int, lw: LayerWeights, p: _Pass) -> torch.Tensor:
@@ -422,7 +433,31 @@ class Engine:
             if sel.order.shape[1] == 0:
                 return h
             x = gather_tokens(x, sel.order)
-        return self._residual(h, layers.mlp(self.weights, lw, x), g, sel)
+        return self._residual(h, layers.mlp(self.weights, lw, x, self._cut(i, 1, p)), g, sel)
+
+    def _cut(self, i: int, branch: int, p: _Pass) -> layers.Cut | None:
+        """Layer i's cut of a sparse-inputs pass (None: none), which counts the weights it does not
+        read (and the branch's evaluations, where no gates count them)."""
+        if p.cuts is None:
+            return None
+        if p.counter is not None and p.gates is None:
+            cost, _ = self.pass_costs(p.kv_fill, None)
+            p.counter.add(p.n_valid, 0, cost[branch][i], 0.0)
+        total = self.total_weights
+
+        def cut(x: torch.Tensor, proj: int, n_out: int) -> torch.Tensor:
+            keep = p.cuts.keep(x, i, proj)
+            if p.counter is not None:  # the n_out-wide weight columns of the zeroed entries
+                p.counter.add_on_device(torch.zeros((), device=x.device), (~keep).sum() * (n_out / total))
+            return x * keep
+
+        return cut
+
+    @functools.cached_property
+    def total_weights(self) -> int:
+        """All layers' weights (the unit of :meth:`branch_costs`' shares)."""
+        return sum(lw.qkv_w.shape[0] * lw.qkv_w.shape[1] + lw.o_w.numel() + lw.gate_up_w.numel() + lw.down_w.numel()
+                   for lw in self.weights.layers)  # fmt: skip
 
     @staticmethod
     def _draft_terms(h: torch.Tensor, x: torch.Tensor, i: int, branch: int, sel: _Selection | None, p: _Pass) -> torch.Tensor:

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from .policy import BudgetPolicy
+from .sparse_inputs import PROJECTIONS, InputCuts
 from .standin import StandIns
 
 GateKind = Literal["full", "lowrank", "scalar"]
@@ -70,6 +71,8 @@ class GateSet(nn.Module):
     (:mod:`specgate.vocab`); None if the gates were saved without one. ``standins``: what a draft
     adds where it skips a branch, ``adapters``: what it adds beside a branch's output where it
     runs it (:mod:`specgate.standin`); None: nothing. A pass that skips nothing uses neither.
+    ``input_cuts`` maps a compute share to the (num_layers, 4) thresholds of a sparse-inputs draft
+    that skips it (:mod:`specgate.sparse_inputs`), measured by calibration too.
     """
 
     def __init__(self, config: GateConfig):
@@ -79,6 +82,7 @@ class GateSet(nn.Module):
         self.attn = nn.ModuleList(make() for _ in range(config.num_layers))
         self.mlp = nn.ModuleList(make() for _ in range(config.num_layers))
         self.thresholds: dict[float, torch.Tensor] = {}
+        self.input_cuts: dict[float, torch.Tensor] = {}
         self.token_ranking: torch.Tensor | None = None
         self.standins: StandIns | None = None
         self.adapters: StandIns | None = None
@@ -100,6 +104,16 @@ class GateSet(nn.Module):
             thresholds = self.thresholds[nearest]
         return BudgetPolicy(budget=budget, thresholds=thresholds)
 
+    def cuts(self, share: float) -> InputCuts:
+        """The sparse-inputs draft that skips ``share`` of the compute (its calibrated thresholds)."""
+        found = [s for s in self.input_cuts if abs(s - share) < 1e-6]
+        if not found:
+            raise ValueError(
+                f"the gates have sparse-input thresholds for {sorted(self.input_cuts) or 'no shares'}, not {share}: "
+                f"run `specgate calibrate --sparse-inputs {share}` on them, or pick a calibrated share"
+            )
+        return InputCuts(self.input_cuts[found[0]])
+
     def draft_runs(self, budget: float):
         """runs(importance, layer, branch) -> bool tensor of importance's shape: what the
         single-token draft at ``budget`` runs (importance above its calibrated threshold)."""
@@ -117,6 +131,8 @@ def save_gates(gates: GateSet, path: str | Path) -> Path:
     tensors = {k: v.detach().contiguous() for k, v in gates.state_dict().items()}
     for budget, t in gates.thresholds.items():
         tensors[f"thresholds.{budget:.4f}"] = t.detach().float().contiguous()
+    for share, t in gates.input_cuts.items():
+        tensors[f"input_cuts.{share:.4f}"] = t.detach().float().contiguous()
     if gates.token_ranking is not None:
         tensors[RANKING_KEY] = gates.token_ranking.to(torch.int32).contiguous()
     (path / WEIGHTS_NAME).write_bytes(save(tensors))  # the umask's mode: safetensors' save_file writes 0600
@@ -149,6 +165,13 @@ def load_gates(path: str | Path, model_config=None, dtype: torch.dtype | None = 
         ) from e
     for key in [k for k in tensors if k.startswith("thresholds.")]:
         gates.thresholds[float(key.split(".", 1)[1])] = tensors.pop(key)
+    for key in [k for k in tensors if k.startswith("input_cuts.")]:
+        gates.input_cuts[float(key.split(".", 1)[1])] = cuts = tensors.pop(key)
+        if cuts.shape != (config.num_layers, len(PROJECTIONS)):
+            raise ValueError(
+                f"sparse-input thresholds {key} in {path / WEIGHTS_NAME} have shape {tuple(cuts.shape)}, not "
+                f"({config.num_layers}, {len(PROJECTIONS)}): the file is damaged; calibrate them again"
+            )
     if RANKING_KEY in tensors:
         gates.token_ranking = tensors.pop(RANKING_KEY).long()
         if model_config is not None and len(gates.token_ranking) != model_config.vocab_size:

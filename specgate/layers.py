@@ -11,6 +11,7 @@ queries/keys/values, and RoPE tables ``cos, sin`` (B, T, hd).
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -74,17 +75,26 @@ def attend_with_history(w: ModelWeights, q, k, v, history: tuple[torch.Tensor, t
     return attend(w, q, k_all, v_all, both)
 
 
-def attention_output(w: ModelWeights, lw: LayerWeights, o: torch.Tensor) -> torch.Tensor:
+# cut(x, projection, n_out) -> x with the entries a sparse-inputs draft does not read zeroed
+# (:mod:`specgate.sparse_inputs`; projections 0 q/k/v, 1 output, 2 gate/up, 3 down); None: all read
+Cut = Callable[[torch.Tensor, int, int], torch.Tensor]
+
+
+def attention_output(w: ModelWeights, lw: LayerWeights, o: torch.Tensor, cut: Cut | None = None) -> torch.Tensor:
     """o (B, heads, n, hd) -> the branch output (B, n, d): output projection, then post-norm."""
     B, _, n, _ = o.shape
-    o = linear(o.transpose(1, 2).reshape(B, n, w.n_heads * w.head_dim), lw.o_w, lw.o_b)
+    o = o.transpose(1, 2).reshape(B, n, w.n_heads * w.head_dim)
+    o = linear(o if cut is None else cut(o, 1, lw.o_w.shape[0]), lw.o_w, lw.o_b)
     return post_norm(w, o, lw.post_attn_norm)
 
 
-def mlp(w: ModelWeights, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+def mlp(w: ModelWeights, lw: LayerWeights, x: torch.Tensor, cut: Cut | None = None) -> torch.Tensor:
     """The MLP branch's output (post-norm included) for its normed input x (B, n, d)."""
+    if cut is not None:
+        x = cut(x, 2, lw.gate_up_w.shape[0])
     gate, up = linear(x, lw.gate_up_w).chunk(2, dim=-1)
-    return post_norm(w, linear(w.act(gate) * up, lw.down_w), lw.post_mlp_norm)
+    a = w.act(gate) * up
+    return post_norm(w, linear(a if cut is None else cut(a, 3, lw.down_w.shape[0]), lw.down_w), lw.post_mlp_norm)
 
 
 def head(w: ModelWeights, h: torch.Tensor, product: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
@@ -129,24 +139,24 @@ def dense_rope_masks(w: ModelWeights, ids: torch.Tensor) -> tuple[dict, dict]:
     return rope, masks
 
 
-def attention_branch(w: ModelWeights, lw: LayerWeights, h, rope, masks, history=None, round_len: int = 1):
+def attention_branch(w: ModelWeights, lw: LayerWeights, h, rope, masks, history=None, round_len: int = 1, cut: Cut | None = None):
     """The attention branch on every position -> (x, o, (k, v)): its normed input, its output and
     this pass's k, v. ``history``, ``round_len``: see :func:`attend_with_history`."""
     x = norm(w, h, lw.attn_norm)
     cos, sin = rope[lw.rope]
-    q, k, v = qkv(w, lw, x, cos, sin)
+    q, k, v = qkv(w, lw, x if cut is None else cut(x, 0, lw.qkv_w.shape[0]), cos, sin)
     mask = masks.get(lw.window)
     if history is None:
         o = attend(w, q, k, v, mask, causal=mask is None)
     else:
         o = attend_with_history(w, q, k, v, history, mask, round_len)
-    return x, attention_output(w, lw, o), (k, v)
+    return x, attention_output(w, lw, o, cut), (k, v)
 
 
-def mlp_branch(w: ModelWeights, lw: LayerWeights, h):
+def mlp_branch(w: ModelWeights, lw: LayerWeights, h, cut: Cut | None = None):
     """The MLP branch on every position -> (x, o)."""
     x = norm(w, h, lw.mlp_norm)
-    return x, mlp(w, lw, x)
+    return x, mlp(w, lw, x, cut)
 
 
 # add(h, x, o, layer, branch) -> the residual stream after the branch; the default is h + o
@@ -160,20 +170,23 @@ def dense_forward(
     kvs: list | None = None,
     history: list | None = None,
     round_len: int = 1,
+    cuts=None,
 ) -> torch.Tensor:
     """Whole sequences (B, T) from position 0 -> logits (B, T, V), differentiable. Every branch
     runs on every token; ``add`` decides what reaches the residual stream (masking a branch's
     output is skipping it; the K/V of a skipped token come from its passed-through hidden state,
     as the engine's ``kv_fill="project"``). ``kvs``: a list that receives each layer's (k, v);
-    ``history``: such a list from another pass, attended as in :func:`attend_with_history`."""
+    ``history``: such a list from another pass, attended as in :func:`attend_with_history`.
+    ``cuts``: a sparse-inputs draft's :class:`~specgate.sparse_inputs.InputCuts`."""
     rope, masks = dense_rope_masks(w, ids)
     h = embed(w, ids)
     for i, lw in enumerate(w.layers):
-        x, o, kv = attention_branch(w, lw, h, rope, masks, history[i] if history else None, round_len)
+        cut = None if cuts is None else functools.partial(cuts.apply, layer=i)
+        x, o, kv = attention_branch(w, lw, h, rope, masks, history[i] if history else None, round_len, cut)
         if kvs is not None:
             kvs.append(kv)
         h = add(h, x, o, i, 0) if add else h + o
-        x, o = mlp_branch(w, lw, h)
+        x, o = mlp_branch(w, lw, h, cut)
         h = add(h, x, o, i, 1) if add else h + o
     return head(w, h)
 

@@ -27,6 +27,7 @@ from .generation import Sampling, logit_flags, next_token, prefill, probabilitie
 from .kernels.cpu_step import PRECISIONS
 from .output import Emitter
 from .policy import SkipPolicy
+from .sparse_inputs import InputCuts
 from .vocab import DraftHead
 
 
@@ -47,6 +48,9 @@ class SpecConfig:
     # the draft's weight matrices: "float32" shares the model's; "bfloat16" / "int8" / "int4" read a copy made
     # on first use (extra memory; the fused CPU pass only); the verifier keeps float32: still lossless
     draft_precision: Literal["float32", "bfloat16", "int8", "int4"] = "float32"
+    # share of the compute a sparse-inputs draft skips inside the branches it runs: the gates' thresholds for it
+    # (`specgate calibrate --sparse-inputs`) zero each projection's small inputs (specgate.sparse_inputs); 0: off
+    sparse_inputs: float = 0.0
 
     def __post_init__(self):
         if self.verifier not in ("original", "gated"):
@@ -62,6 +66,8 @@ class SpecConfig:
             raise ValueError(f"min_draft_prob must be in [0, 1), got {self.min_draft_prob}")
         if self.draft_precision not in PRECISIONS:
             raise ValueError(f"draft_precision must be one of {PRECISIONS}, got {self.draft_precision!r}")
+        if not 0.0 <= self.sparse_inputs < 1.0:
+            raise ValueError(f"sparse_inputs must be a share of the compute in [0, 1), got {self.sparse_inputs}")
         if self.draft_vocab is not None and self.draft_vocab < 1:
             raise ValueError(f"draft_vocab must be a number of tokens >= 1 (or None: the full vocabulary), got {self.draft_vocab}")
 
@@ -171,7 +177,7 @@ def speculative_generate(
     if head is not None and config.draft_vocab_context:  # this call's copy, growing with its text
         head = head.with_context(input_ids if attention_mask is None else input_ids[attention_mask.bool()])
     run = draft_gates(gates, config)
-    draft = _Drafter(engine, run, draft_policy(run, config), head, sampling, config, generator, counter)
+    draft = _Drafter(engine, run, draft_policy(run, config), head, sampling, config, generator, counter, draft_cuts(gates, config))
     verifier = gates if config.verifier == "gated" else None
     max_len = input_ids.shape[1] + out.max_new + config.max_draft + 2
     flags = logit_flags(sampling, out)
@@ -225,6 +231,16 @@ def draft_gates(gates: GateSet | None, config: SpecConfig) -> GateSet | None:
     return gates if config.draft_budget > 0 or (gates is not None and gates.config.scale_output) else None
 
 
+def draft_cuts(gates: GateSet | None, config: SpecConfig) -> InputCuts | None:
+    """The draft's sparse-input thresholds (None: it reads every input)."""
+    if not config.sparse_inputs:
+        return None
+    if gates is None:
+        raise ValueError("sparse_inputs needs the thresholds stored with gates: load gates calibrated with "
+                         "`specgate calibrate --sparse-inputs SHARE`, or set sparse_inputs=0")  # fmt: skip
+    return gates.cuts(config.sparse_inputs)
+
+
 def draft_policy(gates: GateSet | None, config: SpecConfig) -> SkipPolicy | None:
     """The draft's skip policy: calibrated single-token thresholds at the draft budget (None
     without gates: a budget-0 draft, the model itself at its draft precision)."""
@@ -251,6 +267,7 @@ class _Drafter:
     config: SpecConfig
     generator: torch.Generator | None
     counter: SkipCounter
+    cuts: InputCuts | None = None
 
     def __call__(self, cache, last: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Up to k single-token passes after token ``last`` (B,): tokens (B, n), logits (B, n, V),
@@ -259,7 +276,7 @@ class _Drafter:
 
         The drafts never wait on the device, except with ``min_draft_prob`` (one read per step)."""
         kern = self.engine.kernels
-        fused = kern is not None and self.head is not None and not self.sampling.do_sample
+        fused = kern is not None and self.head is not None and not self.sampling.do_sample and self.cuts is None
         tokens, logits, dists = [], [], []
         token = last
         for _ in range(k):
@@ -269,7 +286,7 @@ class _Drafter:
                                        precision=self.config.draft_precision)[:, -1]  # fmt: skip
                 token, top = kern.draft_argmax(self.head, h)
             else:
-                step = self.engine(*args, kv_fill=self.config.kv_fill, counter=self.counter, head=self.head,
+                step = self.engine(*args, kv_fill=self.config.kv_fill, counter=self.counter, head=self.head, cuts=self.cuts,
                                    precision=self.config.draft_precision, exact_logits=self.sampling.do_sample)[:, -1]  # fmt: skip
                 probs = probabilities(step, self.sampling) if self.sampling.do_sample or self.config.min_draft_prob else None
                 token = sample(probs, self.generator) if self.sampling.do_sample else step.argmax(-1)
