@@ -15,12 +15,17 @@ import sys
 from pathlib import Path
 
 
-def rows(path: Path) -> list[dict]:
-    r = json.loads(path.read_text())
-    accept = r.get("acceptance") or {}
-    if r.get("sparse_inputs") and "0.0" in accept:  # a sparse-inputs draft alone: its share is its budget
-        accept = {str(float(r["sparse_inputs"])): accept["0.0"]}
-    methods = r["methods"]
+def rows(paths: list[Path]) -> list[dict]:
+    """One draft's rows: the first file's quality table, the acceptance of all (a sparse-inputs draft
+    alone is measured one share per run, its acceptance filed under budget 0: its share is its budget)."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    accept = {}
+    for r in runs:
+        a = r.get("acceptance") or {}
+        if r.get("sparse_inputs") and "0.0" in a:
+            a = {str(float(r["sparse_inputs"])): a["0.0"]}
+        accept.update(a)
+    methods = runs[0]["methods"]
     out = []
     for budget, q in methods.get("gateskip", next(iter(methods.values()), {})).items():
         if float(budget) == 0:
@@ -32,10 +37,10 @@ def rows(path: Path) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("results", nargs="+", help="NAME=PATH of a gate_quality JSON")
+    ap.add_argument("results", nargs="+", help="NAME=PATH[,PATH...] of one draft's gate_quality JSONs (quality from the first)")
     ap.add_argument("--out", default=None, help="plot to OUT.png")
     args = ap.parse_args(argv)
-    table = {name: rows(Path(path)) for name, path in (r.split("=", 1) for r in args.results)}
+    table = {name: rows([Path(p) for p in paths.split(",")]) for name, paths in (r.split("=", 1) for r in args.results)}
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     print("| draft | budget | compute (one step) | log-lik | top-1 | loop compute | alpha | tau |")
     print("|---|---|---|---|---|---|---|---|")

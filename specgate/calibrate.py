@@ -168,10 +168,12 @@ def calibrate_default(model, gates: GateSet, config: CalibrateConfig = Calibrate
     reached = {b: measure(model, gates, check, b, config.prefix, config.draft_len) for b in config.budgets}
     engine: Engine = model.engine
     for share in config.sparse_inputs:
-        gates.input_cuts[share], split, agree = calibrate_cuts(engine.weights, _stack(calib, 0), share, config.prefix)
+        found = calibrate_cuts(engine.weights, _stack(calib, 0), share, config.prefix)
+        gates.input_cuts[share] = found.thresholds
         reached[share] = cut_share(engine, gates.cuts(share), _stack(check, 0))
-        print(f"sparse inputs {share:.2f}: shares zeroed (q/k/v, output, gate/up, down) {', '.join(f'{x:.2f}' for x in split)}; "
-              f"top-1 agreement on calibration text {agree:.3f}; compute skipped on held-out text {reached[share]:.3f}")  # fmt: skip
+        print(f"sparse inputs {share:.2f}: shares zeroed (q/k/v, output, gate/up, down) {', '.join(f'{x:.2f}' for x in found.split)}, "
+              f"spread over layers {found.spread}; first-token agreement on calibration text {found.agreement:.3f}; "
+              f"compute skipped on held-out text {reached[share]:.3f}")  # fmt: skip
     return reached
 
 

@@ -18,10 +18,12 @@ the gates, per share (``GateSet.input_cuts``).
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import torch
 
 PROJECTIONS = ("qkv", "o", "gate_up", "down")  # columns of a (num_layers, 4) thresholds tensor
+MAX_SHARE = 0.97  # the most of a projection's inputs a draft zeroes
 
 
 class InputCuts:
@@ -76,23 +78,64 @@ def allocations(share: float, weights: list[int]) -> list[tuple[float, ...]]:
     return out
 
 
+@dataclass
+class Calibrated:
+    """What :func:`calibrate_cuts` found: ``thresholds`` (num_layers, 4), the ``split`` of the share
+    among projection kinds, the ``spread`` of the per-layer shares and the ``agreement`` they reach."""
+
+    thresholds: torch.Tensor
+    split: tuple[float, ...]
+    spread: float
+    agreement: float
+
+
 @torch.inference_mode()
-def calibrate_cuts(weights, samples: torch.Tensor, share: float, prefix: int = 0) -> tuple[torch.Tensor, tuple[float, ...], float]:
+def calibrate_cuts(weights, samples: torch.Tensor, share: float, prefix: int = 0, spreads=(0.05, 0.1, 0.15)) -> Calibrated:
     """Thresholds (num_layers, 4) that skip ``share`` of the weights, from the full model's input
-    magnitudes on ``samples`` (B, N) token ids; the split among projection kinds is the candidate
-    (:func:`allocations`) whose first draft tokens agree most often with the full model's top-1
-    (teacher-forced: every position after ``prefix`` drafts one token against the full model's K/V
-    before it, as after a verify pass). Returns (thresholds, the split, its agreement)."""
+    magnitudes on ``samples`` (B, N) token ids, chosen in two steps by how often the draft's first
+    tokens agree with the full model's top-1 (teacher-forced: every position after ``prefix`` drafts
+    one token against the full model's K/V before it, as after a verify pass):
+
+    1. the split among projection kinds (:func:`allocations`), the same in every layer;
+    2. shares moved between layers: each layer's sensitivity is the agreement lost when it alone
+       zeroes 0.2 more of its inputs; layer i's shares change by ``-spread * z_i`` (z: the
+       standardized sensitivities), then all by one constant so that they skip ``share`` again; the
+       spread (0: none) that agrees most wins.
+    """
     from .layers import dense_forward
 
-    recorder, kvs = _Recorder(len(weights.layers)), []
+    L, per_kind = len(weights.layers), torch.tensor(projection_weights(weights), dtype=torch.float)
+    recorder, kvs = _Recorder(L), []
     full = dense_forward(weights, samples, kvs=kvs, cuts=recorder).argmax(-1)[:, prefix:]
     mags = [[torch.cat(m) for m in layer] for layer in recorder.magnitudes]
+
+    def thresholds(shares: torch.Tensor) -> torch.Tensor:  # (L, 4) shares of inputs zeroed
+        return torch.tensor([[float(torch.quantile(m[p], float(s))) if s > 0 else -1.0 for p, s in enumerate(row)]
+                             for m, row in zip(mags, shares.tolist())])  # fmt: skip
+
+    def agreement(shares: torch.Tensor) -> tuple[float, torch.Tensor]:
+        t = thresholds(shares)
+        draft = dense_forward(weights, samples, history=kvs, cuts=InputCuts(t)).argmax(-1)[:, prefix:]
+        return float((draft == full).float().mean()), t
+
     best = None
-    for split in allocations(share, projection_weights(weights)):
-        thresholds = torch.tensor([[float(torch.quantile(m[p], s)) if s > 0 else -1.0 for p, s in enumerate(split)] for m in mags])
-        draft = dense_forward(weights, samples, history=kvs, cuts=InputCuts(thresholds)).argmax(-1)[:, prefix:]
-        agree = float((draft == full).float().mean())
-        if best is None or agree > best[2]:
-            best = (thresholds, split, agree)
+    for split in allocations(share, per_kind.tolist()):
+        agree, t = agreement(torch.tensor([split] * L))
+        if best is None or agree > best.agreement:
+            best = Calibrated(t, split, 0.0, agree)
+    base = torch.tensor([best.split] * L)
+    lost = []
+    for i in range(L):
+        alone = torch.zeros(L, 4)
+        alone[i] = (base[i] + 0.2).clamp(max=MAX_SHARE)
+        lost.append(1.0 - agreement(alone)[0])
+    z = torch.tensor(lost)
+    z = (z - z.mean()) / z.std().clamp(min=1e-9)
+    for spread in spreads:
+        shares = base - spread * z[:, None]
+        for _ in range(3):  # shift back to the share (clamping may move it)
+            shares = (shares + share - float((shares * per_kind).sum() / (L * per_kind.sum()))).clamp(0.0, MAX_SHARE)
+        agree, t = agreement(shares)
+        if agree > best.agreement:
+            best = Calibrated(t, best.split, spread, agree)
     return best

@@ -69,15 +69,15 @@ def test_calibration_reaches_its_share_on_the_text_it_saw():
     m = tiny("llama")
     ids = _ids(4, 40)
     for share in (0.3, 0.6):
-        thresholds, split, agree = calibrate_cuts(m.engine.weights, ids, share, prefix=8)
-        assert thresholds.shape == (m.engine.num_layers, len(PROJECTIONS)) and 0 < agree <= 1
-        assert split in allocations(share, projection_weights(m.engine.weights))
-        assert cut_share(m.engine, InputCuts(thresholds), ids) == pytest.approx(share, abs=0.03)
+        found = calibrate_cuts(m.engine.weights, ids, share, prefix=8)
+        assert found.thresholds.shape == (m.engine.num_layers, len(PROJECTIONS)) and 0 < found.agreement <= 1
+        assert found.split in allocations(share, projection_weights(m.engine.weights)) and found.spread in (0.0, 0.05, 0.1, 0.15)
+        assert cut_share(m.engine, InputCuts(found.thresholds), ids) == pytest.approx(share, abs=0.03)
 
 
 def _calibrated(family="llama", share=0.5):
     m = tiny(family, gates=True)
-    m.gates.input_cuts[share] = calibrate_cuts(m.engine.weights, _ids(4, 40, seed=3), share)[0]
+    m.gates.input_cuts[share] = calibrate_cuts(m.engine.weights, _ids(4, 40, seed=3), share).thresholds
     return m
 
 
