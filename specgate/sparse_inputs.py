@@ -10,9 +10,8 @@ of all layers' weights (:meth:`Engine.branch_costs`). Sparse inputs combine with
 
 Thresholds are quantiles of each projection's input magnitudes on calibration text, as for TEAL
 (Liu et al., 2024): at compute share ``s`` a projection zeroes a share of its inputs that depends
-on its kind (the MLP's down projection, whose inputs are the most concentrated, more than the
-rest), the split among kinds chosen by measurement (:func:`calibrate_cuts`). They are stored with
-the gates, per share (``GateSet.input_cuts``).
+on its kind and its layer, both chosen by measurement (:func:`calibrate_cuts`). They are stored
+with the gates, per share (``GateSet.input_cuts``).
 """
 
 from __future__ import annotations
