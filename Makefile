@@ -38,44 +38,49 @@ G := runs/gates
 SG := $(VENV)/bin/specgate
 comma := ,
 CAL := --budgets 0.1,0.2,0.3,0.4,0.5,0.6,0.7 --iterations 6 --samples 12 --tokens 96
-# each stage is a file target: `make gates` again skips the finished stages and resumes the unfinished
-# one from its checkpoints
-GATES = gates/gate_config.json
-gates: $(G)/ship/gate_config.json
+# each stage ends by touching its DIR/.done: `make gates` again skips the finished stages and resumes
+# the unfinished one from its checkpoints (training writes DIR/gates at every checkpoint, so those
+# do not say a stage finished)
+gates: $(G)/ship/.done
 	@echo "gates in $(G)/ship: load them with specgate.load(..., gates='$(G)/ship')"
 
-$(G)/damage/$(GATES): | $(STAMP)
+$(G)/damage/.done: | $(STAMP)
 	$(SG) train --threads 2 --objective damage --seq-len 128 --batch-size 8 --steps 45 --output-dir $(G)/damage
+	touch $@
 
-$(G)/damage-cal/gate_config.json: $(G)/damage/$(GATES)
+$(G)/damage-cal/.done: $(G)/damage/.done
 	$(SG) calibrate --threads 2 --gates $(G)/damage/gates --out $(G)/damage-cal --budgets 0.5 --iterations 6 --samples 12 --tokens 96
+	touch $@
 
 # the distillation stages: $(call distil,DIR,CONTEXT GATES,FLAGS)
 define distil
 	mkdir -p $(1) && cp $(G)/damage/corpus.jsonl $(1)/
 	$(SG) train --threads 2 --objective standins --context-gates $(2) $(3) --seq-len 128 --batch-size 8 --output-dir $(1)
+	touch $(1)/.done
 endef
 
-$(G)/standins/$(GATES): $(G)/damage-cal/gate_config.json
+$(G)/standins/.done: $(G)/damage-cal/.done
 	$(call distil,$(G)/standins,$(G)/damage-cal,--context-budget 0.5 --standin-rank 0 --steps 80)
 
-$(G)/adapters/$(GATES): $(G)/standins/$(GATES)
+$(G)/adapters/.done: $(G)/standins/.done
 	$(call distil,$(G)/adapters,$(G)/standins/gates,--context-budget 0.5 --adapter-rank 16 --steps 320)
 
-$(G)/rounds4/$(GATES): $(G)/adapters/$(GATES)
+$(G)/rounds4/.done: $(G)/adapters/.done
 	$(call distil,$(G)/rounds4,$(G)/adapters/gates,--context-budget 0.5 --draft-round 4 --steps 160)
 
-$(G)/rounds2/$(GATES): $(G)/rounds4/$(GATES)
+$(G)/rounds2/.done: $(G)/rounds4/.done
 	$(call distil,$(G)/rounds2,$(G)/rounds4/gates,--context-budget 0.5 --draft-round 2 --steps 160)
 
-$(G)/rounds-cal/gate_config.json: $(G)/rounds2/$(GATES)
+$(G)/rounds-cal/.done: $(G)/rounds2/.done
 	$(SG) calibrate --threads 2 --gates $(G)/rounds2/gates --out $(G)/rounds-cal $(CAL)
+	touch $@
 
-$(G)/budgets/$(GATES): $(G)/rounds-cal/gate_config.json
+$(G)/budgets/.done: $(G)/rounds-cal/.done
 	$(call distil,$(G)/budgets,$(G)/rounds-cal,--context-budget 0.5$(comma)0.7 --draft-round 2 --steps 160 --seed 9)
 
-$(G)/ship/gate_config.json: $(G)/budgets/$(GATES)
+$(G)/ship/.done: $(G)/budgets/.done
 	$(SG) calibrate --threads 2 --gates $(G)/budgets/gates --out $(G)/ship $(CAL) --sparse-inputs 0.2,0.3,0.4,0.5,0.6,0.7
+	touch $@
 
 clean:
 	rm -rf $(VENV) build *.egg-info
