@@ -308,9 +308,9 @@ def main(argv: list[str] | None = None) -> int:
             "sparse": m.gates.cuts(budget) if budget > 0 and "sparse" in methods else None,
         }
         for name in methods:
-            policy = policies.get(name, KeyError)
-            if policy is KeyError:
+            if name not in policies:
                 raise SystemExit(f"unknown method {name!r}: pick from {', '.join(policies)}")
+            policy = policies[name]
             r = full if policy is None else run(policy)
             results["methods"][name][budget] = {k: r[k] for k in ("ll", "agree", "skipped", "compute")}
             print(f"{budget:6.2f} | {name:>8} | {r['skipped']:7.3f} | {r['compute']:7.3f} | {r['ll']:8.3f} | "

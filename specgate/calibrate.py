@@ -24,8 +24,8 @@ import torch
 from .data import chat_ids, chunk, load_documents, self_answers
 from .engine import Engine, SkipCounter
 from .gates import GateSet
-from .sparse_inputs import calibrate_cuts
 from .policy import ALLOCATIONS, Allocation, BudgetPolicy, SkipPolicy, budget_quantile
+from .sparse_inputs import calibrate_cuts
 
 
 @dataclass(frozen=True)
