@@ -102,6 +102,11 @@ def kernel_cases(s: dict, dtype: torch.dtype, device: torch.device) -> list[Case
     drafts = logits.argmax(-1)[:, :k]
     q, p = torch.softmax(rand(B, k, V, dt=torch.float32), -1), torch.softmax(logits, -1)
     uk = torch.rand(B, k, generator=g).to(device)
+    # sparse inputs: one decode row, half its inputs zeroed, input-major weights (read: the kept half)
+    x1, a1 = x[:1, 0], x_ff[:1, 0]
+    one = torch.zeros(1, dtype=torch.int32, device=device), torch.ones(1, dtype=torch.int32, device=device)  # order, count
+    t_x, t_a = float(x1.float().abs().median()), float(a1.float().abs().median())
+    w_gu_t, w_down_t = w_gu.t().contiguous(), w_down.t().contiguous()
 
     def rows(a, b):
         return max_diff(a[:n], b)
@@ -126,6 +131,14 @@ def kernel_cases(s: dict, dtype: torch.dtype, device: torch.device) -> list[Case
              lambda: projection.gathered_gate_up_reference(x, w_gu, r.order, r.count), rows),
         Case("gathered_linear down", lambda: projection.gathered_linear(x_ff, w_down, None, r.order, r.count),
              lambda: projection.gathered_linear_reference(x_ff, w_down, None, r.order, r.count), rows),
+        Case("sparse_linear gate_up (1 row, half the inputs)",
+             lambda: projection.sparse_linear(x1, w_gu_t, None, t_x, *one, "silu"),
+             lambda: projection.sparse_linear_reference(x1, w_gu_t, None, t_x, *one, "silu")[0], max_diff),
+        Case("sparse_linear down (1 row, half the inputs)",
+             lambda: projection.sparse_linear(a1, w_down_t, None, t_a, *one),
+             lambda: projection.sparse_linear_reference(a1, w_down_t, None, t_a, *one)[0], max_diff),
+        Case("gathered_gate_up (1 row, every input)", lambda: projection.gathered_gate_up(x1, w_gu, *one),
+             lambda: projection.gathered_gate_up_reference(x1, w_gu, *one), max_diff),
         Case("residual_add_ (+standin)", lambda: residual.residual_add_(h.clone(), o, r.order, r.count, gval, standin),
              lambda: residual.residual_add_reference(h, o, r.order, r.count, gval, standin), max_diff),
         cache_case(kv_fill.kv_fill_project, kv_fill.kv_fill_project_reference, x, w_kv, None, cos, sin, slots, r.order, r.count),

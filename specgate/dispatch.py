@@ -15,11 +15,15 @@ The fused CPU pass (:mod:`specgate.kernels.cpu_step`) runs a whole pass of up to
 single-token draft steps with scalar gates. Other passes (prefill, more rows, a batch's skipping
 drafts, multi-token skipping passes) run the PyTorch code.
 
-What the Triton path covers: passes with gates and the engine's own :class:`BudgetPolicy`, run
-without autograd (the draft steps, and multi-token skipping passes):
+What the Triton path covers: passes with gates and the engine's own :class:`BudgetPolicy`, and
+sparse-inputs passes (:mod:`specgate.sparse_inputs`, alone or inside the gates' skips, with
+``kv_fill="project"``), run without autograd (the draft steps, and multi-token skipping passes):
 
 1. routing, gate importance -> active rows (thresholds for single tokens, budget ranking otherwise);
 2. the gathered projections of the active rows (attention q/k/v and o, MLP gate_up + act + down);
+   with sparse inputs, products that read only the weights of the inputs they keep
+   (:func:`specgate.kernels.projection.sparse_linear`), over an input-major copy of the decoder matrices that
+   the first such pass makes (as much memory again as those matrices);
 3. the gated scatter-add into the residual stream (in place), with the gates' stand-ins
    (:mod:`specgate.standin`) added at the rows that skip a branch;
 4. the K/V of the tokens that skip attention (``kv_fill="project"`` and ``"copy_below"``);
@@ -361,10 +365,15 @@ class TritonKernels:
         self._budgets: dict[float, torch.Tensor] = {}
         self._identity: dict[int, torch.Tensor] = {}
         self._saved: dict[tuple[float, ...], torch.Tensor] = {}  # the routes' saved compute, on the device
+        self._input_major: dict[int, torch.Tensor] = {}  # id(weight) -> weight.t().contiguous()
+        self._cut_values: dict[tuple[int, torch.dtype], tuple] = {}  # (id(cuts), dtype) -> (cuts, thresholds)
+        self._counts: dict[int, torch.Tensor] = {}  # n -> [n] (int32) on the device
 
-    def applies(self, gates, policy) -> bool:
-        """Whether a forward with these gates and policy takes the Triton path."""
-        return gates is not None and isinstance(policy, BudgetPolicy) and not torch.is_grad_enabled()
+    def applies(self, gates, policy, cuts=None, kv_fill: str = "project") -> bool:
+        """Whether a forward with these gates, policy and sparse inputs takes the Triton path."""
+        if torch.is_grad_enabled() or (cuts is not None and kv_fill != "project"):
+            return False
+        return isinstance(policy, BudgetPolicy) if gates is not None else cuts is not None
 
     # -- 1. routing --------------------------------------------------------------------------------
 
@@ -372,6 +381,9 @@ class TritonKernels:
         """(factor, route): the gate values that scale the branch output (None: 1) and the Route of
         the rows that run it (None: all rows), as the engine's ``_select`` decides with a
         :class:`BudgetPolicy`. Skip counts stay on the device until :meth:`finish`."""
+        if p.gates is None:  # sparse inputs alone: every row runs the branch
+            self._count(engine, p, i, branch, None, 0)
+            return None, None
         policy: BudgetPolicy = p.policy
         scale = p.gates.config.scale_output
         T = x.shape[1]
@@ -412,9 +424,15 @@ class TritonKernels:
             p.skips.append((r.count, n_rows, engine.pass_costs(p.kv_fill, p.gates)[1][branch][i]))
 
     def finish(self, p: "_Pass") -> None:
-        """End of a forward: the skip counts of its routes into the counter, summed on the device
-        (the counter reads them when asked, e.g. once per ``generate``)."""
-        if p.counter is None or not p.skips:
+        """End of a forward: the skip counts of its routes and the weights its sparse inputs left
+        unread into the counter, summed on the device (the counter reads them when asked, e.g. once
+        per ``generate``)."""
+        if p.counter is None:
+            return
+        if p.unread is not None:
+            p.counter.add_on_device(torch.zeros((), device=self.device), p.unread[0])
+            p.unread = None
+        if not p.skips:
             return
         # skipped rows are valid ones (padding is never skipped); their evaluations were counted
         skipped = torch.cat([n_rows - c for c, n_rows, _ in p.skips]).double()
@@ -432,7 +450,9 @@ class TritonKernels:
         g, r = self.route(engine, x, i, 0, p)
         cos, sin = p.rope[lw.rope]
         B, T, _ = x.shape
-        if r is None:  # every token runs the branch: the engine's dense code
+        if p.cuts is not None:
+            q, k, v = self._cut_qkv(engine, x, i, lw, p, r, cos, sin)
+        elif r is None:  # every token runs the branch: the engine's dense code
             q, k, v = layers.qkv(w, lw, x, cos, sin)
         else:
             # q, k, v of the active rows in one gathered product, put back in row order; the
@@ -442,7 +462,7 @@ class TritonKernels:
             q = layers.finish_queries(w, lw, fused[..., :q_dim], cos, sin)
             k, v = layers.finish_keys_values(w, lw, fused[..., q_dim:], cos, sin)
         p.cache.write(i, p.slots, k, v, p.uniform)
-        if r is not None:
+        if r is not None and p.cuts is None:  # (with sparse inputs every row's K/V were projected)
             ck, cv = p.cache.k[i], p.cache.v[i]
             if p.kv_fill == "copy_below" and i > 0:
                 self._kv.kv_fill_copy_below(p.slots, r.order, r.count, p.cache.k[i - 1], p.cache.v[i - 1], ck, cv)
@@ -457,24 +477,78 @@ class TritonKernels:
         k, v = p.cache.k[i][:, :, : p.S], p.cache.v[i][:, :, : p.S]
         o = layers.attend(w, q, k, v, mask, causal)  # (B, heads, T, hd)
         h = self._adapt(h, x, i, 0, r, p)
-        if r is None:
+        if r is None and p.cuts is None:
             o = layers.attention_output(w, lw, o)
             return h + (o if g is None else g * o)
         o = o.transpose(1, 2).reshape(B * T, -1)
-        y = self._proj.gathered_linear(o, lw.o_w, lw.o_b, r.order, r.count)  # route order
-        return self._residual(h, layers.post_norm(w, y, lw.post_attn_norm), r, g, self._stand_in(x, i, 0, p))
+        y = self._project(engine, o, lw.o_w, lw.o_b, p, i, 1, self._rows(r, B * T))  # route order
+        return self._residual(h, layers.post_norm(w, y, lw.post_attn_norm), r, g, x, i, 0, p)
 
     def mlp(self, engine, h: torch.Tensor, x: torch.Tensor, i: int, lw: "LayerWeights", p: "_Pass") -> torch.Tensor:
         """The engine's ``_mlp`` after the norm."""
         w = self.weights
         g, r = self.route(engine, x, i, 1, p)
         h = self._adapt(h, x, i, 1, r, p)
-        if r is None:
+        if r is None and p.cuts is None:
             o = layers.mlp(w, lw, x)
             return h + (o if g is None else g * o)
-        a = self._proj.gathered_gate_up(x, lw.gate_up_w, r.order, r.count, self.act)  # (N, ff) route order
-        y = self._proj.gathered_linear(a, lw.down_w, None, self._arange(a.shape[0]), r.count)
-        return self._residual(h, layers.post_norm(w, y, lw.post_mlp_norm), r, g, self._stand_in(x, i, 1, p))
+        rows = self._rows(r, x.shape[0] * x.shape[1])
+        a = self._project(engine, x, lw.gate_up_w, None, p, i, 2, rows, act=self.act)  # (N, ff) route order
+        y = self._project(engine, a, lw.down_w, None, p, i, 3, (self._arange(a.shape[0]), rows[1]))
+        return self._residual(h, layers.post_norm(w, y, lw.post_mlp_norm), r, g, x, i, 1, p)
+
+    def _project(self, engine, x, weight, bias, p: "_Pass", i: int, proj: int, rows, cols=(0, None), act=None):
+        """(N, M): the selected rows' (``rows``: order, count) products with ``weight``'s rows
+        ``cols`` (M of them; ``act``: act(gate) * up, M / 2), in route order: the gathered product,
+        or with sparse inputs the one that reads only the kept inputs' weights (and counts those it
+        does not read)."""
+        if p.cuts is None:
+            if act is not None:
+                return self._proj.gathered_gate_up(x, weight, *rows, act)
+            return self._proj.gathered_linear(x, weight, bias, *rows)
+        w_t = self._transposed(weight)[:, cols[0] : cols[1]]
+        bias = None if bias is None else bias[cols[0] : cols[1]]
+        if p.counter is not None and p.unread is None:
+            p.unread = torch.zeros(1, dtype=torch.float32, device=self.device)
+        share = w_t.shape[1] / engine.total_weights  # per input not read
+        threshold = self._thresholds_of(p.cuts, x.dtype)[i][proj]
+        return self._proj.sparse_linear(x, w_t, bias, threshold, *rows, act, p.unread, share)
+
+    def _cut_qkv(self, engine, x, i: int, lw: "LayerWeights", p: "_Pass", r, cos, sin):
+        """q, k, v of a sparse-inputs pass: every row's K/V, as the engine's PyTorch path fills
+        them (``kv_fill="project"``), and the queries of the rows that run the branch."""
+        w, (B, T, _) = self.weights, x.shape
+        q_dim, every = w.n_heads * w.head_dim, self._rows(None, B * T)
+        if r is None:
+            fused = self._project(engine, x, lw.qkv_w, lw.qkv_b, p, i, 0, every).view(B, T, -1)
+            q, kv = fused[..., :q_dim], fused[..., q_dim:]
+        else:
+            kv = self._project(engine, x, lw.qkv_w, lw.qkv_b, p, i, 0, every, cols=(q_dim, None)).view(B, T, -1)
+            q = self._project(engine, x, lw.qkv_w, lw.qkv_b, p, i, 0, (r.order, r.count), cols=(0, q_dim))
+            q = self._unpermute(q, r).view(B, T, -1)
+        return (layers.finish_queries(w, lw, q, cos, sin), *layers.finish_keys_values(w, lw, kv, cos, sin))
+
+    def _transposed(self, weight: torch.Tensor) -> torch.Tensor:
+        """weight's input-major copy (K, M), made once: the sparse-inputs products read it."""
+        if id(weight) not in self._input_major:
+            self._input_major[id(weight)] = weight.t().contiguous()
+        return self._input_major[id(weight)]
+
+    def _thresholds_of(self, cuts, dtype: torch.dtype) -> list[list[float]]:
+        """The cuts' thresholds rounded to ``dtype``, as the PyTorch path compares them."""
+        key = (id(cuts), dtype)
+        if key not in self._cut_values or self._cut_values[key][0] is not cuts:
+            rounded = torch.tensor(cuts.values, dtype=dtype).float().tolist()
+            self._cut_values[key] = (cuts, rounded)
+        return self._cut_values[key][1]
+
+    def _rows(self, r, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(order, count) of a route's selected rows, or of all n rows (r None)."""
+        if r is not None:
+            return r.order, r.count
+        if n not in self._counts:
+            self._counts[n] = torch.tensor([n], dtype=torch.int32, device=self.device)
+        return self._arange(n), self._counts[n]
 
     @staticmethod
     def _stand_in(x: torch.Tensor, i: int, branch: int, p: "_Pass") -> torch.Tensor | None:
@@ -491,9 +565,14 @@ class TritonKernels:
         a = p.adapters(x, i, branch)
         return h + (a if r is None else a * r.active.view(*x.shape[:2], 1).to(a.dtype))
 
-    def _residual(self, h: torch.Tensor, y: torch.Tensor, r, g: torch.Tensor | None, fill: torch.Tensor | None) -> torch.Tensor:
-        h = h.contiguous()
-        return self._res.residual_add_(h, y, r.order, r.count, gate=g, standin=fill)
+    def _residual(self, h: torch.Tensor, y: torch.Tensor, r, g: torch.Tensor | None, x, i: int, branch: int, p: "_Pass"):
+        """h plus the branch output y (N, d) of the rows of route r (in its order; every row when
+        r is None), times g, and the branch's stand-in at the rows that skip it."""
+        if r is None:
+            y = y.view_as(h)
+            return h + (y if g is None else g * y)
+        fill = self._stand_in(x, i, branch, p)
+        return self._res.residual_add_(h.contiguous(), y, r.order, r.count, gate=g, standin=fill)
 
     def _unpermute(self, y: torch.Tensor, r) -> torch.Tensor:
         """(N, M) rows in route order (the first ``count`` valid) -> row order, zeros where skipped."""

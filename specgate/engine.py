@@ -53,6 +53,7 @@ class _Pass:
     masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)  # built on first use
     kernels: "dispatch.TritonKernels | None" = None  # the Triton path of this pass (None: PyTorch)
     skips: list = field(default_factory=list)  # the Triton routes' skip counts, on the device
+    unread: torch.Tensor | None = None  # the Triton path's weights its sparse inputs left unread
 
     def mask(self, window: int | None) -> torch.Tensor | None:
         """(B, 1, T, S) bool, True where a query may look, for a sliding window (None: global);
@@ -285,7 +286,7 @@ class Engine:
         p = self._prepare(input_ids, cache)
         p.gates, p.policy, p.kv_fill, p.counter = gates, policy, kv_fill, counter
         p.adapters, p.cuts = draft_adapters(gates, policy), cuts
-        if self.kernels is not None and cuts is None and self.kernels.applies(gates, policy):
+        if self.kernels is not None and self.kernels.applies(gates, policy, cuts, kv_fill):
             p.kernels = self.kernels
         h = layers.embed(self.weights, input_ids)
         for i, lw in enumerate(self.weights.layers):
@@ -414,7 +415,8 @@ class Engine:
         causal = p.causal and sel is None and (lw.window is None or p.S <= lw.window)
         mask = None if causal else p.mask(lw.window)
         if sel is not None:
-            xq = gather_tokens(x, sel.order)  # cut again, to count the query columns of these tokens only
+            cut = self._cut(i, 0, p, sel)  # the queries and outputs of the tokens the selection gathered
+            xq = gather_tokens(x, sel.order)
             xq = xq if cut is None else cut(xq, 0, lw.o_w.shape[1])
             q = layers.queries(w, lw, xq, gather_tokens(cos, sel.order), gather_tokens(sin, sel.order))
             if mask is not None:
@@ -433,11 +435,12 @@ class Engine:
             if sel.order.shape[1] == 0:
                 return h
             x = gather_tokens(x, sel.order)
-        return self._residual(h, layers.mlp(self.weights, lw, x, self._cut(i, 1, p)), g, sel)
+        return self._residual(h, layers.mlp(self.weights, lw, x, self._cut(i, 1, p, sel)), g, sel)
 
-    def _cut(self, i: int, branch: int, p: _Pass) -> layers.Cut | None:
+    def _cut(self, i: int, branch: int, p: _Pass, sel: _Selection | None = None) -> layers.Cut | None:
         """Layer i's cut of a sparse-inputs pass (None: none), which counts the weights it does not
-        read (and the branch's evaluations, where no gates count them)."""
+        read (and the branch's evaluations, where no gates count them). ``sel``: it cuts the tokens
+        that selection gathered, of which the entries that only pad the batch do not count."""
         if p.cuts is None:
             return None
         if p.counter is not None and p.gates is None:
@@ -448,7 +451,8 @@ class Engine:
         def cut(x: torch.Tensor, proj: int, n_out: int) -> torch.Tensor:
             keep = p.cuts.keep(x, i, proj)
             if p.counter is not None:  # the n_out-wide weight columns of the zeroed entries
-                p.counter.add_on_device(torch.zeros((), device=x.device), (~keep).sum() * (n_out / total))
+                zeroed = ~keep if sel is None else ~keep & sel.keep[..., None]
+                p.counter.add_on_device(torch.zeros((), device=x.device), zeroed.sum() * (n_out / total))
             return x * keep
 
         return cut

@@ -276,13 +276,13 @@ class _Drafter:
 
         The drafts never wait on the device, except with ``min_draft_prob`` (one read per step)."""
         kern = self.engine.kernels
-        fused = kern is not None and self.head is not None and not self.sampling.do_sample and self.cuts is None
+        fused = kern is not None and self.head is not None and not self.sampling.do_sample
         tokens, logits, dists = [], [], []
         token = last
         for _ in range(k):
             args = (token[:, None], cache, self.gates, self.policy)
             if fused:
-                h = self.engine.hidden(*args, kv_fill=self.config.kv_fill, counter=self.counter,
+                h = self.engine.hidden(*args, kv_fill=self.config.kv_fill, counter=self.counter, cuts=self.cuts,
                                        precision=self.config.draft_precision)[:, -1]  # fmt: skip
                 token, top = kern.draft_argmax(self.head, h)
             else:

@@ -182,6 +182,46 @@ def test_gathered_gate_up(dtype, act, mask):
     torch.testing.assert_close(got[: int(r.count)], ref, **TOL[dtype])
 
 
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("act", [None, "silu", "gelu_tanh"])
+@pytest.mark.parametrize("mask", ["mixed", "all", "none"])
+def test_sparse_linear(dtype, act, mask):
+    """Against the reference at a threshold that zeroes about half the inputs, with the count of
+    zeroed inputs; weights are a column slice of a wider input-major matrix, as the engine passes."""
+    torch.manual_seed(3)
+    K, M = 72, 2 * 48
+    x, wide = torch.randn(3, 5, K, dtype=dtype), torch.randn(K, M + 8, dtype=dtype) / 8
+    w_t, bias = wide[:, 8:], (torch.randn(M, dtype=dtype) if act is None else None)
+    r, t = _route(MASKS[mask]), 0.67
+    dropped = torch.zeros(1)
+    got = projection.sparse_linear(x, w_t, bias, t, r.order, r.count, act, dropped, col_share=0.5)
+    ref, n_zeroed = projection.sparse_linear_reference(x, w_t, bias, t, r.order, r.count, act)
+    n = int(r.count)
+    torch.testing.assert_close(got[:n], ref, **TOL[dtype])
+    assert float(dropped) == 0.5 * n_zeroed
+    assert n == 0 or 0.3 < n_zeroed / (n * K) < 0.7
+
+
+@needs_interpreter
+def test_sparse_linear_reads_no_weight_row_of_a_zeroed_input():
+    """Weight rows whose input no selected row keeps are never read: NaN there changes nothing."""
+    torch.manual_seed(4)
+    x, w_t = torch.randn(2, 40), torch.randn(40, 24)
+    x[:, ::3] = 0.01  # inputs 0, 3, 6, ... are small in every row
+    poisoned = w_t.clone()
+    poisoned[::3] = float("nan")
+    order, count = torch.arange(2, dtype=torch.int32), torch.tensor([2], dtype=torch.int32)
+    got = projection.sparse_linear(x, poisoned, None, 0.05, order, count)
+    torch.testing.assert_close(got, projection.sparse_linear_reference(x, w_t, None, 0.05, order, count)[0])
+
+
+def test_sparse_linear_wants_input_major_weights():
+    order, count = torch.arange(2, dtype=torch.int32), torch.tensor([2], dtype=torch.int32)
+    with pytest.raises(ValueError, match="input-major"):
+        projection.sparse_linear(torch.randn(2, 8), torch.randn(16, 8).t(), None, 0.1, order, count)
+
+
 # -- residual -------------------------------------------------------------------------------------
 
 
@@ -354,6 +394,10 @@ def _exercise_launchers(dtype: torch.dtype) -> None:
         projection.gathered_linear(x, w, torch.zeros(96, dtype=dtype), r.order, r.count, skipped)
     for act in projection.ACTIVATIONS:
         projection.gathered_gate_up(x, w, r.order, r.count, act)
+    w_t, dropped = torch.randn(72, 96, dtype=dtype), torch.zeros(1)
+    for act in (None, *projection.ACTIVATIONS):
+        projection.sparse_linear(x, w_t, None if act else torch.zeros(96, dtype=dtype), 0.5, r.order, r.count, act, dropped, 0.1)
+    projection.sparse_linear(x, w_t, None, 0.5, r.order, r.count)
     for g in (None, torch.rand(15), torch.rand(15, 72)):
         residual.residual_add_(x.clone(), x, r.order, r.count, g, torch.zeros(72, dtype=dtype))
     residual.residual_add_(x.clone(), x, r.order, r.count, None, x)  # a stand-in per row

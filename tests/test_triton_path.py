@@ -29,6 +29,7 @@ from specgate import dispatch, kernels  # noqa: E402
 from specgate.engine import SkipCounter  # noqa: E402
 from specgate.generation import Sampling, prefill  # noqa: E402
 from specgate.policy import BudgetPolicy  # noqa: E402
+from specgate.sparse_inputs import calibrate_cuts  # noqa: E402
 from specgate.speculative import SpecConfig, _Drafter  # noqa: E402
 from specgate.standin import StandIns  # noqa: E402
 
@@ -230,19 +231,82 @@ def test_fused_draft_head_picks_the_draft_heads_argmax(family, softcap):
 def test_greedy_speculation_with_a_draft_vocabulary():
     """kernels='triton' drafts with the fused head (so no draft log-probabilities): the same
     tokens and the same accepted drafts as kernels='torch'."""
-    m = _draft_vocab_model()
+    a, b = _speculate_on_both_paths(_draft_vocab_model(), SpecConfig(draft_budget=0.5, max_draft=3, draft_vocab=60), 10)
+    assert (a.drafted, a.accepted) == (b.drafted, b.accepted) and a.accepted > 0
+    assert math.isnan(b.draft_logprob) and not math.isnan(a.draft_logprob)
+
+
+def _speculate_on_both_paths(m, spec: SpecConfig, max_new: int):
+    """Greedy speculation on the PyTorch path and the Triton path: the same tokens as plain
+    decoding on both; their SpecStats."""
     ids = torch.tensor([[5, 17, 33, 8, 71, 12]])
-    spec = SpecConfig(draft_budget=0.5, max_draft=3, draft_vocab=60)
     out = {}
     for name in ("torch", "triton"):
         with torch.no_grad():
-            out[name] = _use(m, name).generate(ids, max_new_tokens=10, speculative=True, spec_config=spec,
+            out[name] = _use(m, name).generate(ids, max_new_tokens=max_new, speculative=True, spec_config=spec,
                                                return_dict_in_generate=True)  # fmt: skip
     assert torch.equal(out["torch"].sequences, out["triton"].sequences)
-    assert torch.equal(out["triton"].sequences, m.generate(ids, max_new_tokens=10))
-    a, b = out["torch"].spec_stats, out["triton"].spec_stats
-    assert (a.drafted, a.accepted) == (b.drafted, b.accepted) and a.accepted > 0
-    assert math.isnan(b.draft_logprob) and not math.isnan(a.draft_logprob)
+    assert torch.equal(out["triton"].sequences, m.generate(ids, max_new_tokens=max_new))
+    return out["torch"].spec_stats, out["triton"].spec_stats
+
+
+def _with_cuts(family: str, share: float = 0.5):
+    """The tiny model with gates and sparse-input thresholds calibrated at ``share``."""
+    m = _model(family)
+    ids = torch.randint(3, 101, (4, 40), generator=torch.Generator().manual_seed(8))
+    m.gates.input_cuts[share] = calibrate_cuts(m.engine.weights, ids, share).thresholds
+    return m
+
+
+def _cut_passes(m, name, gated, steps):
+    """As :func:`_passes`, every pass with the sparse inputs at 0.5 (and the gates at 0.5, ``gated``)."""
+    _use(m, name)
+    cache, counter, cuts = m.engine.new_cache(2, 32), SkipCounter(), m.gates.cuts(0.5)
+    args = (m.gates, m.gates.policy(0.5)) if gated else ()
+    with torch.inference_mode():
+        logits = [m.engine(ids, cache, *args, counter=counter, cuts=cuts) for ids in steps]
+    return logits, cache, counter
+
+
+@needs_interpreter
+@pytest.mark.parametrize("family,gated", [("llama", False), ("llama", True), ("gemma3", False), ("qwen3", True)])
+def test_sparse_inputs_on_the_triton_path(family, gated):
+    """A multi-token pass, then two single-token draft steps, with sparse inputs alone and inside
+    the gates' skips: the PyTorch path's logits, cache entries and counts of weights not read."""
+    m = _with_cuts(family)
+    g = torch.Generator().manual_seed(9)
+    steps = [torch.randint(3, 101, (2, 7), generator=g)] + [torch.randint(3, 101, (2, 1), generator=g) for _ in range(2)]
+    ref, ref_cache, ref_counter = _cut_passes(m, "torch", gated, steps)
+    tri, tri_cache, tri_counter = _cut_passes(m, "triton", gated, steps)
+    for a, b in zip(ref, tri):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    for a, b in zip(ref_cache.k + ref_cache.v, tri_cache.k + tri_cache.v):
+        torch.testing.assert_close(b[:, :, :9], a[:, :, :9], atol=1e-4, rtol=1e-4)
+    assert ref_counter.compute_skipped > 0.2 * ref_counter.compute_total
+    assert (tri_counter.total, tri_counter.skipped) == (ref_counter.total, ref_counter.skipped)
+    assert tri_counter.compute_skipped == pytest.approx(ref_counter.compute_skipped)
+    assert tri_counter.compute_total == pytest.approx(ref_counter.compute_total)
+
+
+@needs_interpreter
+def test_greedy_speculation_with_sparse_inputs_on_the_triton_path(monkeypatch):
+    """Sparse inputs alone, drafted with the fused head: plain decoding's tokens, and the same
+    drafts accepted as on the PyTorch path, whose products its kernel ran; with the copy_below
+    K/V fill the passes take the PyTorch path."""
+    from specgate.kernels import projection
+
+    calls = []
+    launch = projection.sparse_linear
+    monkeypatch.setattr(projection, "sparse_linear", lambda *a, **k: calls.append(1) or launch(*a, **k))
+    m = _with_cuts("llama")
+    m.gates.token_ranking = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(6))
+    a, b = _speculate_on_both_paths(m, SpecConfig(draft_budget=0.0, sparse_inputs=0.5, max_draft=3, draft_vocab=60), 12)
+    assert (a.drafted, a.accepted) == (b.drafted, b.accepted) and 0 < a.accepted < a.drafted
+    assert b.compute_skipped == pytest.approx(a.compute_skipped) and a.compute_skipped > 0.2
+    assert len(calls) == b.drafted * 4 * m.engine.num_layers  # each draft step's products, none of the verifier's
+    with torch.no_grad():
+        kern, cuts = m.engine.kernels, m.gates.cuts(0.5)
+        assert kern.applies(None, None, cuts) and not kern.applies(None, None, cuts, "copy_below")
 
 
 # -- no host synchronisation in a draft step ------------------------------------------------------
@@ -289,24 +353,29 @@ def test_no_host_reads_catches_them():
 
 
 @needs_interpreter
-@pytest.mark.parametrize("family,kv_fill", [("llama", "project"), ("gemma3", "copy_below")])
-def test_a_draft_round_reads_nothing_on_the_host(family, kv_fill):
-    """Greedy drafts on the Triton path (single-token steps with stand-ins and skip counting, the
-    full head and the fused draft-vocabulary head), and a plain decode step on the PyTorch path,
-    read no tensor on the host: a left-padded batch whose rows sit at different positions. The
-    first draft step runs outside the check: it reads the policy's thresholds once and copies
-    them to the device (CUDA-graph capture, too, runs a step before capturing)."""
+@pytest.mark.parametrize("family,kv_fill,sparse", [("llama", "project", False), ("gemma3", "copy_below", False),
+                                                   ("qwen3", "project", True)])  # fmt: skip
+def test_a_draft_round_reads_nothing_on_the_host(family, kv_fill, sparse):
+    """Greedy drafts on the Triton path (single-token steps with stand-ins and skip counting, with
+    sparse inputs or not, the full head and the fused draft-vocabulary head), and a plain decode
+    step on the PyTorch path, read no tensor on the host: a left-padded batch whose rows sit at
+    different positions. The first draft step runs outside the check: it reads the policy's
+    thresholds once and copies them to the device (CUDA-graph capture, too, runs a step before
+    capturing)."""
     m = _use(_draft_vocab_model(family), "triton")
     m.gates.standins = _standins(m, 4)
+    if sparse:
+        m.gates.input_cuts[0.5] = _with_cuts(family).gates.input_cuts[0.5]
     e, policy, counter = m.engine, m.gates.policy(0.5), SkipCounter()
     ids, mask = left_padded(torch.randint(3, 101, (2, 7), generator=torch.Generator().manual_seed(8)), [0, 2])
     with torch.inference_mode():
         cache, logits = prefill(e, ids, mask, 32)
         cache.rewind([7, 6])  # row 1 one token behind
         last = logits.argmax(-1)
-        config = SpecConfig(draft_budget=0.5, kv_fill=kv_fill)
+        config = SpecConfig(draft_budget=0.5, kv_fill=kv_fill, sparse_inputs=0.5 if sparse else 0.0)
+        cuts = m.gates.cuts(0.5) if sparse else None
         for head in (None, m.draft_head(40)):
-            draft = _Drafter(e, m.gates, policy, head, Sampling(), config, None, counter)
+            draft = _Drafter(e, m.gates, policy, head, Sampling(), config, None, counter, cuts)
             draft(cache, last, 1)
             with _no_host_reads():
                 tokens, draft_logits, dists = draft(cache, last, 3)
@@ -315,6 +384,7 @@ def test_a_draft_round_reads_nothing_on_the_host(family, kv_fill):
         with _no_host_reads():
             e(last[:, None], cache)
     assert counter.skipped > 0 and cache.host_lengths == cache.lengths.tolist() == [16, 15]
+    assert counter.compute_skipped > (0.6 if sparse else 0.3) * counter.compute_total  # gates: 0.41-0.53 here
 
 
 @needs_interpreter
